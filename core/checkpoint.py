@@ -1,0 +1,87 @@
+"""Checkpoints with orbax: periodic, the last N kept, restorable onto another mesh.
+
+Each checkpoint holds the train state and a JSON `meta` item (the data iterator's position,
+the config, and whatever the task needs to check compatibility, e.g. the tokenizer's
+fingerprint). A checkpoint that fails to restore is never deleted: it is renamed aside to
+`<step>.corrupt` and the previous one is used, with a warning saying so.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint could be restored where one was required."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+            item_names=("state", "meta"),
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        if step in self._manager.all_steps():
+            return
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored.meta
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores onto the shardings carried by `abstract_state` (any mesh shape)."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
+
+    def restore_latest_good(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
+        """The newest checkpoint that restores; broken ones are moved aside, never deleted."""
+        for step in reversed(self.steps()):
+            try:
+                state, meta = self.restore(step, abstract_state)
+                return state, meta, step
+            except Exception as error:  # orbax raises many types for damaged files
+                moved = self._set_aside(step)
+                log.warning("checkpoint at step %d could not be restored (%s: %s); moved it to "
+                            "%s and falling back to the previous checkpoint",
+                            step, type(error).__name__, str(error)[:300], moved)
+        return None
+
+    def _set_aside(self, step: int) -> pathlib.Path:
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.corrupt-{int(time.time())}"
+        if jax.process_index() == 0 and source.exists():
+            source.rename(target)
+        self._manager.reload()
+        return target
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

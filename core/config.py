@@ -1,0 +1,115 @@
+"""Python config files (ml_collections), selected as `path.py:arg` and overridden as `--config.a.b=v`.
+
+A config file defines `get_config(arg: str) -> ConfigDict`; `arg` is everything after the colon,
+usually `key=value,key=value` pairs read with `parse_arg`. Overrides are type-checked against the
+existing field, and an unknown key is an error naming the closest valid one, so a typo can never
+silently train the wrong model.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import pathlib
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config that cannot be what the user meant."""
+
+
+def parse_arg(arg: str, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses `key=value,key=value` against typed defaults; unknown keys are errors."""
+    result = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return result
+    for item in arg.split(","):
+        if "=" not in item:
+            raise ConfigError(f"config argument {item!r} is not key=value (in {arg!r})")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in defaults:
+            raise ConfigError(_unknown_key_message(key, list(defaults), "config argument"))
+        result[key] = _coerce(value, defaults[key], key)
+    return result
+
+
+def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted leaf path of a config, e.g. `train.steps`."""
+    keys = []
+    for name, value in config.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(all_keys(value, path + "."))
+        else:
+            keys.append(path)
+    return keys
+
+
+def _unknown_key_message(key: str, valid: Sequence[str], what: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what} {key!r}{hint}"
+
+
+def _coerce(text: str, current: Any, key: str) -> Any:
+    """Turns override text into the type of the field it replaces."""
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {text!r}")
+    if isinstance(current, str) or current is None:
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"{key}: cannot read {text!r} as {type(current).__name__}") from None
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if not isinstance(value, type(current)):
+        raise ConfigError(
+            f"{key}: expected {type(current).__name__} like {current!r}, got {text!r}")
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]):
+    """Applies `a.b=value` (or `--config.a.b=value`) strings in order."""
+    valid = all_keys(config)
+    for override in overrides:
+        text = override[len("--config."):] if override.startswith("--config.") else override
+        if "=" not in text:
+            raise ConfigError(f"override {override!r} is not --config.key=value")
+        key, value = text.split("=", 1)
+        if key not in valid:
+            raise ConfigError(_unknown_key_message(key, valid, "config key"))
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = _coerce(value, node[leaf], key)
+    return config
+
+
+def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `path/to/file.py[:arg]`, applies overrides and locks the result against new keys."""
+    path_text, _, arg = spec.partition(":")
+    path = pathlib.Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(arg)")
+    config = module.get_config(arg)
+    apply_overrides(config, overrides)
+    config.lock()
+    return config
+

@@ -1,0 +1,150 @@
+"""The engine: mesh, shardings, jitted steps and state restore, shared by train, eval and sample.
+
+This is where the path of one training step lives (DESIGN.md): config -> mesh -> abstract state
+with logical names -> NamedShardings -> state initialised (or restored) into them -> the step
+jitted with explicit shardings, donated state, compiled ahead of time.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+
+from core import distributed, memory, mesh as mesh_lib, optim, step as step_lib, train_state
+from core.checkpoint import Checkpointer
+from core.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict({
+        "steps": 1000,
+        "global_batch_size": 16,
+        "microbatches": 1,          # gradient accumulation: the batch is split into this many
+        "seed": 0,
+        "log_every": 50,
+        "eval_every": 500,          # 0: only at the end
+        "eval_batches": 0,          # 0: the whole validation split
+        "checkpoint_every": 500,
+        "keep_checkpoints": 3,
+        "async_checkpoint": True,
+        "memory_limit_bytes": 0,    # 0: what the device reports
+        "peak_flops": 0.0,          # per device; 0: datasheet for accelerators, measured on CPU
+        "max_wallclock_s": 0.0,     # 0: no limit; else stop (and save) after this many seconds
+    })
+    cfg.update(overrides)
+    return cfg
+
+
+class Engine:
+    """Everything about a run that depends on the config and the task but not on the data."""
+
+    def __init__(self, config: ml_collections.ConfigDict, task):
+        self.config = config
+        self.task = task
+        self.mesh = mesh_lib.build_mesh(config.mesh)
+        self.rules = mesh_lib.rules_from_config(config.sharding_rules)
+        self.optimizer, self.schedule = optim.build_optimizer(config.optim, config.train.steps)
+        with self.mesh:
+            self.abstract_state, self.state_shardings = train_state.state_shardings(
+                task, self.optimizer, self.mesh, self.rules)
+        self.batch_shardings = {
+            name: mesh_lib.logical_sharding(self.mesh, self.rules, field.logical_axes)
+            for name, field in task.batch_fields().items()}
+        self._check_batch(config.train.global_batch_size, config.train.microbatches)
+
+    # --- batches -------------------------------------------------------------------------
+    def batch_ways(self) -> int:
+        sharding = next(iter(self.batch_shardings.values()))
+        axes = sharding.spec[0] if sharding.spec else None
+        names = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
+        return math.prod(self.mesh.shape[n] for n in names)
+
+    def _check_batch(self, global_batch: int, microbatches: int) -> None:
+        ways = self.batch_ways()
+        if global_batch % microbatches:
+            raise ConfigError(f"train.global_batch_size {global_batch} is not a multiple of "
+                              f"train.microbatches {microbatches}")
+        per_micro = global_batch // microbatches
+        if per_micro % ways:
+            raise ConfigError(
+                f"the batch of {per_micro} examples per microbatch (train.global_batch_size "
+                f"{global_batch} / train.microbatches {microbatches}) does not divide over the "
+                f"{ways} devices that shard the batch (mesh {mesh_lib.describe(self.mesh)}); use a "
+                f"multiple of {ways * microbatches} or change the mesh")
+        if global_batch % jax.process_count():
+            raise ConfigError(f"train.global_batch_size {global_batch} does not split over "
+                              f"{jax.process_count()} processes")
+
+    def abstract_batch(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {name: jax.ShapeDtypeStruct((global_batch, *field.shape), field.dtype,
+                                           sharding=self.batch_shardings[name])
+                for name, field in self.task.batch_fields().items()}
+
+    def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return distributed.global_batch(local_batch, self.batch_shardings)
+
+    # --- state ---------------------------------------------------------------------------
+    def init_state(self) -> train_state.TrainState:
+        with self.mesh:
+            return train_state.init_state(self.task, self.optimizer, self.state_shardings,
+                                          self.config.train.seed)
+
+    def restore_or_init(self, checkpointer: Checkpointer,
+                        check_meta: Callable[[dict], None] | None = None):
+        """(state, meta of the restored checkpoint or None)."""
+        restored = checkpointer.restore_latest_good(self.abstract_state)
+        if restored is None:
+            return self.init_state(), None
+        state, meta, step = restored
+        if check_meta is not None:
+            check_meta(meta)
+        log.info("restored step %d from %s", step, checkpointer.directory)
+        return state, meta
+
+    # --- steps ---------------------------------------------------------------------------
+    def compiled_train_step(self):
+        train = self.config.train
+        step_fn = step_lib.make_train_step(self.task, self.optimizer, self.schedule,
+                                           train.microbatches, train.seed)
+        replicated = mesh_lib.replicated(self.mesh)
+        jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_shardings),
+                         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+        with self.mesh:
+            compiled, report = memory.compile_and_check(
+                jitted, self.abstract_state, self.abstract_batch(train.global_batch_size),
+                limit_bytes=train.memory_limit_bytes)
+        self.memory_report = report
+        return compiled
+
+    def eval_runner(self, global_batch: int) -> Callable[[Any, dict], dict[str, float]]:
+        """`run(params, local_batch) -> summed metrics as floats`, jitted once per batch size."""
+        self._check_batch(global_batch, 1)
+        jitted = jax.jit(step_lib.make_eval_step(self.task),
+                         in_shardings=(self.state_shardings.params, self.batch_shardings),
+                         out_shardings=mesh_lib.replicated(self.mesh))
+
+        def run(params, local_batch):
+            with self.mesh:
+                sums = jitted(params, self.global_batch(local_batch))
+            sums = jax.device_get(sums)
+            return {"loss": float(sums.loss), "weight": float(sums.weight),
+                    **{k: float(v) for k, v in sums.extra.items()}}
+        return run
+
+
+def sum_metrics(totals: dict[str, float], batch_sums: dict[str, float]) -> dict[str, float]:
+    for key, value in batch_sums.items():
+        totals[key] = totals.get(key, 0.0) + value
+    return totals
+
+
+def to_float32(tree):
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree)

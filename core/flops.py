@@ -1,0 +1,62 @@
+"""FLOP and MFU accounting.
+
+MFU = achieved model FLOP/s / peak FLOP/s of the devices. Model FLOPs come from the task (for a
+transformer 6N + 12·L·d·T per token, PaLM appendix B). Peak is the vendor's dense bf16 number for
+accelerators; on CPU, where no such number is meaningful, it is measured: the best float32 matmul
+rate this machine reaches.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per chip (DESIGN.md reference numbers).
+PEAK_FLOPS = {
+    "h100": 989e12, "h200": 989e12, "a100": 312e12,
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+}
+
+
+def known_peak_flops(device) -> float | None:
+    kind = device.device_kind.lower()
+    for name, peak in sorted(PEAK_FLOPS.items(), key=lambda item: -len(item[0])):
+        if name in kind:
+            return peak
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(size: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
+    """Best achieved FLOP/s of a square matmul on one local device (the measured peak)."""
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number came from)."""
+    if override:
+        return override, "config"
+    device = jax.local_devices()[0]
+    known = known_peak_flops(device)
+    if known:
+        return known, f"{device.device_kind} datasheet bf16"
+    return measured_matmul_flops(), f"measured f32 matmul on {device.platform}"
+
+
+def total_peak_flops(peak_per_device: float) -> float:
+    """Peak of the whole job. CPU "devices" (often simulated) share one host's cores, and the
+    measured CPU peak is already the host's, so CPU counts hosts, accelerators count chips."""
+    if jax.devices()[0].platform == "cpu":
+        return peak_per_device * jax.process_count()
+    return peak_per_device * jax.device_count()

@@ -1,0 +1,69 @@
+"""AdamW with linear warmup, cosine decay and global-norm clipping (optax).
+
+Weight decay applies to weight matrices and embeddings only, never to biases or norm scales (the
+GPT-2/LLaMA practice). It is decided by parameter name, not rank, because scanned layers stack
+every vector into a matrix.
+"""
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+from core.config import ConfigError
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict({
+        "name": "adamw",
+        "learning_rate": 1e-3,
+        "warmup_steps": 100,
+        "decay_steps": 0,          # 0: decay over the whole run (train.steps)
+        "min_lr_ratio": 0.1,       # cosine ends at learning_rate * min_lr_ratio
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "weight_decay": 0.1,
+        "clip_norm": 1.0,          # 0 disables clipping
+    })
+    cfg.update(overrides)
+    return cfg
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    decay_steps = cfg.decay_steps or total_steps
+    if cfg.warmup_steps >= decay_steps:
+        raise ConfigError(
+            f"optim.warmup_steps ({cfg.warmup_steps}) must be below the decay horizon "
+            f"({decay_steps}); lower warmup_steps or raise train.steps")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=decay_steps,
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+    )
+
+
+_NO_DECAY_NAMES = ("bias", "scale")
+
+
+def _decay_mask(params):
+    def decays(path, _):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        return names[-1] not in _NO_DECAY_NAMES and not any("norm" in n.lower() for n in names)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
+    """Returns (optax transformation, schedule)."""
+    if cfg.name != "adamw":
+        raise ConfigError(f"optim.name {cfg.name!r} is not supported; use 'adamw'")
+    schedule = learning_rate_schedule(cfg, total_steps)
+    parts = []
+    if cfg.clip_norm:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(optax.adamw(
+        learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts), schedule

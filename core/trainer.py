@@ -1,0 +1,152 @@
+"""The training loop: restore or init, then step, log, evaluate and checkpoint.
+
+The data side is given as a `TaskData`: a resumable iterator of process-local batches, an
+evaluator, and the metadata that must match between a checkpoint and the run that restores it.
+SIGTERM (preemption) saves a checkpoint at the next step boundary and stops cleanly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from core import flops as flops_lib
+from core.checkpoint import Checkpointer
+from core.engine import Engine
+from core.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TaskData:
+    train: Iterator[dict[str, np.ndarray]]       # also has get_state() / set_state(state)
+    # evaluate(run_batch, max_batches) -> metrics; run_batch(local_batch) -> summed floats.
+    evaluate: Callable[[Callable[[dict], dict], int], dict[str, float]] | None
+    eval_batch_size: int
+    meta: dict[str, Any]                         # saved with every checkpoint
+    check_meta: Callable[[dict[str, Any]], None] | None = None
+
+
+class _StopSignal:
+    """Turns SIGTERM into a flag the loop reads at step boundaries."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+        self.requested = True
+
+    def any_process_requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.array([self.requested]))
+        return bool(np.any(flags))
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def write_run_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = workdir / "config.json.tmp"
+        tmp.write_text(config.to_json_best_effort(indent=2))
+        tmp.replace(workdir / "config.json")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
+          data: TaskData) -> dict[str, Any]:
+    """Runs (or resumes) training to config.train.steps; returns the last metrics."""
+    workdir = pathlib.Path(workdir)
+    cfg = config.train
+    engine = Engine(config, task)
+    write_run_config(workdir, config)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints,
+                                async_save=cfg.async_checkpoint)
+    state, meta = engine.restore_or_init(checkpointer, data.check_meta)
+    if meta is not None:
+        data.train.set_state(meta["data"])
+    step = int(jax.device_get(state.step))
+    log.info("mesh %s; %s parameters; starting at step %d", dict(engine.mesh.shape),
+             f"{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,}", step)
+
+    compiled = engine.compiled_train_step()
+    unit, units_per_example = task.units_per_example()
+    peak, peak_source = flops_lib.peak_flops_per_device(cfg.peak_flops)
+    flops_per_step = task.train_flops_per_example() * cfg.global_batch_size
+    total_peak = flops_lib.total_peak_flops(peak)
+    writer = MetricsWriter(workdir, cfg.steps)
+    writer.advance(step)
+    eval_run = engine.eval_runner(data.eval_batch_size) if data.evaluate else None
+
+    def save(at_step: int) -> None:
+        checkpointer.save(at_step, state, {**data.meta, "data": data.train.get_state(),
+                                           "step": at_step})
+
+    def evaluate(at_step: int) -> dict[str, float]:
+        metrics = data.evaluate(lambda b: eval_run(state.params, b), cfg.eval_batches)
+        writer.write(at_step, metrics, prefix="eval")
+        return metrics
+
+    last: dict[str, Any] = {}
+    started = time.perf_counter()
+    window_start, window_steps = time.perf_counter(), 0
+    with _StopSignal() as stop:
+        while step < cfg.steps:
+            batch = engine.global_batch(next(data.train))
+            with engine.mesh:
+                state, metrics = compiled(state, batch)
+            step += 1
+            window_steps += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - window_start
+                rate = window_steps / elapsed
+                last = {k: float(v) for k, v in metrics.items()}
+                last.update({
+                    f"{unit}_per_s": rate * cfg.global_batch_size * units_per_example,
+                    "steps_per_s": rate,
+                    "mfu": rate * flops_per_step / total_peak,
+                })
+                writer.write(step, last)
+                window_start, window_steps = time.perf_counter(), 0
+            writer.advance(step)
+            if eval_run and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
+            if step % cfg.checkpoint_every == 0:
+                save(step)
+            out_of_time = cfg.max_wallclock_s and time.perf_counter() - started > cfg.max_wallclock_s
+            if stop.any_process_requested() or out_of_time:
+                log.warning("stopping at step %d (%s); checkpoint saved", step,
+                            "SIGTERM" if stop.requested else "train.max_wallclock_s reached")
+                break
+    save(step)
+    if eval_run and (step == cfg.steps or cfg.max_wallclock_s):
+        last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
+    checkpointer.close()
+    writer.close()
+    summary = {"step": step, "peak_flops_per_device": peak, "peak_source": peak_source,
+               "memory": engine.memory_report.summary() if engine.memory_report else None, **last}
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,61 @@
+"""Decoder-only GPT/LLaMA pretraining on the offline corpus (Austen + KJV + Brown).
+
+Run the demo model (what `make demo` trains):
+  python -m experiments.main train --config experiments/configs/lm/gpt.py:size=demo \
+      --workdir runs/gpt-demo
+Sizes: tiny (tests, seconds), demo (2 CPU cores, ~10 min; README gives the bits/byte it reaches
+against the xz baseline), bench (the throughput benchmark's model: 6 layers, width 384), gpt2_124m
+(GPT-2 small, for accelerators). style=gpt2 (learned positions, LayerNorm, GELU, tied) or
+style=llama (rotary, RMSNorm, SwiGLU, grouped-query attention, untied).
+Override anything, e.g. --config.train.steps=100 --config.mesh.ici.fsdp=2.
+"""
+import dataclasses
+
+import ml_collections
+
+from core.config import ConfigError, parse_arg
+from core.distributed import distributed_config
+from core.engine import train_config
+from core.mesh import DEFAULT_RULES, mesh_config
+from core.optim import optim_config
+from lm import model as model_lib
+
+SIZES = {
+    # name: (layers, width, heads, seq_len, vocab, batch, steps, learning rate)
+    "tiny": (2, 64, 4, 64, 512, 16, 50, 3e-3),
+    "demo": (4, 256, 4, 256, 4096, 16, 1500, 2e-3),
+    "bench": (6, 384, 6, 256, 8192, 16, 2000, 1e-3),
+    "gpt2_124m": (12, 768, 12, 1024, 50304, 512, 20000, 6e-4),
+}
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    args = parse_arg(arg, size="demo", style="gpt2", corpus="austen+kjv+brown")
+    if args.size not in SIZES:
+        raise ConfigError(f"size {args.size!r} is not one of {sorted(SIZES)}")
+    layers, width, heads, seq_len, vocab, batch, steps, lr = SIZES[args.size]
+    model = model_lib.preset(args.style, vocab_size=vocab, num_layers=layers, d_model=width, num_heads=heads,
+                             max_len=max(seq_len, 256))
+    config = ml_collections.ConfigDict()
+    config.task = "causal_lm"
+    config.model = dataclasses.asdict(model)
+    # 0: take the trained tokenizer's vocabulary size (the model is built after the tokenizer).
+    config.model.vocab_size = vocab if args.size == "gpt2_124m" else 0
+    config.data = ml_collections.ConfigDict({
+        "corpus": args.corpus,
+        "text_column": "text",
+        "val_fraction": 0.1,
+        "split_seed": 0,
+        "seq_len": seq_len,
+        "cache_dir": "",
+        "tokenizer": {"path": "", "kind": "bpe", "vocab_size": vocab,
+                      "max_train_chars": 20_000_000},
+    })
+    config.train = train_config(steps=steps, global_batch_size=batch,
+                                log_every=max(1, min(50, steps // 10)),
+                                eval_every=max(1, steps // 3), checkpoint_every=max(1, steps // 5))
+    config.optim = optim_config(learning_rate=lr, warmup_steps=max(1, min(200, steps // 10)))
+    config.mesh = mesh_config()
+    config.sharding_rules = DEFAULT_RULES
+    config.distributed = distributed_config()
+    return config

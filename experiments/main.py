@@ -1,0 +1,78 @@
+"""The entry point: `python -m experiments.main {train,evaluate,sample} --config FILE[:ARG] ...`.
+
+    train     --config CFG --workdir DIR [--config.a.b=v ...]   train, or resume from DIR
+    evaluate  --workdir DIR [--config.a.b=v ...]                validation loss / ppl / bits per byte
+    sample    --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
+
+evaluate and sample read the config saved in DIR, so they need no --config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import sys
+
+TASKS = {"causal_lm": "lm.commands"}
+
+
+def parse(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="python -m experiments.main", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("train", "evaluate", "sample"))
+    parser.add_argument("--config", help="config file, e.g. experiments/configs/lm/gpt.py:size=tiny")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=1)
+    args, rest = parser.parse_known_args(argv)
+    unknown = [r for r in rest if not r.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return args, rest
+
+
+def load(args, overrides):
+    from core.config import ConfigError, apply_overrides, load_config
+    import ml_collections
+    if args.config:
+        return load_config(args.config, overrides)
+    saved = pathlib.Path(args.workdir) / "config.json"
+    if not saved.exists():
+        raise ConfigError(f"{saved} does not exist: pass --config, or a --workdir of a run")
+    config = ml_collections.ConfigDict(json.loads(saved.read_text()))
+    apply_overrides(config, overrides)
+    config.lock()
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
+    args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    from core.config import ConfigError
+    from core.distributed import maybe_initialize
+    try:
+        config = load(args, overrides)
+        maybe_initialize(config.distributed)
+        import importlib
+        if config.task not in TASKS:
+            raise ConfigError(f"task {config.task!r} is not one of {sorted(TASKS)}")
+        commands = importlib.import_module(TASKS[config.task])
+        result = getattr(commands, args.command)(config, args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

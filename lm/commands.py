@@ -1,0 +1,55 @@
+"""The LM commands behind `python -m experiments.main`: train, evaluate, sample."""
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import jax
+
+from core import trainer
+from core.checkpoint import CheckpointError, Checkpointer
+from core.engine import Engine
+from lm import pipeline, sampling
+
+log = logging.getLogger(__name__)
+
+
+def train(config, args) -> dict:
+    setup = pipeline.build(config, args.workdir)
+    return trainer.train(config, args.workdir, setup.task, setup.data)
+
+
+def _restore(config, workdir, need_train=False):
+    """(setup, engine, params) from the newest good checkpoint of a run."""
+    setup = pipeline.build(config, workdir, need_train=need_train)
+    engine = Engine(config, setup.task)
+    checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    restored = checkpointer.restore_latest_good(engine.abstract_state)
+    checkpointer.close()
+    if restored is None:
+        raise CheckpointError(f"no checkpoint to restore in {workdir}/checkpoints")
+    state, meta, step = restored
+    setup.data.check_meta(meta)
+    return setup, engine, state.params, step
+
+
+def evaluate(config, args) -> dict:
+    """Validation loss, perplexity and bits per byte of a run's latest good checkpoint."""
+    setup, engine, params, step = _restore(config, args.workdir)
+    run = engine.eval_runner(setup.data.eval_batch_size)
+    metrics = setup.data.evaluate(lambda batch: run(params, batch), 0)
+    return {"step": step, **metrics}
+
+
+def sample(config, args) -> dict:
+    """Prints sampled continuations of --prompt from a run's latest good checkpoint."""
+    setup, _, params, step = _restore(config, args.workdir)
+    params = jax.device_get(params)
+    texts = []
+    for index in range(args.num_samples):
+        text = sampling.sample_text(
+            setup.task, setup.tokenizer, params, args.prompt, args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, seed=args.seed + index,
+            stream=print if args.num_samples == 1 else None)
+        texts.append(text)
+    return {"step": step, "samples": texts}

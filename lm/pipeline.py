@@ -1,0 +1,108 @@
+"""From an LM config to what the engine runs: the task, its data and its evaluator.
+
+The tokenizer's fingerprint is stored in every checkpoint, and a run (or an eval or sample
+command) whose tokenizer differs from the checkpoint's stops with an error instead of producing
+nonsense from mismatched token ids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from core.config import ConfigError
+from core.trainer import TaskData
+from lm import data as data_lib
+from lm import model as model_lib
+from lm.task import CausalLMTask, lm_metrics
+from lm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class TokenizerMismatchError(ConfigError):
+    """The checkpoint was trained with another tokenizer."""
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.TransformerConfig:
+    fields = dict(config.model)
+    if not fields.get("vocab_size"):
+        fields["vocab_size"] = vocab_size
+    elif fields["vocab_size"] < vocab_size:
+        raise ConfigError(f"model.vocab_size {fields['vocab_size']} is smaller than the "
+                          f"tokenizer's {vocab_size}; set model.vocab_size=0 to follow the tokenizer")
+    return model_lib.TransformerConfig(**fields)
+
+
+def tokenizer_meta(tokenizer: Tokenizer) -> dict[str, Any]:
+    return {"tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
+
+
+def check_tokenizer(tokenizer: Tokenizer) -> Callable[[dict], None]:
+    def check(meta: dict) -> None:
+        saved = meta.get("tokenizer_fingerprint")
+        if saved and saved != tokenizer.fingerprint:
+            raise TokenizerMismatchError(
+                f"the checkpoint was trained with tokenizer {saved[:12]}… but this run uses "
+                f"{tokenizer.fingerprint[:12]}… ({tokenizer.path}); point "
+                "data.tokenizer.path at the tokenizer.model saved in the run's workdir")
+    return check
+
+
+def make_evaluator(windows: data_lib.Windows, batch_size: int):
+    """evaluate(run_batch, max_batches) -> loss, perplexity, accuracy, bits per byte."""
+    def evaluate(run_batch, max_batches: int = 0) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        seen = 0
+        for index, batch in enumerate(data_lib.eval_batches(
+                windows, batch_size, jax.process_index(), jax.process_count())):
+            if max_batches and index >= max_batches:
+                break
+            for key, value in run_batch(batch).items():
+                totals[key] = totals.get(key, 0.0) + value
+            seen = min(len(windows.tokens), (index + 1) * batch_size)
+        # With max_batches the bytes are pro-rated by windows seen (an estimate); else exact.
+        num_bytes = windows.num_bytes * seen / max(len(windows.tokens), 1)
+        return lm_metrics(totals, num_bytes)
+    return evaluate
+
+
+@dataclasses.dataclass
+class LMSetup:
+    task: CausalLMTask
+    tokenizer: Tokenizer
+    data: TaskData
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+          need_train: bool = True) -> LMSetup:
+    """Loads the corpus, the tokenizer (trained on the train split if none is given) and data."""
+    workdir = pathlib.Path(workdir)
+    saved_tokenizer = workdir / "tokenizer.model"
+    if not config.data.tokenizer.path and saved_tokenizer.exists():
+        # A resumed run keeps the tokenizer it started with.
+        config.data.tokenizer.path = str(saved_tokenizer)
+    splits = data_lib.load_splits(config.data)
+    tokenizer = data_lib.get_tokenizer(config.data, splits["train"]["text"], workdir)
+    task = CausalLMTask(model_config(config, tokenizer.vocab_size), config.data.seq_len)
+    validation = data_lib.tokenized_windows(config.data, tokenizer, "validation",
+                                            splits["validation"]["text"])
+    train_iter = None
+    if need_train:
+        train_windows = data_lib.tokenized_windows(config.data, tokenizer, "train",
+                                                   splits["train"]["text"])
+        train_iter = data_lib.BatchIterator(
+            train_windows, config.train.global_batch_size, config.train.seed,
+            jax.process_index(), jax.process_count())
+        log.info("train: %d windows of %d tokens; validation: %d windows, %d bytes",
+                 len(train_windows.tokens), config.data.seq_len, len(validation.tokens),
+                 validation.num_bytes)
+    eval_batch = config.train.global_batch_size
+    data = TaskData(train=train_iter, evaluate=make_evaluator(validation, eval_batch),
+                    eval_batch_size=eval_batch, meta=tokenizer_meta(tokenizer),
+                    check_meta=check_tokenizer(tokenizer))
+    return LMSetup(task=task, tokenizer=tokenizer, data=data)

@@ -1,0 +1,51 @@
+"""Config loading: typed overrides, and typos that name the closest valid key."""
+import pytest
+
+from core.config import ConfigError, apply_overrides, load_config, parse_arg
+
+GPT = "experiments/configs/lm/gpt.py"
+
+
+def test_overrides_are_typed_and_applied():
+    config = load_config(f"{GPT}:size=tiny", ["--config.train.steps=7",
+                                             "--config.optim.learning_rate=1e-2",
+                                             "--config.model.scan_layers=false",
+                                             "--config.data.corpus=austen"])
+    assert config.train.steps == 7 and isinstance(config.train.steps, int)
+    assert config.optim.learning_rate == 0.01
+    assert config.model.scan_layers is False
+    assert config.data.corpus == "austen"
+
+
+def test_mistyped_key_names_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"'train\.stesp'.*'train\.steps'"):
+        load_config(f"{GPT}:size=tiny", ["--config.train.stesp=7"])
+
+
+def test_mistyped_config_argument_names_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"'szie'.*'size'"):
+        load_config(f"{GPT}:szie=tiny")
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(f"{GPT}:size=tiny", ["--config.train.steps=many"])
+
+
+def test_missing_config_file_is_an_error():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("experiments/configs/lm/nope.py")
+
+
+def test_locked_config_rejects_new_attributes():
+    config = load_config(f"{GPT}:size=tiny")
+    with pytest.raises(AttributeError):
+        config.train.stesp = 3
+
+
+def test_parse_arg_and_apply_overrides_on_plain_dicts():
+    args = parse_arg("size=demo,layers=3", size="tiny", layers=2)
+    assert (args.size, args.layers) == ("demo", 3)
+    config = parse_arg("", a=1)
+    with pytest.raises(ConfigError, match="'b'.*'a'"):
+        apply_overrides(config, ["b=2"])
