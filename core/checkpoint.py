@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -20,6 +20,19 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """No checkpoint could be restored where one was required."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint that belongs to another configuration (kept untouched)."""
+
+
+def _shapes_by_name(tree) -> dict[str, tuple[int, ...]]:
+    """Leaf shapes keyed by a path that reads the same for dicts, dataclasses and tuples."""
+    def name(path) -> str:
+        return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                        for k in path)
+    return {name(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 class Checkpointer:
@@ -58,18 +71,52 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
 
-    def restore_latest_good(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
-        """The newest checkpoint that restores; broken ones are moved aside, never deleted."""
+    def restore_latest_good(self, abstract_state: Any,
+                            check_meta: Callable[[dict], None] | None = None
+                            ) -> tuple[Any, dict[str, Any], int] | None:
+        """The newest checkpoint that restores; broken ones are moved aside, never deleted.
+
+        A checkpoint that reads fine but does not fit this run (another tokenizer, other shapes)
+        is an error, not damage: it is left exactly where it is.
+        """
         for step in reversed(self.steps()):
+            try:
+                meta = self.restore_meta(step)
+                saved = self._saved_shapes(step)
+            except Exception as error:  # orbax raises many types for damaged files
+                self._report_damage(step, error)
+                continue
+            if check_meta is not None:
+                check_meta(meta)
+            self._check_shapes(step, saved, abstract_state)
             try:
                 state, meta = self.restore(step, abstract_state)
                 return state, meta, step
-            except Exception as error:  # orbax raises many types for damaged files
-                moved = self._set_aside(step)
-                log.warning("checkpoint at step %d could not be restored (%s: %s); moved it to "
-                            "%s and falling back to the previous checkpoint",
-                            step, type(error).__name__, str(error)[:300], moved)
+            except Exception as error:
+                self._report_damage(step, error)
         return None
+
+    def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        metadata = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+        tree = metadata.item_metadata.tree
+        return _shapes_by_name(tree)
+
+    def _check_shapes(self, step: int, saved: dict, abstract_state: Any) -> None:
+        wanted = _shapes_by_name(abstract_state)
+        differ = [f"{name}: checkpoint {saved.get(name)} vs run {shape}"
+                  for name, shape in wanted.items() if saved.get(name, shape) != shape]
+        missing = sorted(set(wanted) - set(saved))
+        if differ or missing:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} was saved by another configuration "
+                f"({'; '.join(differ[:3]) or 'missing ' + ', '.join(missing[:3])}); use the "
+                "run's own config (its workdir has config.json) or a new --workdir")
+
+    def _report_damage(self, step: int, error: Exception) -> None:
+        moved = self._set_aside(step)
+        log.warning("checkpoint at step %d could not be restored (%s: %s); moved it to %s and "
+                    "falling back to the previous checkpoint",
+                    step, type(error).__name__, str(error)[:300], moved)
 
     def _set_aside(self, step: int) -> pathlib.Path:
         source = self.directory / str(step)

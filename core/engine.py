@@ -11,10 +11,8 @@ import math
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
 
 from core import distributed, memory, mesh as mesh_lib, optim, step as step_lib, train_state
 from core.checkpoint import Checkpointer
@@ -100,12 +98,10 @@ class Engine:
     def restore_or_init(self, checkpointer: Checkpointer,
                         check_meta: Callable[[dict], None] | None = None):
         """(state, meta of the restored checkpoint or None)."""
-        restored = checkpointer.restore_latest_good(self.abstract_state)
+        restored = checkpointer.restore_latest_good(self.abstract_state, check_meta)
         if restored is None:
             return self.init_state(), None
         state, meta, step = restored
-        if check_meta is not None:
-            check_meta(meta)
         log.info("restored step %d from %s", step, checkpointer.directory)
         return state, meta
 
@@ -139,12 +135,3 @@ class Engine:
                     **{k: float(v) for k, v in sums.extra.items()}}
         return run
 
-
-def sum_metrics(totals: dict[str, float], batch_sums: dict[str, float]) -> dict[str, float]:
-    for key, value in batch_sums.items():
-        totals[key] = totals.get(key, 0.0) + value
-    return totals
-
-
-def to_float32(tree):
-    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree)

@@ -13,7 +13,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -41,6 +40,7 @@ DEFAULT_RULES = (
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
     """The mesh section of a config: in-slice sizes, and across-slice sizes all 1."""
     return ml_collections.ConfigDict({
+        "num_devices": 0,  # 0: every device; N: the first N (e.g. a 1-device reference run)
         "ici": {"data": data, "fsdp": fsdp, "tensor": tensor},
         "dcn": {"data": 1, "fsdp": 1, "tensor": 1},
     })
@@ -71,6 +71,10 @@ def resolve_axis_sizes(sizes: Sequence[int], total: int, what: str) -> tuple[int
 def build_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh with axes (data, fsdp, tensor); multi-slice when any DCN size exceeds 1."""
     devices = list(jax.devices() if devices is None else devices)
+    if cfg.get("num_devices"):
+        if cfg.num_devices > len(devices):
+            raise ConfigError(f"mesh.num_devices {cfg.num_devices} > {len(devices)} available")
+        devices = devices[:cfg.num_devices]
     dcn_raw = [cfg.dcn[a] for a in MESH_AXES]
     num_slices = max(1, len({getattr(d, "slice_index", 0) for d in devices}))
     dcn = resolve_axis_sizes(dcn_raw, num_slices, "dcn")
@@ -132,18 +136,3 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def describe(mesh: Mesh) -> str:
     return " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
-
-
-def host_local_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
-    """(first row, number of rows) of the global batch this process must load."""
-    count, index = jax.process_count(), jax.process_index()
-    if global_batch % count:
-        raise ConfigError(
-            f"global batch {global_batch} does not split over {count} processes")
-    del mesh
-    per = global_batch // count
-    return index * per, per
-
-
-def as_numpy(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x))

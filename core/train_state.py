@@ -7,7 +7,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
 from core import mesh as mesh_lib
@@ -43,10 +42,3 @@ def init_state(task, optimizer, shardings: TrainState, seed: int) -> TrainState:
     init = jax.jit(lambda r: nn.unbox(_boxed_state(task, optimizer, r)), out_shardings=shardings)
     return init(jax.random.key(seed))
 
-
-def param_count(params) -> int:
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
-
-
-def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)

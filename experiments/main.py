@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    from core.checkpoint import CheckpointError, CheckpointMismatchError
     from core.config import ConfigError
     from core.distributed import maybe_initialize
+    from core.memory import OutOfMemoryError
+    from lm.corpora import DataError
     try:
         config = load(args, overrides)
         maybe_initialize(config.distributed)
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"task {config.task!r} is not one of {sorted(TASKS)}")
         commands = importlib.import_module(TASKS[config.task])
         result = getattr(commands, args.command)(config, args)
-    except ConfigError as error:
+    except (ConfigError, DataError, CheckpointError, CheckpointMismatchError,
+            OutOfMemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if result is not None:

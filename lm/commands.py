@@ -24,12 +24,11 @@ def _restore(config, workdir, need_train=False):
     setup = pipeline.build(config, workdir, need_train=need_train)
     engine = Engine(config, setup.task)
     checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
-    restored = checkpointer.restore_latest_good(engine.abstract_state)
+    restored = checkpointer.restore_latest_good(engine.abstract_state, setup.data.check_meta)
     checkpointer.close()
     if restored is None:
         raise CheckpointError(f"no checkpoint to restore in {workdir}/checkpoints")
     state, meta, step = restored
-    setup.data.check_meta(meta)
     return setup, engine, state.params, step
 
 

@@ -10,3 +10,45 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# A small real setup: Austen only, a 512-piece tokenizer, a 2-layer model, 64-token windows.
+TINY = "experiments/configs/lm/gpt.py:size=tiny,corpus=austen"
+QUIET = ["--config.train.eval_every=0", "--config.train.eval_batches=2",
+         "--config.train.log_every=1", "--config.train.async_checkpoint=false",
+         "--config.optim.warmup_steps=2"]
+
+
+def tiny_config(*overrides: str):
+    from core.config import load_config
+    return load_config(str(REPO / TINY.split(":")[0]) + ":" + TINY.split(":")[1],
+                       [*QUIET, *overrides])
+
+
+def train_tiny(workdir, *overrides: str) -> dict:
+    """Trains (or resumes) the tiny config in this process."""
+    from core import trainer
+    from lm import pipeline
+    config = tiny_config(*overrides)
+    setup = pipeline.build(config, workdir)
+    return trainer.train(config, workdir, setup.task, setup.data)
+
+
+def train_losses(workdir) -> dict[int, float]:
+    from core.metrics import read_jsonl
+    return {r["step"]: r["loss"] for r in read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+            if r["split"] == "train"}
+
+
+def cli(*args: str, env: dict | None = None, **popen) -> list[str]:
+    """The command line of `python -m experiments.main ...` run from the repo root."""
+    return [sys.executable, "-m", "experiments.main", *args]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cli(*args), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,83 @@
+"""A run killed with SIGKILL and resumed ends bit-for-bit where an uninterrupted run ends;
+SIGTERM saves a checkpoint and stops cleanly."""
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import QUIET, REPO, TINY, cli, tiny_config, train_losses
+from core.checkpoint import Checkpointer
+from core.engine import Engine
+from lm import pipeline
+
+pytestmark = pytest.mark.slow
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+STEPS = 40
+ARGS = [*QUIET, f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5",
+        "--config.model.dropout=0.1"]  # dropout: the RNG stream must resume exactly too
+
+
+def _train_command(workdir):
+    return cli("train", "--config", TINY, "--workdir", str(workdir), *ARGS)
+
+
+def _start(workdir):
+    return subprocess.Popen(_train_command(workdir), cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(workdir, process, at_least: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+        if steps and max(steps) >= at_least:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early: {process.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def _final_state(workdir, step):
+    config = tiny_config(*ARGS)
+    engine = Engine(config, pipeline.build(config, workdir, need_train=False).task)
+    state, _ = Checkpointer(workdir / "checkpoints", async_save=False).restore(
+        step, engine.abstract_state)
+    return jax.device_get(state)
+
+
+def test_sigkill_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
+    reference = subprocess.run(_train_command(tmp_path / "reference"), cwd=REPO, env=ENV,
+                               capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    killed = _start(tmp_path / "killed")
+    _wait_for_checkpoint(tmp_path / "killed", killed, at_least=10)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    interrupted_at = max(train_losses(tmp_path / "killed"))
+    assert interrupted_at < STEPS
+    resumed = subprocess.run(_train_command(tmp_path / "killed"), cwd=REPO, env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "restored step" in resumed.stderr
+
+    expected = _final_state(tmp_path / "reference", STEPS)
+    actual = _final_state(tmp_path / "killed", STEPS)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual),
+                            jax.tree_util.tree_leaves(expected)):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    process = _start(tmp_path)
+    _wait_for_checkpoint(tmp_path, process, at_least=5)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, process.stderr.read()[-2000:]
+    stopped_at = max(train_losses(tmp_path))
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").glob("*") if p.name.isdigit()]
+    assert stopped_at < STEPS and max(saved) == stopped_at
