@@ -1,0 +1,209 @@
+"""Building blocks of the decoder: norms, rotary positions, attention and the MLP.
+
+Shape suffixes (DESIGN principle 9): B batch, T query length, S key length, D model width,
+N query heads, K key/value heads, G query heads per kv head (N = K*G), H head width,
+F MLP hidden width, V vocabulary.
+
+Every parameter is created through `logical_param`, which boxes it with its logical axis names
+(nn.with_logical_partitioning). The names used here:
+  "embed"     model width D            "heads"     query heads N
+  "kv_heads"  key/value heads K        "head_dim"  head width H
+  "mlp"       MLP hidden width F       "norm"      norm scales and biases (small, replicated)
+The decoder adds "vocab", "length" (learned position table) and "layers" (the scan axis).
+Norm parameters carry "norm" rather than "embed" so that the rules table can replicate them (as
+MaxText does) while still sharding "embed" for FSDP.
+
+Computation is in the config's `dtype`; parameters are stored in `param_dtype` and cast at use.
+Norm statistics, rotary embeddings and attention softmax are always float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Logits of masked (query, key) pairs. Finite on purpose: a row with every key masked gives a
+# uniform softmax instead of NaN. jnp.where (not addition) is used, so it cannot overflow.
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def logical_param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
+                  axes: tuple[str, ...], dtype: Any) -> Array:
+    """Creates a parameter boxed with logical axis names (one name per dimension)."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
+    """A logical sharding constraint; a no-op unless axis rules (and a mesh) are in scope."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class Norm(nn.Module):
+    """LayerNorm (mean-centred, with optional bias) or RMSNorm, computed in float32."""
+    kind: str                    # "layernorm" | "rmsnorm"
+    eps: float = 1e-5
+    use_bias: bool = True        # LayerNorm only; RMSNorm never has a bias
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: Array) -> Array:
+        d = x_BTD.shape[-1]
+        x = x_BTD.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        scale_D = logical_param(self, "scale", nn.initializers.ones, (d,), ("norm",),
+                                self.param_dtype)
+        y = y * scale_D
+        if self.kind == "layernorm" and self.use_bias:
+            y = y + logical_param(self, "bias", nn.initializers.zeros, (d,), ("norm",),
+                                  self.param_dtype)
+        return y.astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ---------------------------------------------------------------------------------------------
+
+def rope_cos_sin(positions_BT: Array, head_dim: int, base: float) -> tuple[Array, Array]:
+    """cos and sin tables, float32, shape (B, T, H), in the rotate-half layout.
+
+    Frequency i (i < H/2) rotates the pair (x[i], x[i + H/2]): the GPT-NeoX / Hugging Face LLaMA
+    layout. GGUF (llama.cpp) and Meta's original checkpoints store q/k weights for the interleaved
+    layout, which rotates (x[2i], x[2i+1]); an importer must permute the rows of w_q and w_k.
+    """
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    angles_BTH = jnp.concatenate([angles_BTh, angles_BTh], axis=-1)
+    return jnp.cos(angles_BTH), jnp.sin(angles_BTH)
+
+
+def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
+    """Rotates each head of x by the position angles (rotate-half layout), in float32."""
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
+    return (x * cos + rotated * sin).astype(x_BTNH.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+def attention_mask(segment_ids_BT: Array | None, T: int) -> Array:
+    """Boolean mask (B or 1, T, S): query i sees key j iff j <= i and seg[i] == seg[j].
+
+    Padding (segment 0) follows the same rule, so it attends to earlier padding; its outputs are
+    finite and meant to be ignored by the loss. The diagonal is always allowed, so no row is empty.
+    """
+    causal_TS = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    if segment_ids_BT is None:
+        return causal_TS[None]
+    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return causal_TS[None] & same_BTS
+
+
+def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) -> Array:
+    """Plain grouped-query attention with float32 scores and softmax.
+
+    Query head n uses kv head n // G (the grouping of Hugging Face's repeat_kv).
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                              preferred_element_type=jnp.float32) / math.sqrt(H)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, MASK_VALUE)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query causal self-attention with optional rotary positions."""
+    cfg: Any  # TransformerConfig (not imported, to keep layers free of model.py)
+
+    @nn.compact
+    def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None) -> Array:
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        D, N, K, H = cfg.d_model, cfg.num_heads, cfg.resolved_num_kv_heads, cfg.resolved_head_dim
+        B, T, _ = x_BTD.shape
+        init = nn.initializers.normal(cfg.init_std)
+        out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        zeros = nn.initializers.zeros
+
+        def project(name, heads, heads_axis):
+            w_DXH = logical_param(self, "w_" + name, init, (D, heads, H),
+                                  ("embed", heads_axis, "head_dim"), pdtype)
+            y_BTXH = jnp.einsum("btd,dxh->btxh", x_BTD, w_DXH.astype(dtype))
+            if cfg.use_bias:
+                b_XH = logical_param(self, "b_" + name, zeros, (heads, H),
+                                     (heads_axis, "head_dim"), pdtype)
+                y_BTXH += b_XH.astype(dtype)
+            return _constrain(y_BTXH, ("batch", "length", heads_axis, "head_dim"))
+
+        q_BTNH = project("q", N, "heads")
+        k_BTKH = project("k", K, "kv_heads")
+        v_BTKH = project("v", K, "kv_heads")
+        if cfg.pos_emb == "rope":
+            cos_BTH, sin_BTH = rope_cos_sin(positions_BT, H, cfg.rope_base)
+            q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
+            k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
+
+        if cfg.attention_impl == "xla":
+            mask_BTS = attention_mask(segment_ids_BT, T)
+            out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+        else:  # "dot_product_attention": jax.nn's fused op (cuDNN flash attention where available)
+            mask = None if segment_ids_BT is None else attention_mask(segment_ids_BT, T)[:, None]
+            out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask,
+                                                    is_causal=True)
+        out_BTNH = _constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
+
+        w_o_NHD = logical_param(self, "w_o", out_init, (N, H, D), ("heads", "head_dim", "embed"),
+                                pdtype)
+        out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, w_o_NHD.astype(dtype))
+        if cfg.use_bias:
+            out_BTD += logical_param(self, "b_o", zeros, (D,), ("embed",), pdtype).astype(dtype)
+        return out_BTD
+
+
+class Mlp(nn.Module):
+    """GELU MLP (GPT-2: tanh-approximate GELU) or SwiGLU (LLaMA: silu(x W_gate) * x W_up)."""
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, x_BTD: Array) -> Array:
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        D, F = cfg.d_model, cfg.resolved_d_ff
+        init = nn.initializers.normal(cfg.init_std)
+        out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        zeros = nn.initializers.zeros
+
+        def up(name):
+            w_DF = logical_param(self, "w_" + name, init, (D, F), ("embed", "mlp"), pdtype)
+            h_BTF = jnp.einsum("btd,df->btf", x_BTD, w_DF.astype(dtype))
+            if cfg.use_bias:
+                b_F = logical_param(self, "b_" + name, zeros, (F,), ("mlp",), pdtype)
+                h_BTF += b_F.astype(dtype)
+            return _constrain(h_BTF, ("batch", "length", "mlp"))
+
+        if cfg.mlp == "swiglu":
+            h_BTF = nn.silu(up("gate")) * up("up")
+        else:
+            h_BTF = nn.gelu(up("up"), approximate=True)
+        h_BTF = _constrain(h_BTF, ("batch", "length", "mlp"))
+        w_down_FD = logical_param(self, "w_down", out_init, (F, D), ("mlp", "embed"), pdtype)
+        out_BTD = jnp.einsum("btf,fd->btd", h_BTF, w_down_FD.astype(dtype))
+        if cfg.use_bias:
+            out_BTD += logical_param(self, "b_down", zeros, (D,), ("embed",), pdtype).astype(dtype)
+        return out_BTD

@@ -1,0 +1,310 @@
+"""Decoder-only transformer: config, presets, the Flax module, parameter and FLOP counts.
+
+One module covers the GPT-2 family (learned positions, LayerNorm, GELU, biases, tied embeddings)
+and the LLaMA family (RoPE, RMSNorm, SwiGLU, no biases, untied, grouped-query attention); each
+choice is a config field. Building blocks live in lm/layers.py.
+
+Parameters (`Decoder(cfg).init(rng, tokens_BT)["params"]`), with their logical axis names:
+  token_embed  (V, D)        ("vocab", "embed")
+  pos_embed    (max_len, D)  ("length", "embed")                      pos_emb == "learned" only
+  layers/...   every block parameter with a leading ("layers",) axis  scan_layers=True
+  layers_{i}/... one subtree per block                                scan_layers=False
+     attn_norm/{scale,bias}  ("norm",)                                bias: layernorm + use_bias
+     attn/w_q (D, N, H) ("embed", "heads", "head_dim");  b_q (N, H) ("heads", "head_dim")
+     attn/w_k, w_v (D, K, H) ("embed", "kv_heads", "head_dim");  b_k, b_v (K, H)
+     attn/w_o (N, H, D) ("heads", "head_dim", "embed");  b_o (D,) ("embed",)
+     mlp_norm/{scale,bias}
+     mlp/w_up (D, F) ("embed", "mlp"), b_up (F,) ("mlp",); swiglu adds w_gate/b_gate likewise
+     mlp/w_down (F, D) ("mlp", "embed"), b_down (D,) ("embed",)
+  final_norm/{scale,bias}
+  unembed      (D, V)        ("embed", "vocab")                       tie_embeddings=False only
+`stack_layers` / `unstack_layers` convert between the two layer layouts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm import layers
+
+Array = jax.Array
+
+POS_EMBS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+REMATS = ("none", "full", "dots")
+ATTENTION_IMPLS = ("xla", "dot_product_attention")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture of a decoder-only transformer. Fields left None are derived (resolved_*)."""
+    vocab_size: int                   # 0 = not yet known (set from the tokenizer before init)
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: int | None = None   # None -> num_heads (MHA); fewer -> grouped-query attention
+    head_dim: int | None = None       # None -> d_model // num_heads
+    d_ff: int | None = None           # None -> 4*d_model (gelu); 8/3*d_model up to k*256 (swiglu)
+    max_len: int = 1024
+    pos_emb: str = "learned"          # "learned" | "rope"
+    rope_base: float = 10000.0
+    norm: str = "layernorm"           # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"                 # "gelu" (tanh approximation, as GPT-2) | "swiglu"
+    use_bias: bool = True             # biases of every projection and of LayerNorm
+    tie_embeddings: bool = True
+    dropout: float = 0.0              # on embeddings and residual branches (not attention probs)
+    dtype: str = "float32"            # compute dtype; "bfloat16" for mixed precision
+    param_dtype: str = "float32"
+    remat: str = "none"               # "none" | "full" (save nothing) | "dots" (save projections)
+    scan_layers: bool = True          # nn.scan over layers (stacked params) vs a Python loop
+    init_std: float = 0.02            # output projections use init_std / sqrt(2 * num_layers)
+    attention_impl: str = "xla"       # "xla" (einsum, below) | "dot_product_attention" (jax.nn)
+
+    def __post_init__(self):
+        def choice(field, valid):
+            if getattr(self, field) not in valid:
+                raise ValueError(f"{field}={getattr(self, field)!r}; expected one of {valid}")
+        choice("pos_emb", POS_EMBS)
+        choice("norm", NORMS)
+        choice("mlp", MLPS)
+        choice("remat", REMATS)
+        choice("attention_impl", ATTENTION_IMPLS)
+        choice("dtype", DTYPES)
+        choice("param_dtype", DTYPES)
+        if self.vocab_size < 0:
+            raise ValueError(f"vocab_size must be positive (or 0 = unset), got {self.vocab_size}")
+        for field in ("num_layers", "d_model", "num_heads", "max_len"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        for field in ("num_kv_heads", "head_dim", "d_ff"):
+            if getattr(self, field) is not None and getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive or None, got {getattr(self, field)}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by "
+                             f"num_heads={self.num_heads}; set head_dim explicitly")
+        if self.num_heads % self.resolved_num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.pos_emb == "rope" and self.resolved_head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim, got {self.resolved_head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def resolved_num_kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def resolved_d_ff(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":  # LLaMA: 2/3 of 4*d_model, rounded up to a multiple of 256
+            return 256 * math.ceil(int(8 * self.d_model / 3) / 256)
+        return 4 * self.d_model
+
+    @property
+    def d_attn(self) -> int:
+        """Width of the concatenated query heads, N * H."""
+        return self.num_heads * self.resolved_head_dim
+
+
+_GPT2 = dict(pos_emb="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True)
+_LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False)
+
+PRESETS: dict[str, TransformerConfig] = {
+    # GPT-2 (Radford et al. 2019); vocab 50257 as released (use vocab_size=50304 for speed).
+    "gpt2": TransformerConfig(50257, 12, 768, 12, max_len=1024, **_GPT2),            # 124M
+    "gpt2-medium": TransformerConfig(50257, 24, 1024, 16, max_len=1024, **_GPT2),    # 355M
+    "gpt2-large": TransformerConfig(50257, 36, 1280, 20, max_len=1024, **_GPT2),     # 774M
+    "gpt2-xl": TransformerConfig(50257, 48, 1600, 25, max_len=1024, **_GPT2),        # 1.56B
+    # LLaMA-style at GPT-2-small width: 12 query heads in 6 groups (2 per kv head), d_ff 2048.
+    "llama": TransformerConfig(32000, 12, 768, 12, num_kv_heads=6, max_len=2048, **_LLAMA),
+    # SmolLM2-135M (the GGUF weights in DESIGN.md): LLaMA architecture with tied embeddings.
+    "smollm2-135m": TransformerConfig(
+        49152, 30, 576, 9, num_kv_heads=3, d_ff=1536, max_len=8192, rope_base=100000.0,
+        **{**_LLAMA, "tie_embeddings": True}),
+    # Tiny models for tests and demos.
+    "tiny-gpt2": TransformerConfig(256, 2, 64, 4, max_len=128, **_GPT2),
+    "tiny-llama": TransformerConfig(256, 2, 64, 4, num_kv_heads=2, max_len=128, **_LLAMA),
+}
+
+
+def preset(style: str, **overrides: Any) -> TransformerConfig:
+    """A named preset with fields replaced, e.g. preset("gpt2", vocab_size=50304, dtype="bfloat16").
+
+    Overriding num_heads alone keeps the preset's query heads per kv head (for GQA presets), so
+    preset("llama", num_heads=4) has 2 kv heads.
+    """
+    if style not in PRESETS:
+        raise ValueError(f"unknown preset {style!r}; expected one of {sorted(PRESETS)}")
+    base = PRESETS[style]
+    if "num_heads" in overrides and "num_kv_heads" not in overrides and base.num_kv_heads:
+        group = base.num_heads // base.num_kv_heads
+        if overrides["num_heads"] % group:
+            raise ValueError(f"preset {style!r} groups {group} query heads per kv head, which does "
+                             f"not divide num_heads={overrides['num_heads']}; set num_kv_heads")
+        overrides["num_kv_heads"] = overrides["num_heads"] // group
+    return dataclasses.replace(base, **overrides)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    cfg: TransformerConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None):
+        cfg = self.cfg
+        norm = lambda name: layers.Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, jnp.dtype(cfg.dtype),
+                                        jnp.dtype(cfg.param_dtype), name=name)
+        drop = nn.Dropout(cfg.dropout)
+        h_BTD = layers.Attention(cfg, name="attn")(norm("attn_norm")(x_BTD), positions_BT,
+                                                   segment_ids_BT)
+        x_BTD = x_BTD + drop(h_BTD, deterministic=self.deterministic)
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+        h_BTD = layers.Mlp(cfg, name="mlp")(norm("mlp_norm")(x_BTD))
+        x_BTD = x_BTD + drop(h_BTD, deterministic=self.deterministic)
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+        return x_BTD, None  # (carry, per-layer output) as nn.scan expects
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Decoder(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, V), float32."""
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
+                 segment_ids_BT: Array | None = None, deterministic: bool = True) -> Array:
+        """positions default to arange(T). segment_ids (0 = padding), if given, restrict attention:
+        token i attends to j iff j <= i and seg[i] == seg[j]. Dropout draws from the "dropout" rng
+        collection when deterministic is False."""
+        cfg = self.cfg
+        if cfg.vocab_size == 0:
+            raise ValueError("TransformerConfig.vocab_size is 0 (unset); set it before init")
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        B, T = tokens_BT.shape
+        V, D = cfg.vocab_size, cfg.d_model
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        init = nn.initializers.normal(cfg.init_std)
+
+        embed_VD = layers.logical_param(self, "token_embed", init, (V, D), ("vocab", "embed"),
+                                        pdtype)
+        x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dtype)
+        if cfg.pos_emb == "learned":
+            pos_LD = layers.logical_param(self, "pos_embed", init, (cfg.max_len, D),
+                                          ("length", "embed"), pdtype)
+            x_BTD = x_BTD + jnp.take(pos_LD, positions_BT, axis=0).astype(dtype)
+        x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            block = nn.scan(block, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BTD, _ = block(cfg, deterministic, name="layers")(x_BTD, positions_BT, segment_ids_BT)
+        else:
+            for i in range(cfg.num_layers):
+                x_BTD, _ = block(cfg, deterministic, name=f"layers_{i}")(x_BTD, positions_BT,
+                                                                         segment_ids_BT)
+
+        x_BTD = layers.Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, dtype, pdtype,
+                            name="final_norm")(x_BTD)
+        if cfg.tie_embeddings:
+            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embed_VD.astype(dtype),
+                                    preferred_element_type=jnp.float32)
+        else:
+            unembed_DV = layers.logical_param(self, "unembed", init, (D, V), ("embed", "vocab"),
+                                              pdtype)
+            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, unembed_DV.astype(dtype),
+                                    preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter-tree utilities
+# ---------------------------------------------------------------------------------------------
+
+def _inner(params):
+    """Accepts either the full variables {"params": {...}} or the params dict itself."""
+    return params["params"] if set(params) == {"params"} else params
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Per-layer params (layers_0 ... layers_{L-1}, scan_layers=False) -> stacked ("layers")."""
+    params = dict(_inner(params))
+    per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return params
+
+
+def unstack_layers(params: dict) -> dict:
+    """Stacked params (scan_layers=True) -> per-layer subtrees layers_0 ... layers_{L-1}."""
+    params = dict(_inner(params))
+    stacked = params.pop("layers")
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+    return params
+
+
+_EMBEDDING_PARAMS = ("token_embed", "pos_embed", "unembed")
+
+
+def count_params(params: Any, exclude_embeddings: bool = False) -> int:
+    """Number of parameters. Works on arrays, boxed params or jax.eval_shape's ShapeDtypeStructs.
+
+    exclude_embeddings drops every vocabulary- or position-sized table (token_embed, pos_embed,
+    unembed): Kaplan et al.'s "non-embedding" count.
+    """
+    params = nn.meta.unbox(_inner(params))
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if exclude_embeddings and getattr(path[0], "key", None) in _EMBEDDING_PARAMS:
+            continue
+        total += math.prod(leaf.shape)
+    return total
+
+
+def _param_shapes(cfg: TransformerConfig):
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(Decoder(cfg).init, jax.random.key(0), tokens)["params"]
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int, causal_halved: bool = False) -> float:
+    """Training FLOPs per token: 6 N + 12 L d_attn T (PaLM, Chowdhery et al. 2022, appendix B).
+
+    N counts the parameters that take part in a matmul for every token: every non-embedding
+    parameter plus the output projection (V * D, whether tied or not). The input token table and
+    the learned position table are lookups, not matmuls, so they are left out. (PaLM writes N for
+    all parameters; with tied embeddings the two agree except for the position table, and this
+    equals nanoGPT's estimate_mfu, which counts all parameters minus the position table.)
+    The attention term 12 L d_attn T counts QK^T and AV over all T keys (forward and backward);
+    causal_halved=True halves it, since a causal query sees on average T/2 keys.
+    """
+    n = count_params(_param_shapes(cfg), exclude_embeddings=True) + cfg.vocab_size * cfg.d_model
+    attn = 12 * cfg.num_layers * cfg.d_attn * seq_len
+    return 6.0 * n + (attn / 2 if causal_halved else attn)
