@@ -88,7 +88,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         config.data.tokenizer.path = str(saved_tokenizer)
     splits = data_lib.load_splits(config.data)
     tokenizer = data_lib.get_tokenizer(config.data, splits["train"]["text"], workdir)
-    task = CausalLMTask(model_config(config, tokenizer.vocab_size), config.data.seq_len)
+    task = CausalLMTask(model_config(config, tokenizer.vocab_size), config.data.seq_len,
+                        config.data.get("document_masking", True))
     validation = data_lib.tokenized_windows(config.data, tokenizer, "validation",
                                             splits["validation"]["text"])
     train_iter = None

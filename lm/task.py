@@ -3,7 +3,9 @@
 A batch holds windows of T+1 tokens and their segment ids (0 = padding). Inputs are the first
 T tokens, targets the last T. A target counts only if it belongs to the same document as the
 token before it, so no loss is taken across a document boundary or on padding, and positions
-restart at every document start inside a window.
+restart at every document start inside a window. With `document_masking=False` attention and
+positions run across the whole window instead (plain causal, as GPT-2 and nanoGPT train), which
+lets a fused causal kernel (cuDNN flash attention) run; the loss mask stays the same.
 """
 from __future__ import annotations
 
@@ -37,11 +39,13 @@ def target_mask(segment_ids_BT1: jax.Array) -> jax.Array:
 class CausalLMTask:
     name = "causal_lm"
 
-    def __init__(self, model_cfg: model_lib.TransformerConfig, seq_len: int):
+    def __init__(self, model_cfg: model_lib.TransformerConfig, seq_len: int,
+                 document_masking: bool = True):
         if seq_len > model_cfg.max_len:
             raise ValueError(f"data.seq_len {seq_len} exceeds model.max_len {model_cfg.max_len}")
         self.model_cfg = model_cfg
         self.seq_len = seq_len
+        self.document_masking = document_masking
         self.model = model_lib.Decoder(model_cfg)
 
     def init_params(self, rng):
@@ -49,8 +53,13 @@ class CausalLMTask:
         return self.model.init({"params": rng}, tokens_BT)["params"]
 
     def logits(self, params, tokens_BT, segment_ids_BT, rng=None, train=False):
+        if self.document_masking:
+            positions_BT = positions_from_segments(segment_ids_BT)
+        else:
+            positions_BT, segment_ids_BT = jnp.broadcast_to(
+                jnp.arange(tokens_BT.shape[1]), tokens_BT.shape), None
         return self.model.apply(
-            {"params": params}, tokens_BT, positions_from_segments(segment_ids_BT),
+            {"params": params}, tokens_BT, positions_BT,
             segment_ids_BT, deterministic=not train,
             rngs={"dropout": rng} if train and rng is not None else None)
 

@@ -47,6 +47,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "val_fraction": 0.1,
         "split_seed": 0,
         "seq_len": seq_len,
+        # True: attention and positions restart at each document inside a packed window.
+        "document_masking": True,
         "cache_dir": "",
         "tokenizer": {"path": "", "kind": "bpe", "vocab_size": vocab,
                       "max_train_chars": 20_000_000},
