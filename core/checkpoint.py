@@ -79,12 +79,13 @@ class Checkpointer:
         A checkpoint that reads fine but does not fit this run (another tokenizer, other shapes)
         is an error, not damage: it is left exactly where it is.
         """
-        for step in reversed(self.steps()):
+        steps, moved = self.steps(), []
+        for step in reversed(steps):
             try:
                 meta = self.restore_meta(step)
                 saved = self._saved_shapes(step)
             except Exception as error:  # orbax raises many types for damaged files
-                self._report_damage(step, error)
+                moved.append(self._report_damage(step, error))
                 continue
             if check_meta is not None:
                 check_meta(meta)
@@ -93,7 +94,15 @@ class Checkpointer:
                 state, meta = self.restore(step, abstract_state)
                 return state, meta, step
             except Exception as error:
-                self._report_damage(step, error)
+                moved.append(self._report_damage(step, error))
+        if steps:
+            # Never start from scratch silently over a run's history: the cause may be this
+            # machine (memory, I/O) rather than the files, which are all kept.
+            raise CheckpointError(
+                f"none of the {len(steps)} checkpoints in {self.directory} could be restored; "
+                f"they were moved aside, not deleted ({', '.join(p.name for p in moved)}). See "
+                "the warnings above; rename one back to its step number to retry it, or run "
+                "again to start this run from step 0.")
         return None
 
     def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
@@ -112,11 +121,12 @@ class Checkpointer:
                 f"({'; '.join(differ[:3]) or 'missing ' + ', '.join(missing[:3])}); use the "
                 "run's own config (its workdir has config.json) or a new --workdir")
 
-    def _report_damage(self, step: int, error: Exception) -> None:
+    def _report_damage(self, step: int, error: Exception) -> pathlib.Path:
         moved = self._set_aside(step)
         log.warning("checkpoint at step %d could not be restored (%s: %s); moved it to %s and "
                     "falling back to the previous checkpoint",
                     step, type(error).__name__, str(error)[:300], moved)
+        return moved
 
     def _set_aside(self, step: int) -> pathlib.Path:
         source = self.directory / str(step)

@@ -50,13 +50,17 @@ class Engine:
         self.mesh = mesh_lib.build_mesh(config.mesh)
         self.rules = mesh_lib.rules_from_config(config.sharding_rules)
         self.optimizer, self.schedule = optim.build_optimizer(config.optim, config.train.steps)
-        with self.mesh:
-            self.abstract_state, self.state_shardings = train_state.state_shardings(
-                task, self.optimizer, self.mesh, self.rules)
+        # Shapes only: outside scope(), where boxed params would try to constrain abstract values.
+        self.abstract_state, self.state_shardings = train_state.state_shardings(
+            task, self.optimizer, self.mesh, self.rules)
         self.batch_shardings = {
             name: mesh_lib.logical_sharding(self.mesh, self.rules, field.logical_axes)
             for name, field in task.batch_fields().items()}
         self._check_batch(config.train.global_batch_size, config.train.microbatches)
+
+    def scope(self):
+        """Mesh and logical rules in effect (see core.mesh.activate): trace and run inside it."""
+        return mesh_lib.activate(self.mesh, self.rules)
 
     # --- batches -------------------------------------------------------------------------
     def batch_ways(self) -> int:
@@ -91,7 +95,7 @@ class Engine:
 
     # --- state ---------------------------------------------------------------------------
     def init_state(self) -> train_state.TrainState:
-        with self.mesh:
+        with self.scope():
             return train_state.init_state(self.task, self.optimizer, self.state_shardings,
                                           self.config.train.seed)
 
@@ -113,7 +117,7 @@ class Engine:
         replicated = mesh_lib.replicated(self.mesh)
         jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_shardings),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-        with self.mesh:
+        with self.scope():
             compiled, report = memory.compile_and_check(
                 jitted, self.abstract_state, self.abstract_batch(train.global_batch_size),
                 limit_bytes=train.memory_limit_bytes)
@@ -128,7 +132,7 @@ class Engine:
                          out_shardings=mesh_lib.replicated(self.mesh))
 
         def run(params, local_batch):
-            with self.mesh:
+            with self.scope():
                 sums = jitted(params, self.global_batch(local_batch))
             sums = jax.device_get(sums)
             return {"loss": float(sums.loss), "weight": float(sums.weight),

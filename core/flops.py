@@ -54,9 +54,10 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
     return measured_matmul_flops(), f"measured f32 matmul on {device.platform}"
 
 
-def total_peak_flops(peak_per_device: float) -> float:
-    """Peak of the whole job. CPU "devices" (often simulated) share one host's cores, and the
-    measured CPU peak is already the host's, so CPU counts hosts, accelerators count chips."""
+def total_peak_flops(peak_per_device: float, num_devices: int | None = None) -> float:
+    """Peak of the job's devices (default: all). CPU "devices" (often simulated) share one host's
+    cores, and the measured CPU peak is already the host's, so CPU counts hosts, accelerators
+    count the chips the mesh uses."""
     if jax.devices()[0].platform == "cpu":
         return peak_per_device * jax.process_count()
-    return peak_per_device * jax.device_count()
+    return peak_per_device * (num_devices or jax.device_count())

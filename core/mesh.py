@@ -7,6 +7,8 @@ parallelism is a config change.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Any, Sequence
 
@@ -128,6 +130,14 @@ def check_divisible(abstract_tree, shardings, what: str) -> None:
                     f"{what} {jax.tree_util.keystr(path)} of shape {tuple(shape)}: dimension "
                     f"{dim} does not divide over mesh axes {names} ({ways} ways; mesh "
                     f"{dict(sharding.mesh.shape)}). Change the size, the mesh, or the rules.")
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules):
+    """Mesh and rules in scope while tracing, so the model's logical activation constraints
+    (`nn.with_logical_constraint`) take effect; without both they are silently no-ops."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

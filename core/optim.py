@@ -48,10 +48,17 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
 _NO_DECAY_NAMES = ("bias", "scale")
 
 
+def _decays(name: str, parents: list[str]) -> bool:
+    """Weight matrices and embeddings decay; biases (`bias`, `b_q`, ...), scales, norms do not."""
+    is_bias = name in _NO_DECAY_NAMES or name.startswith("b_")
+    return not is_bias and not any("norm" in n.lower() for n in parents + [name])
+
+
 def _decay_mask(params):
     def decays(path, _):
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        return names[-1] not in _NO_DECAY_NAMES and not any("norm" in n.lower() for n in names)
+        # Dict keys only: a logically-boxed leaf adds a `.value` attribute to its path.
+        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return _decays(names[-1], names[:-1])
     return jax.tree_util.tree_map_with_path(decays, params)
 
 

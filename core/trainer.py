@@ -55,11 +55,12 @@ class _StopSignal:
         log.warning("SIGTERM received: saving a checkpoint at the next step boundary")
         self.requested = True
 
-    def any_process_requested(self) -> bool:
+    def any_process_requested(self, also: bool = False) -> bool:
+        """True if any process got SIGTERM (or has `also` set): all processes stop together."""
+        flag = self.requested or bool(also)
         if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.array([self.requested]))
-        return bool(np.any(flags))
+            return flag
+        return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -80,10 +81,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
     workdir = pathlib.Path(workdir)
     cfg = config.train
     engine = Engine(config, task)
-    write_run_config(workdir, config)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints,
                                 async_save=cfg.async_checkpoint)
     state, meta = engine.restore_or_init(checkpointer, data.check_meta)
+    # Only now: a resume that the checkpoint refused must not overwrite the run's own config.
+    write_run_config(workdir, config)
     if meta is not None:
         data.train.set_state(meta["data"])
     step = int(jax.device_get(state.step))
@@ -94,7 +96,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
     unit, units_per_example = task.units_per_example()
     peak, peak_source = flops_lib.peak_flops_per_device(cfg.peak_flops)
     flops_per_step = task.train_flops_per_example() * cfg.global_batch_size
-    total_peak = flops_lib.total_peak_flops(peak)
+    total_peak = flops_lib.total_peak_flops(peak, engine.mesh.devices.size)
     writer = MetricsWriter(workdir, cfg.steps)
     writer.advance(step)
     eval_run = engine.eval_runner(data.eval_batch_size) if data.evaluate else None
@@ -116,11 +118,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
     with _StopSignal() as stop:
         while step < cfg.steps:
             batch = engine.global_batch(next(data.train))
-            with engine.mesh:
+            with engine.scope():
                 state, metrics = compiled(state, batch)
             step += 1
             window_steps += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps:
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps / elapsed
@@ -133,16 +135,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
                 writer.write(step, last)
                 window_start, window_steps = time.perf_counter(), 0
             writer.advance(step)
+            paused = time.perf_counter()
             if eval_run and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
-            if step % cfg.checkpoint_every == 0:
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save(step)
+            window_start += time.perf_counter() - paused  # tokens/s and MFU count steps only
             out_of_time = cfg.max_wallclock_s and time.perf_counter() - started > cfg.max_wallclock_s
-            if stop.any_process_requested() or out_of_time:
-                log.warning("stopping at step %d (%s); checkpoint saved", step,
-                            "SIGTERM" if stop.requested else "train.max_wallclock_s reached")
+            if stop.any_process_requested(also=out_of_time):
+                log.warning("stopping at step %d (%s); saving a checkpoint", step,
+                            "SIGTERM" if stop.requested or not out_of_time
+                            else "train.max_wallclock_s reached")
                 break
-    save(step)
+        save(step)
+        checkpointer.wait()  # the last checkpoint is on disk before the final eval starts
     if eval_run and (step == cfg.steps or cfg.max_wallclock_s):
         last.update({f"eval_{k}": v for k, v in evaluate(step, whole=True).items()})
     checkpointer.close()

@@ -2,7 +2,8 @@
 
     train     --config CFG --workdir DIR [--config.a.b=v ...]   train, or resume from DIR
     evaluate  --workdir DIR [--config.a.b=v ...]                validation loss / ppl / bits per byte
-    sample    --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
+    sample    --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T
+              --top-k K --top-p P --seed S]   (KV-cache decoding, streamed; temperature 0: greedy)
 
 evaluate and sample read the config saved in DIR, so they need no --config.
 """
@@ -27,7 +28,8 @@ def parse(argv: list[str]):
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
     args, rest = parser.parse_known_args(argv)
@@ -46,6 +48,10 @@ def load(args, overrides):
     if not saved.exists():
         raise ConfigError(f"{saved} does not exist: pass --config, or a --workdir of a run")
     config = ml_collections.ConfigDict(json.loads(saved.read_text()))
+    # The run may have been launched as several processes; evaluate/sample run as one unless
+    # told otherwise with --config.distributed.*.
+    from core.distributed import distributed_config
+    config.distributed = distributed_config()
     apply_overrides(config, overrides)
     config.lock()
     return config

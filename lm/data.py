@@ -204,7 +204,7 @@ def get_tokenizer(data_cfg, train_texts: Iterable[str],
                                 f"data.tokenizer.vocab_size.") from e
     if workdir is not None:
         dest = pathlib.Path(workdir) / "tokenizer.model"
-        if not dest.is_file() or dest.read_bytes() != path.read_bytes():
+        if not dest.is_file():  # never replaced: it is the tokenizer the run's checkpoints use
             corpora.atomic_write(dest, lambda f: f.write(path.read_bytes()), "wb")
     return tok
 

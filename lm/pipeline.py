@@ -86,6 +86,12 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     if not config.data.tokenizer.path and saved_tokenizer.exists():
         # A resumed run keeps the tokenizer it started with.
         config.data.tokenizer.path = str(saved_tokenizer)
+    elif saved_tokenizer.exists() and (pathlib.Path(config.data.tokenizer.path).read_bytes()
+                                       != saved_tokenizer.read_bytes()):
+        raise TokenizerMismatchError(
+            f"data.tokenizer.path {config.data.tokenizer.path} differs from the tokenizer this "
+            f"run was trained with ({saved_tokenizer}); leave data.tokenizer.path empty to use "
+            "the run's own, or start a new --workdir")
     splits = data_lib.load_splits(config.data)
     tokenizer = data_lib.get_tokenizer(config.data, splits["train"]["text"], workdir)
     task = CausalLMTask(model_config(config, tokenizer.vocab_size), config.data.seq_len,
@@ -102,7 +108,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         log.info("train: %d windows of %d tokens; validation: %d windows, %d bytes",
                  len(train_windows.tokens), config.data.seq_len, len(validation.tokens),
                  validation.num_bytes)
-    eval_batch = config.train.global_batch_size
+    # One microbatch: what the train step already holds in memory at once.
+    eval_batch = config.train.global_batch_size // max(1, config.train.microbatches)
     data = TaskData(train=train_iter, evaluate=make_evaluator(validation, eval_batch),
                     eval_batch_size=eval_batch, meta=tokenizer_meta(tokenizer),
                     check_meta=check_tokenizer(tokenizer))

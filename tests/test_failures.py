@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import REPO, TINY, run_cli, tiny_config, train_losses, train_tiny
-from core.checkpoint import Checkpointer
+from core.checkpoint import CheckpointError, Checkpointer
 from core.config import ConfigError
 from core.engine import Engine
 from core.memory import OutOfMemoryError
@@ -83,6 +83,15 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, caplog):
     train_tiny(tmp_path, "--config.train.steps=5", "--config.train.checkpoint_every=2")
     assert max(train_losses(tmp_path)) == 5
     assert (checkpoints / "5").is_dir()
+    # When no checkpoint restores, the run stops rather than silently starting from step 0.
+    for step in Checkpointer(checkpoints).steps():
+        for path in (checkpoints / str(step) / "state").rglob("*"):
+            if path.is_file() and path.stat().st_size > 0:
+                path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="none of the .* could be restored"):
+        Checkpointer(checkpoints).restore_latest_good(engine.abstract_state)
+    assert not Checkpointer(checkpoints).steps()
+    assert len([p for p in checkpoints.iterdir() if ".corrupt" in p.name]) >= 3
 
 
 def test_tokenizer_that_does_not_match_the_checkpoint(tmp_path):
@@ -91,9 +100,11 @@ def test_tokenizer_that_does_not_match_the_checkpoint(tmp_path):
     other_tokenizer = pipeline.build(other, tmp_path / "other").tokenizer
     config = tiny_config("--config.train.steps=3",
                          f"--config.data.tokenizer.path={other_tokenizer.path}")
+    saved = (tmp_path / "run" / "tokenizer.model").read_bytes()
     with pytest.raises(TokenizerMismatchError, match="tokenizer"):
         commands.evaluate(config, argparse.Namespace(workdir=str(tmp_path / "run")))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["3"]
+    assert (tmp_path / "run" / "tokenizer.model").read_bytes() == saved
 
 
 def test_checkpoint_of_another_model_shape_is_refused_and_kept(tmp_path):
