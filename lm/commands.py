@@ -40,15 +40,18 @@ def evaluate(config, args) -> dict:
     return {"step": step, **metrics}
 
 
-def sample(config, args) -> dict:
-    """Prints sampled continuations of --prompt from a run's latest good checkpoint."""
+def sample(config, args) -> None:
+    """Prints sampled continuations of --prompt from a run's latest good checkpoint: one is
+    streamed token by token, several are printed one after another, separated by a rule."""
     setup, _, params, step = _restore(config, args.workdir)
+    log.info("sampling from the checkpoint of step %d", step)
     params = jax.device_get(params)
-    texts = []
     for index in range(args.num_samples):
+        if index:
+            print("\n" + "-" * 40)
         text = sampling.sample_text(
             setup.task, setup.tokenizer, params, args.prompt, args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, seed=args.seed + index,
-            stream=print if args.num_samples == 1 else None)
-        texts.append(text)
-    return {"step": step, "samples": texts}
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            seed=args.seed + index, stream=print if args.num_samples == 1 else None)
+        if args.num_samples > 1:
+            print(text)

@@ -128,8 +128,14 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS:
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query causal self-attention with optional rotary positions."""
+    """Multi-head / grouped-query causal self-attention with optional rotary positions.
+
+    With decode=True keys and values go to a fixed-size cache (the "cache" collection, created by
+    a first call whose T is the cache length, see lm/decoding.py) and queries attend to every
+    filled slot of their own segment up to their own slot.
+    """
     cfg: Any  # TransformerConfig (not imported, to keep layers free of model.py)
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None) -> Array:
@@ -159,7 +165,10 @@ class Attention(nn.Module):
             q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
             k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
 
-        if cfg.attention_impl == "xla":
+        if self.decode:
+            k_BTKH, v_BTKH, mask_BTS = self._cached(k_BTKH, v_BTKH, segment_ids_BT)
+            out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+        elif cfg.attention_impl == "xla":
             mask_BTS = attention_mask(segment_ids_BT, T)
             out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
         else:  # "dot_product_attention": jax.nn's fused op (cuDNN flash attention where available)
@@ -174,6 +183,39 @@ class Attention(nn.Module):
         if cfg.use_bias:
             out_BTD += logical_param(self, "b_o", zeros, (D,), ("embed",), pdtype).astype(dtype)
         return out_BTD
+
+    def _cached(self, k_BTKH: Array, v_BTKH: Array, segment_ids_BT: Array | None):
+        """Writes this call's keys/values at the cache's index; returns the whole cache and mask.
+
+        The first call (cache not yet created) only creates it, with length T, and attends
+        within the call. Slots keep their segment id (0 = empty or padding), so a query sees the
+        slots of its own segment up to its own: left and right padding both fall out of this.
+        """
+        B, T, K, H = k_BTKH.shape
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+        created = self.has_variable("cache", "key")
+        axes = ("batch", "length", "kv_heads", "head_dim")
+        zeros = lambda shape, dtype: nn.with_logical_partitioning(jnp.zeros, axes[:len(shape)])(
+            shape, dtype)
+        key = self.variable("cache", "key", zeros, k_BTKH.shape, k_BTKH.dtype)
+        value = self.variable("cache", "value", zeros, v_BTKH.shape, v_BTKH.dtype)
+        segments = self.variable("cache", "segment_ids", zeros, (B, T), jnp.int32)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not created:
+            return k_BTKH, v_BTKH, attention_mask(segment_ids_BT, T)
+        start = index.value
+        key.value = _constrain(jax.lax.dynamic_update_slice(
+            nn.meta.unbox(key.value), k_BTKH, (0, start, 0, 0)), axes)
+        value.value = _constrain(jax.lax.dynamic_update_slice(
+            nn.meta.unbox(value.value), v_BTKH, (0, start, 0, 0)), axes)
+        segments.value = jax.lax.dynamic_update_slice(
+            nn.meta.unbox(segments.value), segment_ids_BT.astype(jnp.int32), (0, start))
+        index.value = start + T
+        S = segments.value.shape[1]
+        causal_TS = jnp.arange(S)[None, :] <= (start + jnp.arange(T))[:, None]
+        same_BTS = segment_ids_BT[:, :, None] == segments.value[:, None, :]
+        return key.value, value.value, causal_TS[None] & same_BTS
 
 
 class Mlp(nn.Module):

@@ -163,6 +163,7 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
     cfg: TransformerConfig
     deterministic: bool = True
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None):
@@ -170,7 +171,7 @@ class Block(nn.Module):
         norm = lambda name: layers.Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, jnp.dtype(cfg.dtype),
                                         jnp.dtype(cfg.param_dtype), name=name)
         drop = nn.Dropout(cfg.dropout)
-        h_BTD = layers.Attention(cfg, name="attn")(norm("attn_norm")(x_BTD), positions_BT,
+        h_BTD = layers.Attention(cfg, self.decode, name="attn")(norm("attn_norm")(x_BTD), positions_BT,
                                                    segment_ids_BT)
         x_BTD = x_BTD + drop(h_BTD, deterministic=self.deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
@@ -192,10 +193,12 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
-                 segment_ids_BT: Array | None = None, deterministic: bool = True) -> Array:
+                 segment_ids_BT: Array | None = None, deterministic: bool = True,
+                 decode: bool = False) -> Array:
         """positions default to arange(T). segment_ids (0 = padding), if given, restrict attention:
         token i attends to j iff j <= i and seg[i] == seg[j]. Dropout draws from the "dropout" rng
-        collection when deterministic is False."""
+        collection when deterministic is False. decode=True reads and writes the KV cache
+        (mutable "cache" collection; see lm/decoding.py)."""
         cfg = self.cfg
         if cfg.vocab_size == 0:
             raise ValueError("TransformerConfig.vocab_size is 0 (unset); set it before init")
@@ -221,15 +224,16 @@ class Decoder(nn.Module):
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
                              prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            block = nn.scan(block, variable_axes={"params": 0},
+            block = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BTD, _ = block(cfg, deterministic, name="layers")(x_BTD, positions_BT, segment_ids_BT)
+            x_BTD, _ = block(cfg, deterministic, decode, name="layers")(x_BTD, positions_BT,
+                                                                         segment_ids_BT)
         else:
             for i in range(cfg.num_layers):
-                x_BTD, _ = block(cfg, deterministic, name=f"layers_{i}")(x_BTD, positions_BT,
-                                                                         segment_ids_BT)
+                x_BTD, _ = block(cfg, deterministic, decode, name=f"layers_{i}")(
+                    x_BTD, positions_BT, segment_ids_BT)
 
         x_BTD = layers.Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, dtype, pdtype,
                             name="final_norm")(x_BTD)
