@@ -35,15 +35,28 @@ def sample_text(task, tokenizer, params, prompt: str, max_new_tokens: int, tempe
                                        seed=seed)
     # Decode prompt and continuation together: pieces decoded alone lose their leading space.
     text_ids = [i for i in prompt_ids if i != tokenizer.bos_id]
-    emitted = tokenizer.decode(text_ids)
     if stream is not None:
-        stream(emitted, end="", flush=True)
-    for token in decoding.stream(task.model, params, prompt_ids, sampling):
-        text_ids.append(token)
-        text = tokenizer.decode(text_ids)
-        if stream is not None and text.startswith(emitted):
-            stream(text[len(emitted):], end="", flush=True)
-            emitted = text
+        stream(tokenizer.decode(text_ids), end="", flush=True)
+    new_ids = stream_continuation(task.model, params, tokenizer, prompt_ids, sampling, stream,
+                                  context_ids=text_ids)
     if stream is not None:
         stream("")
-    return tokenizer.decode(text_ids)
+    return tokenizer.decode(text_ids + new_ids)
+
+
+def stream_continuation(model, params, tokenizer, prompt_ids: list[int],
+                        sampling: decoding.SamplingConfig, stream: Callable[..., None] | None,
+                        context_ids: list[int] = ()) -> list[int]:
+    """Decodes new tokens, passing each newly complete piece of text to `stream` as it comes.
+
+    Text is decoded together with `context_ids` (what is already on screen), since a piece
+    decoded alone can lose its leading space, and a multi-byte character may span tokens."""
+    context_ids, new_ids = list(context_ids), []
+    emitted = tokenizer.decode(context_ids)
+    for token in decoding.stream(model, params, prompt_ids, sampling):
+        new_ids.append(token)
+        text = tokenizer.decode(context_ids + new_ids)
+        if stream is not None and text.startswith(emitted) and not text.endswith("\ufffd"):
+            stream(text[len(emitted):], end="", flush=True)
+            emitted = text
+    return new_ids

@@ -105,3 +105,15 @@ def test_logits_match_transformers_on_real_text(smollm2, tmp_path):
     print(f"max |logit difference| over {len(ids)} tokens: {np.abs(ours - theirs).max():.2e}")
     assert np.abs(ours - theirs).max() < 1e-3
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() == 1.0
+
+
+def test_chat_command_streams_the_answer(smollm2):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    done = subprocess.run([sys.executable, "-m", "lm.chat", "--prompt",
+                           "What is the capital of France?", "--max-new-tokens", "24"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Paris" in done.stdout and "<|im_end|>" not in done.stdout
