@@ -2,13 +2,9 @@
 
 Both sides use the rotate-half RoPE layout, so q/k need no permutation here (GGUF does; see
 lm/import_gguf.py). HF stores Linear weights as [out, in]; we store [in, (heads, head_dim)].
-`save_pretrained` writes what `transformers.LlamaForCausalLM.from_pretrained` reads, so a model
-trained or imported here can be handed to the rest of the ecosystem.
+lm/hf_checkpoint.py writes and reads whole directories (GPT-2 or LLaMA by the model's shape).
 """
 from __future__ import annotations
-
-import json
-import pathlib
 
 import numpy as np
 
@@ -90,32 +86,3 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], cfg: model_lib.TransformerCo
     if cfg.scan_layers:
         params = model_lib.stack_layers(params, cfg.num_layers)
     return params
-
-
-def save_pretrained(directory: str | pathlib.Path, params: dict,
-                    cfg: model_lib.TransformerConfig, tokenizer=None) -> pathlib.Path:
-    """model.safetensors + config.json (+ tokenizer.json when the tokenizer is byte-level BPE)."""
-    from safetensors.numpy import save_file
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    bos, eos = (tokenizer.bos_id, tokenizer.eos_id) if tokenizer is not None else (1, 2)
-    (directory / "config.json").write_text(json.dumps(hf_config(cfg, bos, eos), indent=2))
-    save_file(to_hf_tensors(params, cfg), str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
-    if tokenizer is not None and hasattr(tokenizer, "save"):
-        tokenizer.save(directory)
-    return directory
-
-
-def load_pretrained(directory: str | pathlib.Path, **config_overrides):
-    """(config, params) from a Hugging Face LLaMA directory (one or several safetensors files)."""
-    from safetensors.numpy import load_file
-    directory = pathlib.Path(directory)
-    cfg = config_from_hf(json.loads((directory / "config.json").read_text()), **config_overrides)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {directory}")
-    tensors = {}
-    for path in files:
-        tensors.update(load_file(str(path)))
-    return cfg, from_hf_tensors(tensors, cfg)

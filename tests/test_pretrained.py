@@ -72,10 +72,10 @@ def test_smollm2_answers_paris_in_chatml(smollm2):
 
 
 def test_hf_export_round_trips(smollm2, tmp_path):
-    from lm import hf_llama
+    from lm import hf_checkpoint
     _, cfg, params, tokenizer = smollm2
-    hf_llama.save_pretrained(tmp_path, params, cfg, tokenizer)
-    cfg2, params2 = hf_llama.load_pretrained(tmp_path)
+    hf_checkpoint.save_pretrained(tmp_path, params, cfg, tokenizer)
+    cfg2, params2 = hf_checkpoint.load_pretrained(tmp_path)
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params2, params)
     from lm.bpe_tokenizer import ByteLevelBPE
@@ -88,9 +88,9 @@ def test_hf_export_round_trips(smollm2, tmp_path):
 def test_logits_match_transformers_on_real_text(smollm2, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from lm import corpora, hf_llama
+    from lm import corpora, hf_checkpoint
     _, cfg, params, tokenizer = smollm2
-    hf_llama.save_pretrained(tmp_path, params, cfg, tokenizer)
+    hf_checkpoint.save_pretrained(tmp_path, params, cfg, tokenizer)
     reference = transformers.LlamaForCausalLM.from_pretrained(
         tmp_path, torch_dtype=torch.float32, attn_implementation="eager").eval()
     # A few hundred tokens of real text: the opening of Pride and Prejudice.
@@ -117,3 +117,31 @@ def test_chat_command_streams_the_answer(smollm2):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Paris" in done.stdout and "<|im_end|>" not in done.stdout
+
+
+def test_gpt2_checkpoints_load_and_export_against_transformers(tmp_path):
+    """A randomly initialised GPT2LMHeadModel (transformers' own code and naming) read by us,
+    and our GPT-2-style model written for transformers: the logits agree both ways."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lm import hf_checkpoint
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=48, n_layer=2, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    reference = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped name cannot hide
+        for name, p in reference.named_parameters():
+            if "ln" in name or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    reference.save_pretrained(tmp_path / "theirs")
+    ids = np.random.default_rng(0).integers(0, 96, (2, 20))
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids)).logits.numpy()
+    cfg, params = hf_checkpoint.load_pretrained(tmp_path / "theirs")
+    ours = np.asarray(model_lib.Decoder(cfg).apply({"params": params}, ids))
+    assert np.abs(ours - expected).max() < 1e-4
+    # And back: our parameters exported, read by transformers.
+    hf_checkpoint.save_pretrained(tmp_path / "ours", params, cfg)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert np.abs(again(torch.tensor(ids)).logits.numpy() - expected).max() < 1e-4
