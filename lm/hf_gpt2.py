@@ -6,8 +6,6 @@ GPT2LMHeadModel's `transformer.` prefix or not (the original checkpoints do not)
 """
 from __future__ import annotations
 
-import json
-import pathlib
 
 import numpy as np
 
