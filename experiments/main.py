@@ -2,6 +2,7 @@
 
     train     --config CFG --workdir DIR [--config.a.b=v ...]   train, or resume from DIR
     evaluate  --workdir DIR [--config.a.b=v ...]                validation loss / ppl / bits per byte
+              [--tasks hellaswag,piqa --shots 0,5 --limit N]      or zero-/few-shot task accuracy
     sample    --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T
               --top-k K --top-p P --seed S]   (KV-cache decoding, streamed; temperature 0: greedy)
 
@@ -32,6 +33,12 @@ def parse(argv: list[str]):
     parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--tasks", default="",
+                        help="evaluate: zero-/few-shot tasks instead of validation loss, e.g. "
+                             "hellaswag,piqa,arc_easy (see python -m lm.evaluate_tasks --list)")
+    parser.add_argument("--shots", default="0", help="evaluate --tasks: e.g. 0,1,5")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="evaluate --tasks: first N documents per task (0: all)")
     args, rest = parser.parse_known_args(argv)
     unknown = [r for r in rest if not r.startswith("--config.")]
     if unknown:
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = importlib.import_module(TASKS[config.task])
         result = getattr(commands, args.command)(config, args)
     except (ConfigError, DataError, CheckpointError, CheckpointMismatchError,
-            OutOfMemoryError) as error:
+            OutOfMemoryError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if result is not None:

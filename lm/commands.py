@@ -8,6 +8,7 @@ import jax
 
 from core import trainer
 from core.checkpoint import CheckpointError, Checkpointer
+from core.config import ConfigError
 from core.engine import Engine
 from lm import pipeline, sampling
 
@@ -33,8 +34,21 @@ def _restore(config, workdir, need_train=False):
 
 
 def evaluate(config, args) -> dict:
-    """Validation loss, perplexity and bits per byte of a run's latest good checkpoint."""
+    """Validation loss, perplexity and bits per byte of a run's latest good checkpoint, or with
+    --tasks its zero-/few-shot accuracy (lm/harness.py)."""
     setup, engine, params, step = _restore(config, args.workdir)
+    if getattr(args, "tasks", ""):
+        from lm import evaluate_tasks, harness
+        tasks, shots = args.tasks.split(","), [int(k) for k in args.shots.split(",")]
+        try:
+            # Our models see a BOS at every document start in training.
+            results = harness.evaluate_tasks(setup.task.model, jax.device_get(params),
+                                             setup.tokenizer, tasks, shots, args.limit,
+                                             prefix_ids=[setup.tokenizer.bos_id])
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        return {"results": results, "settings": evaluate_tasks.settings(
+            tasks, shots, args.limit, 16, f"{args.workdir} (step {step})")}
     run = engine.eval_runner(setup.data.eval_batch_size)
     metrics = setup.data.evaluate(lambda batch: run(params, batch), 0)
     return {"step": step, **metrics}

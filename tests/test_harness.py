@@ -67,7 +67,7 @@ def test_a_local_jsonl_file_is_a_task(tmp_path, tiny, tokenizer):
     path.write_text("\n".join(json.dumps(r) for r in records))
     model, params = tiny
     result = harness.evaluate_tasks(model, params, tokenizer, [str(path)], show_progress=False)
-    assert result[str(path)]["docs"] == 3
+    assert result[f"{path}/0shot"]["docs"] == 3
 
 
 def test_unknown_task_names_the_closest():
@@ -104,5 +104,58 @@ def test_evaluate_command_on_one_of_our_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     # Every doc has the same two choices and golds alternate, so exactly half are right.
-    assert result["results"][str(tasks)]["acc"] == 0.5
+    assert result["results"][f"{tasks}/0shot"]["acc"] == 0.5
     assert "step 3" in result["settings"]["model"]
+    # The engine's own entry point evaluates the same way, with shots.
+    done = subprocess.run([sys.executable, "-m", "experiments.main", "evaluate", "--workdir",
+                           str(tmp_path / "run"), "--tasks", str(tasks), "--shots", "0,1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    same = json.loads(done.stdout)["results"]
+    assert same[f"{tasks}/0shot"] == result["results"][f"{tasks}/0shot"]
+    assert same[f"{tasks}/1shot"]["shots_from"].startswith("same split")
+
+
+def test_rolling_windows_score_every_token_once_and_equal_one_pass(tiny, tokenizer):
+    ids = list(range(100, 190))
+    for max_len, stride in [(32, 16), (32, 32), (32, 5), (200, 100)]:
+        windows = harness.rolling_windows(ids, max_len, stride)
+        scored = [t for window, n in windows for t in window[len(window) - n:]]
+        assert scored == ids[1:] and all(len(w) <= max_len + 1 for w, _ in windows)
+    model, params = tiny
+    text = "It is a truth universally acknowledged, that a single man in possession of a good " \
+           "fortune, must be in want of a wife."
+    one_pass = harness.document_perplexity(model, params, tokenizer, [text], max_len=64)
+    rolled = harness.document_perplexity(model, params, tokenizer, [text], max_len=8, stride=8)
+    assert one_pass["tokens"] == rolled["tokens"] == len(tokenizer.encode([text])[0]) - 1
+    # Without overlap each window restarts its context, so rolling scores differ from one pass,
+    # but a window wide enough for the whole document gives exactly the one-pass score.
+    ids = tokenizer.encode([text])[0]
+    logits = model.apply({"params": params}, np.array([ids[:-1]]))[0]
+    logp = np.asarray(jax.nn.log_softmax(logits))[np.arange(len(ids) - 1), ids[1:]].sum()
+    assert np.log(one_pass["perplexity"]) == pytest.approx(-logp / (len(ids) - 1), rel=1e-5)
+    assert rolled["perplexity"] != pytest.approx(one_pass["perplexity"], rel=1e-6)
+
+
+def test_extract_answer_reads_the_final_number():
+    assert harness.extract_answer("3 + 4 = 7. So the answer is 1,234.") == "1234"
+    assert harness.extract_answer("He has 5 apples and then 7.0") == "7"
+    assert harness.extract_answer("The answer is $-12.") == "-12"
+    assert harness.extract_answer("no digits") == ""
+
+
+def test_generation_eval_reports_each_prompts_own_greedy_text(tiny, tokenizer):
+    from lm import decoding
+    model, params = tiny
+    contexts = ["Question: one?\nAnswer:", "Question: a much longer question, isn't it?\nAnswer:",
+                "Q:"]
+    requests = [harness.GenerationRequest(i, c, "0") for i, c in enumerate(contexts)]
+    result = harness.evaluate_generation(model, params, tokenizer, requests, batch_size=2,
+                                         max_new_tokens=12, stop=("\n\n", "Question:"))
+    for request, example in zip(requests, result["examples"]):
+        ids = decoding.generate(model, params, tokenizer.encode([request.context]),
+                                decoding.SamplingConfig(max_new_tokens=12))[0]
+        alone = tokenizer.decode(ids).split("\n\n")[0].split("Question:")[0]
+        assert example["generated"] == alone
+    assert result["exact_match"] == np.mean(
+        [harness.extract_answer(e["generated"]) == "0" for e in result["examples"]])
