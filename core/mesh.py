@@ -144,5 +144,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def data_parallel() -> tuple[NamedSharding, NamedSharding]:
+    """(rows split over every device, replicated) on a 1-D mesh: for inference whose parameters
+    fit one device, each batch divided among all of them."""
+    mesh = Mesh(jax.devices(), ("data",))
+    return NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+
+
 def describe(mesh: Mesh) -> str:
     return " x ".join(f"{name}={size}" for name, size in mesh.shape.items())

@@ -112,7 +112,7 @@ def cache_length(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
     return length
 
 
-def _forward(model, params, cache, tokens_BT, positions_BT, segments_BT):
+def forward_with_cache(model, params, cache, tokens_BT, positions_BT, segments_BT):
     logits_BTV, variables = model.apply({"params": params, "cache": cache}, tokens_BT,
                                         positions_BT, segments_BT, decode=True, mutable=["cache"])
     return logits_BTV, variables["cache"]
@@ -122,7 +122,7 @@ def prefill(model, params, prompts_BP: tuple, length: int):
     """Runs the prompts through an empty cache: (logits of each row's last token [B, V], cache)."""
     tokens_BP, segments_BP, positions_BP, lengths_B = prompts_BP
     cache = init_cache(model, tokens_BP.shape[0], length)
-    logits_BPV, cache = _forward(model, params, cache, tokens_BP, positions_BP, segments_BP)
+    logits_BPV, cache = forward_with_cache(model, params, cache, tokens_BP, positions_BP, segments_BP)
     last_B = jnp.max(jnp.where(segments_BP > 0, jnp.arange(tokens_BP.shape[1]), -1), axis=1)
     return jnp.take_along_axis(logits_BPV, last_B[:, None, None], axis=1)[:, 0], cache
 
@@ -145,7 +145,7 @@ def _generate(model, params, prompts_BP, sampling: SamplingConfig):
         token_B = jnp.where(done_B, sampling.pad_id, token_B)
         out_BN = out_BN.at[:, i].set(token_B)
         done_B = done_B | jnp.isin(token_B, stop_S)
-        logits_B1V, cache = _forward(model, params, cache, token_B[:, None],
+        logits_B1V, cache = forward_with_cache(model, params, cache, token_B[:, None],
                                      (lengths_B + i)[:, None], jnp.ones((B, 1), jnp.int32))
         return i + 1, logits_B1V[:, 0], cache, out_BN, done_B
 
@@ -182,7 +182,7 @@ def _stream_prefill(model, params, prompt_1P, sampling):
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=2)
 def _stream_step(model, params, cache, token_1, position, index, sampling):
-    logits_11V, cache = _forward(model, params, cache, token_1[:, None], position[None, None],
+    logits_11V, cache = forward_with_cache(model, params, cache, token_1[:, None], position[None, None],
                                  jnp.ones((1, 1), jnp.int32))
     rng = jax.random.fold_in(jax.random.key(sampling.seed), index)  # as `generate` draws
     return choose_tokens(logits_11V[:, 0], rng, sampling), cache
@@ -245,8 +245,8 @@ def _beam_search(model, params, prompts_BP, width: int, max_new_tokens: int,
         gen_len_BW = pick(gen_len_BW) + (~was_done_BW).astype(jnp.int32)
         done_BW = was_done_BW | jnp.isin(token_BW, stop_S)
         rows_X = (jnp.arange(B)[:, None] * W + parent_BW).reshape(-1)
-        cache = _reorder_rows(model, cache, rows_X)
-        logits_X1V, cache = _forward(model, params, cache, token_BW.reshape(-1, 1),
+        cache = take_cache_rows(model, cache, rows_X)
+        logits_X1V, cache = forward_with_cache(model, params, cache, token_BW.reshape(-1, 1),
                                      (lengths_X + i)[:, None], jnp.ones((B * W, 1), jnp.int32))
         return logits_X1V[:, 0], cache, scores_BW, out_BWN, done_BW, gen_len_BW
 
@@ -258,7 +258,7 @@ def _beam_search(model, params, prompts_BP, width: int, max_new_tokens: int,
     return out_BWN[jnp.arange(B), best_B], normalised_BW[jnp.arange(B), best_B]
 
 
-def _reorder_rows(model, cache, rows_X):
+def take_cache_rows(model, cache, rows_X):
     """The cache rows of the chosen parents; the batch axis follows a scanned layer axis."""
     axis = 1 if model.cfg.scan_layers else 0
     take = lambda c: jnp.take(c, rows_X, axis=axis) if c.ndim > axis else c

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core import mesh
+from lm import shared_context
 from lm.eval_requests import (  # noqa: F401 (the task side is re-exported for callers)
     EVAL_PACKAGE, FEW_SHOT_SEED, GENERATION_TASKS, GenerationRequest, Request, limit_docs,
     load_generation_requests, load_requests, task_requests)
@@ -49,17 +51,10 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return whole[:len(context_ids)], whole[len(context_ids):]
 
 
-def _data_parallel():
-    """(rows over every device, replicated): each batch is split across the mesh's devices."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    P = jax.sharding.PartitionSpec
-    return (jax.sharding.NamedSharding(mesh, P("data")), jax.sharding.NamedSharding(mesh, P()))
-
-
 def make_scorer(model, params) -> Callable[[np.ndarray, np.ndarray, np.ndarray], tuple]:
     """`score(tokens_BT, target_mask_BT, segments_BT)` -> (summed log-prob [B], all-greedy [B]),
     data-parallel over every device (B must divide by the device count)."""
-    rows, replicated = _data_parallel()
+    rows, replicated = mesh.data_parallel()
     params = jax.device_put(params, replicated)
 
     @jax.jit
@@ -113,19 +108,38 @@ def score_rows(model, params, rows: Sequence[tuple[Sequence[int], int]], batch_s
 
 def score_requests(model, params, tokenizer, requests: Sequence[Request], batch_size: int = 16,
                    max_len: int = 0, prefix_ids: Sequence[int] = (),
-                   progress: Callable[[int], None] | None = None) -> list[tuple[float, bool, int]]:
+                   progress: Callable[[int], None] | None = None,
+                   share_contexts: bool = True) -> list[tuple[float, bool, int]]:
     """(log-likelihood, greedy, number of continuation tokens) per request, in order.
 
-    A pair longer than max_len keeps the end of its context."""
+    Choices of one document with the same context are scored with the context run once
+    (lm/shared_context.py); the rest row by row, a pair longer than max_len keeping the end of
+    its context."""
     max_len = max_len or model.cfg.max_len
-    rows = []
+    encoded = []
     for r in requests:
         context_ids, cont_ids = encode_pair(tokenizer, r.context, r.continuation)
         if not cont_ids:
             raise ValueError(f"request of doc {r.doc_id} has an empty continuation")
-        rows.append(((list(prefix_ids) + context_ids + cont_ids)[-(max_len + 1):], len(cont_ids)))
-    scores = score_rows(model, params, rows, batch_size, max_len, progress)
-    return [(logp, greedy, scored) for (logp, greedy), (_, scored) in zip(scores, rows)]
+        encoded.append((list(prefix_ids) + context_ids, cont_ids))
+    groups: dict[tuple, list[int]] = collections.defaultdict(list)
+    for index, (r, (context, _)) in enumerate(zip(requests, encoded)):
+        groups[(r.doc_id, tuple(context))].append(index)
+    shared = [members for (_, context), members in groups.items() if share_contexts and
+              len(members) > 1 and context and
+              len(context) + max(len(encoded[i][1]) for i in members) <= max_len]
+    alone = sorted(set(range(len(requests))) - {i for members in shared for i in members})
+    scores: list[tuple[float, bool]] = [None] * len(requests)  # type: ignore[list-item]
+    by_group = shared_context.score_groups(
+        model, params, [(encoded[m[0]][0], [encoded[i][1] for i in m]) for m in shared],
+        batch_size, LOGITS_BUDGET, progress)
+    for members, group_scores in zip(shared, by_group):
+        for index, score in zip(members, group_scores):
+            scores[index] = score
+    rows = [((encoded[i][0] + encoded[i][1])[-(max_len + 1):], len(encoded[i][1])) for i in alone]
+    for index, score in zip(alone, score_rows(model, params, rows, batch_size, max_len, progress)):
+        scores[index] = score
+    return [(logp, greedy, len(cont)) for (logp, greedy), (_, cont) in zip(scores, encoded)]
 
 
 def rolling_windows(ids: Sequence[int], max_len: int, stride: int) -> list[tuple[list[int], int]]:

@@ -32,11 +32,11 @@ def test_cached_logits_equal_full_forward_at_every_position(style, scan):
     cache = decoding.init_cache(model, 2, 24)
     prefix = 7
     positions = lambda start, n: jnp.broadcast_to(jnp.arange(start, start + n), (2, n))
-    logits, cache = decoding._forward(model, params, cache, tokens_BT[:, :prefix],
+    logits, cache = decoding.forward_with_cache(model, params, cache, tokens_BT[:, :prefix],
                                       positions(0, prefix), jnp.ones((2, prefix), jnp.int32))
     pieces = [logits]
     for t in range(prefix, 20):
-        logits, cache = decoding._forward(model, params, cache, tokens_BT[:, t:t + 1],
+        logits, cache = decoding.forward_with_cache(model, params, cache, tokens_BT[:, t:t + 1],
                                           positions(t, 1), jnp.ones((2, 1), jnp.int32))
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full_BTV, atol=2e-5)

@@ -33,12 +33,23 @@ def test_context_and_continuation_split_as_the_harness_does(tokenizer):
     assert tokenizer.decode(cont) == " 4, of course"
 
 
-def test_scores_equal_a_direct_forward_pass(tiny, tokenizer):
-    model, params = tiny
+@pytest.mark.parametrize("preset,scan,share_contexts", [
+    ("llama", False, True), ("llama", False, False), ("llama", True, True), ("gpt2", False, True)])
+def test_scores_equal_a_direct_forward_pass(tokenizer, preset, scan, share_contexts):
+    cfg = model_lib.preset(preset, vocab_size=tokenizer.vocab_size, num_layers=2, d_model=32,
+                           num_heads=4, max_len=64, scan_layers=scan)
+    model = model_lib.Decoder(cfg)
+    params = model.init(jax.random.key(1), np.zeros((1, 8), np.int32))["params"]
     requests = [harness.Request(0, 0, "The cat sat on the", " mat", 0),
                 harness.Request(0, 1, "The cat sat on the", " moon tonight", 0),
-                harness.Request(1, 0, "A much longer context " * 12, " ends here", 0)]
-    scores = harness.score_requests(model, params, tokenizer, requests, batch_size=2, max_len=32)
+                harness.Request(0, 2, "The cat sat on the", " roof of the old barn, again", 0),
+                harness.Request(1, 0, "A much longer context " * 12, " ends here", 0),
+                harness.Request(2, 0, "Sarah was a better surgeon than Maria so Sarah", " won", 0),
+                harness.Request(2, 1, "Sarah was a better surgeon than Maria so Maria", " won", 0),
+                harness.Request(3, 0, "Q: " + "word " * 40, " yes", 0),
+                harness.Request(3, 1, "Q: " + "word " * 40, " no", 0)]
+    scores = harness.score_requests(model, params, tokenizer, requests, batch_size=2, max_len=32,
+                                    share_contexts=share_contexts)
     for request, (logp, greedy, n) in zip(requests, scores):
         ctx, cont = harness.encode_pair(tokenizer, request.context, request.continuation)
         ids = (ctx + cont)[-33:]  # the end of an over-long pair is kept
