@@ -41,9 +41,9 @@ LOGITS_BUDGET = 1 << 30  # bytes of float32 logits per batch: long rows get fewe
 # ---------------------------------------------------------------------------------------------
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as the harness splits them; trailing spaces of the
-    context move to the continuation first."""
-    spaces = len(context) - len(context.rstrip(" "))
+    """(context ids, continuation ids) as the harness splits them; trailing whitespace of the
+    context moves to the continuation first (whitespace, not only spaces)."""
+    spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode([context + continuation])[0]
@@ -121,7 +121,10 @@ def score_requests(model, params, tokenizer, requests: Sequence[Request], batch_
         context_ids, cont_ids = encode_pair(tokenizer, r.context, r.continuation)
         if not cont_ids:
             raise ValueError(f"request of doc {r.doc_id} has an empty continuation")
-        encoded.append((list(prefix_ids) + context_ids, cont_ids))
+        # As the harness does, an empty context is the end-of-text token, so that the first
+        # continuation token is scored too.
+        context_ids = list(prefix_ids) + context_ids or [tokenizer.eos_id]
+        encoded.append((context_ids, cont_ids))
     groups: dict[tuple, list[int]] = collections.defaultdict(list)
     for index, (r, (context, _)) in enumerate(zip(requests, encoded)):
         groups[(r.doc_id, tuple(context))].append(index)

@@ -170,3 +170,13 @@ def test_generation_eval_reports_each_prompts_own_greedy_text(tiny, tokenizer):
         assert example["generated"] == alone
     assert result["exact_match"] == np.mean(
         [harness.extract_answer(e["generated"]) == "0" for e in result["examples"]])
+
+
+def test_an_empty_context_conditions_on_end_of_text(tiny, tokenizer):
+    model, params = tiny
+    [(logp, _, n)] = harness.score_requests(model, params, tokenizer,
+                                            [harness.Request(0, 0, "", "Hello world", 0)])
+    ids = [tokenizer.eos_id] + tokenizer.encode(["Hello world"])[0]
+    logp_all = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, np.array([ids]))[0]))
+    assert n == len(ids) - 1
+    assert logp == pytest.approx(float(sum(logp_all[p, ids[p + 1]] for p in range(n))), abs=1e-4)
