@@ -112,9 +112,11 @@ def cache_length(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
     return length
 
 
-def forward_with_cache(model, params, cache, tokens_BT, positions_BT, segments_BT):
+def forward_with_cache(model, params, cache, tokens_BT, positions_BT, segments_BT,
+                       logits_at_BK=None):
     logits_BTV, variables = model.apply({"params": params, "cache": cache}, tokens_BT,
-                                        positions_BT, segments_BT, decode=True, mutable=["cache"])
+                                        positions_BT, segments_BT, decode=True, mutable=["cache"],
+                                        logits_at_BK=logits_at_BK)
     return logits_BTV, variables["cache"]
 
 
@@ -122,9 +124,10 @@ def prefill(model, params, prompts_BP: tuple, length: int):
     """Runs the prompts through an empty cache: (logits of each row's last token [B, V], cache)."""
     tokens_BP, segments_BP, positions_BP, lengths_B = prompts_BP
     cache = init_cache(model, tokens_BP.shape[0], length)
-    logits_BPV, cache = forward_with_cache(model, params, cache, tokens_BP, positions_BP, segments_BP)
     last_B = jnp.max(jnp.where(segments_BP > 0, jnp.arange(tokens_BP.shape[1]), -1), axis=1)
-    return jnp.take_along_axis(logits_BPV, last_B[:, None, None], axis=1)[:, 0], cache
+    logits_B1V, cache = forward_with_cache(model, params, cache, tokens_BP, positions_BP,
+                                           segments_BP, logits_at_BK=last_B[:, None])
+    return logits_B1V[:, 0], cache
 
 
 # ---------------------------------------------------------------------------------------------

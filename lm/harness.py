@@ -32,7 +32,6 @@ from lm.eval_requests import (  # noqa: F401 (the task side is re-exported for c
     EVAL_PACKAGE, FEW_SHOT_SEED, GENERATION_TASKS, GenerationRequest, Request, limit_docs,
     load_generation_requests, load_requests, task_requests)
 
-BUCKET = 64  # padded lengths are multiples of this: few shapes, few compilations
 LOGITS_BUDGET = 1 << 30  # bytes of float32 logits per batch: long rows get fewer per batch
 
 
@@ -51,24 +50,20 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return whole[:len(context_ids)], whole[len(context_ids):]
 
 
-def make_scorer(model, params) -> Callable[[np.ndarray, np.ndarray, np.ndarray], tuple]:
-    """`score(tokens_BT, target_mask_BT, segments_BT)` -> (summed log-prob [B], all-greedy [B]),
-    data-parallel over every device (B must divide by the device count)."""
-    rows, replicated = mesh.data_parallel()
-    params = jax.device_put(params, replicated)
+def _score_block(model, params, tokens_BT, segments_BT, predict_at_BK, scored_BK):
+    """(summed log-prob [B], all greedy [B]) of the tokens after positions predict_at where
+    scored; logits are computed at predict_at only."""
+    logits_BKV = model.apply({"params": params}, tokens_BT[:, :-1], None, segments_BT[:, :-1],
+                             logits_at_BK=predict_at_BK).astype(jnp.float32)
+    targets_BK = jnp.take_along_axis(tokens_BT, predict_at_BK + 1, axis=1)
+    target_logit_BK = jnp.take_along_axis(logits_BKV, targets_BK[..., None], axis=-1)[..., 0]
+    target_logp_BK = target_logit_BK - jax.nn.logsumexp(logits_BKV, axis=-1)
+    greedy_BK = jnp.argmax(logits_BKV, axis=-1) == targets_BK
+    return (jnp.sum(jnp.where(scored_BK, target_logp_BK, 0.0), axis=1),
+            jnp.all(greedy_BK | ~scored_BK, axis=1))
 
-    @jax.jit
-    def score(params, tokens_BT, mask_BT, segments_BT):
-        logits_BTV = model.apply({"params": params}, tokens_BT[:, :-1], None, segments_BT[:, :-1])
-        logits_BTV = logits_BTV.astype(jnp.float32)
-        targets_BT = tokens_BT[:, 1:]
-        target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-        target_logp_BT = target_logit_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
-        greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
-        mask_BT = mask_BT[:, 1:]
-        return (jnp.sum(target_logp_BT * mask_BT, axis=1),
-                jnp.all(greedy_BT | (mask_BT == 0), axis=1))
-    return lambda *arrays: score(params, *(jax.device_put(a, rows) for a in arrays))
+
+_score_block_jit = jax.jit(_score_block, static_argnums=0)  # module level: compiled once per shape
 
 
 def score_rows(model, params, rows: Sequence[tuple[Sequence[int], int]], batch_size: int,
@@ -76,28 +71,36 @@ def score_rows(model, params, rows: Sequence[tuple[Sequence[int], int]], batch_s
                ) -> list[tuple[float, bool]]:
     """(summed log-prob, all greedy) of the last n tokens of each (ids, n) row, in order.
 
-    Rows are batched longest first and right-padded to a multiple of BUCKET; a batch holds at
-    most `batch_size` rows and at most LOGITS_BUDGET bytes of logits, rounded up to a multiple
-    of the device count."""
-    scorer = make_scorer(model, params)
+    Rows are batched longest first and right-padded to shared_context.padded_length; a batch
+    holds at most `batch_size` rows and at most LOGITS_BUDGET bytes of logits, rounded up to a
+    multiple of the device count."""
+    rows_sharding, replicated = mesh.data_parallel()
+    params = jax.device_put(params, replicated)
     devices = jax.device_count()
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     results: list[tuple[float, bool]] = [None] * len(rows)  # type: ignore[list-item]
     start = 0
     while start < len(order):
-        width = min(max_len + 1, -(-len(rows[order[start]][0]) // BUCKET) * BUCKET + 1)
-        fits = LOGITS_BUDGET // (width * model.cfg.vocab_size * 4)
+        # The model sees ids[:-1]; the last id is only a target.
+        inputs = min(max_len, shared_context.padded_length(len(rows[order[start]][0]) - 1))
+        most_scored = max(scored for _, scored in (rows[i] for i in order[start:start + batch_size]))
+        K = min(inputs, shared_context.padded_length(most_scored))
+        fits = LOGITS_BUDGET // (K * model.cfg.vocab_size * 4)
         chunk = order[start:start + max(1, min(batch_size, fits))]
         batch = -(-len(chunk) // devices) * devices
-        tokens = np.zeros((batch, width), np.int32)
-        mask = np.zeros((batch, width), np.float32)
-        segments = np.zeros((batch, width), np.int32)
+        tokens = np.zeros((batch, inputs + 1), np.int32)
+        segments = np.zeros((batch, inputs + 1), np.int32)
+        predict_at = np.zeros((batch, K), np.int32)
+        scored_mask = np.zeros((batch, K), bool)
         for row, index in enumerate(chunk):
             ids, scored = rows[index]
             tokens[row, :len(ids)] = ids
-            mask[row, len(ids) - scored:len(ids)] = 1.0
             segments[row, :len(ids)] = 1
-        logp, greedy = jax.device_get(scorer(tokens, mask, segments))
+            # Token len(ids) - scored + k is predicted at the position before it.
+            predict_at[row] = np.minimum(len(ids) - scored - 1 + np.arange(K), inputs - 1)
+            scored_mask[row, :scored] = True
+        logp, greedy = jax.device_get(_score_block_jit(model, params, *(
+            jax.device_put(a, rows_sharding) for a in (tokens, segments, predict_at, scored_mask))))
         for row, index in enumerate(chunk):
             results[index] = (float(logp[row]), bool(greedy[row]))
         if progress is not None:

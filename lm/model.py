@@ -194,11 +194,13 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
                  segment_ids_BT: Array | None = None, deterministic: bool = True,
-                 decode: bool = False) -> Array:
+                 decode: bool = False, logits_at_BK: Array | None = None) -> Array:
         """positions default to arange(T). segment_ids (0 = padding), if given, restrict attention:
         token i attends to j iff j <= i and seg[i] == seg[j]. Dropout draws from the "dropout" rng
         collection when deterministic is False. decode=True reads and writes the KV cache
-        (mutable "cache" collection; see lm/decoding.py)."""
+        (mutable "cache" collection; see lm/decoding.py). logits_at_BK (indices into T) returns
+        logits (B, K, V) at those positions only: scorers and prefill need few of them, and the
+        vocabulary projection is the largest matmul of a small model."""
         cfg = self.cfg
         if cfg.vocab_size == 0:
             raise ValueError("TransformerConfig.vocab_size is 0 (unset); set it before init")
@@ -235,6 +237,8 @@ class Decoder(nn.Module):
                 x_BTD, _ = block(cfg, deterministic, decode, name=f"layers_{i}")(
                     x_BTD, positions_BT, segment_ids_BT)
 
+        if logits_at_BK is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_BK[..., None], axis=1)  # T -> K
         x_BTD = layers.Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, dtype, pdtype,
                             name="final_norm")(x_BTD)
         if cfg.tie_embeddings:

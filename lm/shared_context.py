@@ -20,30 +20,38 @@ import numpy as np
 from core import mesh
 from lm import decoding
 
-CONTEXT_BUCKET = 64  # padded lengths: contexts to multiples of 64, continuations of 16
-CONTINUATION_BUCKET = 16
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _score_block(model, params, contexts_BP, context_lengths_B, rows_R, continuations_RC,
-                 continuation_lengths_R):
-    """(summed log-prob [R], all greedy [R]) of each row's continuation after its context."""
+def padded_length(n: int) -> int:
+    """n rounded up to a multiple of 16, or of a quarter of the power of two below n when that is
+    larger: at most 25% padding (or 15 tokens), and few distinct shapes to compile."""
+    return _round_up(max(n, 1), max(16, (1 << (max(n, 1).bit_length() - 1)) // 4))
+
+
+def _prefill_contexts(model, params, contexts_BP, context_lengths_B, cache_length: int):
+    """(logits after each context's last token [B, V], KV cache of the contexts)."""
     B, P = contexts_BP.shape
-    R, C = continuations_RC.shape
     segments_BP = (jnp.arange(P)[None] < context_lengths_B[:, None]).astype(jnp.int32)
     positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    last_logits_BV, cache = decoding.prefill(
-        model, params, (contexts_BP, segments_BP, positions_BP, context_lengths_B), P + C)
+    return decoding.prefill(model, params, (contexts_BP, segments_BP, positions_BP,
+                                            context_lengths_B), cache_length)
+
+
+def _score_continuations(model, params, cache, last_logits_BV, context_lengths_B, rows_R,
+                         continuations_RC, continuation_lengths_R):
+    """(summed log-prob [R], all greedy [R]) of each row's continuation after context rows_R."""
+    C = continuations_RC.shape[1]
     cache = decoding.take_cache_rows(model, cache, rows_R)
     real_RC = jnp.arange(C)[None] < continuation_lengths_R[:, None]
     positions_RC = context_lengths_B[rows_R][:, None] + jnp.arange(C, dtype=jnp.int32)[None]
-    block_logits_RCV, _ = decoding.forward_with_cache(model, params, cache, continuations_RC, positions_RC,
-                                            real_RC.astype(jnp.int32))
-    # Continuation token j is predicted by the context's last token (j = 0) or by token j - 1.
-    logits_RCV = jnp.concatenate([last_logits_BV[rows_R][:, None], block_logits_RCV[:, :-1]],
+    # Continuation token j is predicted by the context's last token (j = 0) or by token j - 1,
+    # so the last continuation token needs no logits.
+    block_logits_RCV, _ = decoding.forward_with_cache(
+        model, params, cache, continuations_RC, positions_RC, real_RC.astype(jnp.int32),
+        logits_at_BK=jnp.broadcast_to(jnp.arange(C - 1), (len(rows_R), C - 1)))
+    logits_RCV = jnp.concatenate([last_logits_BV[rows_R][:, None], block_logits_RCV],
                                  axis=1).astype(jnp.float32)
     target_logit_RC = jnp.take_along_axis(logits_RCV, continuations_RC[..., None], -1)[..., 0]
     logp_RC = target_logit_RC - jax.nn.logsumexp(logits_RCV, axis=-1)
@@ -52,52 +60,65 @@ def _score_block(model, params, contexts_BP, context_lengths_B, rows_R, continua
             jnp.all(greedy_RC | ~real_RC, axis=1))
 
 
-_score_block_jit = jax.jit(_score_block, static_argnums=0)
+_prefill_jit = jax.jit(_prefill_contexts, static_argnums=(0, 4))
+_score_continuations_jit = jax.jit(_score_continuations, static_argnums=0)
 
 
 def score_groups(model, params, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
                  batch_size: int, logits_budget: int,
                  progress: Callable[[int], None] | None = None) -> list[list[tuple[float, bool]]]:
     """For each (context ids, [continuation ids ...]): (summed log-prob, all greedy) per
-    continuation. Contexts must be non-empty and context + continuation fit the model."""
+    continuation. Contexts must be non-empty and context + continuation fit the model.
+
+    Up to batch_size contexts (longest first) are prefilled together; their continuations are
+    then run in calls of up to batch_size rows sorted by length, so each call pads only to its
+    own longest continuation and holds at most logits_budget bytes of logits."""
     vocab = model.cfg.vocab_size
     rows_sharding, replicated = mesh.data_parallel()
     params = jax.device_put(params, replicated)
     multiple = math.lcm(8, jax.device_count())  # few distinct shapes; rows split over devices
+    put = lambda *arrays: [jax.device_put(a, rows_sharding) for a in arrays]
     order = sorted(range(len(groups)), key=lambda i: -len(groups[i][0]))
     results: list[list[tuple[float, bool]]] = [[] for _ in groups]
-    start = 0
-    while start < len(order):
-        P = _round_up(len(groups[order[start]][0]), CONTEXT_BUCKET)
-        fits = max(1, logits_budget // (P * vocab * 4))
-        chunk = order[start:start + min(batch_size, fits)]
-        conts = [c for i in chunk for c in groups[i][1]]
-        C = _round_up(max(len(c) for c in conts), CONTINUATION_BUCKET)
-        B, R = _round_up(len(chunk), multiple), _round_up(len(conts), multiple)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        P = padded_length(len(groups[chunk[0]][0]))
+        B = _round_up(len(chunk), multiple)
         contexts_BP = np.zeros((B, P), np.int32)
         context_lengths_B = np.ones((B,), np.int32)
-        rows_R = np.zeros((R,), np.int32)
-        continuations_RC = np.zeros((R, C), np.int32)
-        continuation_lengths_R = np.zeros((R,), np.int32)
-        row = 0
         for b, index in enumerate(chunk):
-            context, continuations = groups[index]
-            contexts_BP[b, :len(context)] = context
-            context_lengths_B[b] = len(context)
-            for continuation in continuations:
-                rows_R[row] = b
-                continuations_RC[row, :len(continuation)] = continuation
-                continuation_lengths_R[row] = len(continuation)
-                row += 1
-        arrays = [jax.device_put(a, rows_sharding) for a in (
-            contexts_BP, context_lengths_B, rows_R, continuations_RC, continuation_lengths_R)]
-        logp_R, greedy_R = jax.device_get(_score_block_jit(model, params, *arrays))
-        row = 0
-        for index in chunk:
-            for _ in groups[index][1]:
-                results[index].append((float(logp_R[row]), bool(greedy_R[row])))
-                row += 1
-        if progress is not None:
-            progress(len(conts))
-        start += len(chunk)
+            contexts_BP[b, :len(groups[index][0])] = groups[index][0]
+            context_lengths_B[b] = len(groups[index][0])
+        rows = sorted(((b, k) for b, index in enumerate(chunk)
+                       for k in range(len(groups[index][1]))),
+                      key=lambda bk: -len(groups[chunk[bk[0]]][1][bk[1]]))
+        continuation = lambda bk: groups[chunk[bk[0]]][1][bk[1]]
+        cache_length = P + padded_length(len(continuation(rows[0])))
+        context_lengths_B, = put(context_lengths_B)
+        last_logits_BV, cache = _prefill_jit(model, params, *put(contexts_BP), context_lengths_B,
+                                             cache_length)
+        scores = {}
+        at = 0
+        while at < len(rows):
+            C = padded_length(len(continuation(rows[at])))
+            fits = max(1, logits_budget // (C * vocab * 4))
+            call = rows[at:at + min(batch_size, fits)]
+            R = _round_up(len(call), multiple)
+            rows_R = np.zeros((R,), np.int32)
+            continuations_RC = np.zeros((R, C), np.int32)
+            continuation_lengths_R = np.zeros((R,), np.int32)
+            for r, bk in enumerate(call):
+                rows_R[r] = bk[0]
+                continuations_RC[r, :len(continuation(bk))] = continuation(bk)
+                continuation_lengths_R[r] = len(continuation(bk))
+            logp_R, greedy_R = jax.device_get(_score_continuations_jit(
+                model, params, cache, last_logits_BV, context_lengths_B,
+                *put(rows_R, continuations_RC, continuation_lengths_R)))
+            for r, bk in enumerate(call):
+                scores[bk] = (float(logp_R[r]), bool(greedy_R[r]))
+            if progress is not None:
+                progress(len(call))
+            at += len(call)
+        for b, index in enumerate(chunk):
+            results[index] = [scores[b, k] for k in range(len(groups[index][1]))]
     return results
