@@ -53,6 +53,7 @@ import time
 import flax
 import jax
 
+import benchmarks
 from lm import harness, hf_checkpoint, import_gguf
 from lm import model as model_lib
 
@@ -248,11 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "lm_eval": shlex.join(map(str, command))},
         "workdir": str(workdir), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(text + "\n")
+    benchmarks.emit(result, args.out)
     return result
 
 
