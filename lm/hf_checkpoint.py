@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import pathlib
 
-from lm import hf_gpt2, hf_llama
+from lm import hf_bert, hf_gpt2, hf_llama
 from lm import model as model_lib
 
-_FORMATS = {"llama": hf_llama, "gpt2": hf_gpt2}
+_FORMATS = {"llama": hf_llama, "gpt2": hf_gpt2, "bert": hf_bert}  # bert: read only
 
 
 def _format_of(cfg: model_lib.TransformerConfig):
@@ -38,7 +38,7 @@ def save_pretrained(directory: str | pathlib.Path, params: dict,
 
 
 def load_pretrained(directory: str | pathlib.Path, **config_overrides):
-    """(config, params) from a Hugging Face GPT-2 or LLaMA directory."""
+    """(config, params) from a Hugging Face GPT-2, LLaMA or BERT (BertModel) directory."""
     from safetensors.numpy import load_file
     directory = pathlib.Path(directory)
     config_path = directory / "config.json"

@@ -98,13 +98,15 @@ def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
 # Attention
 # ---------------------------------------------------------------------------------------------
 
-def attention_mask(segment_ids_BT: Array | None, T: int) -> Array:
-    """Boolean mask (B or 1, T, S): query i sees key j iff j <= i and seg[i] == seg[j].
+def attention_mask(segment_ids_BT: Array | None, T: int, causal: bool = True) -> Array:
+    """Boolean mask (B or 1, T, S): query i sees key j iff j <= i (if causal) and seg[i] == seg[j].
 
     Padding (segment 0) follows the same rule, so it attends to earlier padding; its outputs are
     finite and meant to be ignored by the loss. The diagonal is always allowed, so no row is empty.
     """
     causal_TS = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    if not causal:
+        causal_TS = jnp.ones_like(causal_TS)
     if segment_ids_BT is None:
         return causal_TS[None]
     same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
@@ -128,7 +130,8 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS:
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query causal self-attention with optional rotary positions.
+    """Multi-head / grouped-query self-attention (causal unless cfg.causal is False) with optional
+    rotary positions.
 
     With decode=True keys and values go to a fixed-size cache (the "cache" collection, created by
     a first call whose T is the cache length, see lm/decoding.py) and queries attend to every
@@ -166,15 +169,19 @@ class Attention(nn.Module):
             k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
 
         if self.decode:
+            if not cfg.causal:
+                raise ValueError("decode=True (the KV cache) needs a causal model; this config "
+                                 "has causal=False (an encoder)")
             k_BTKH, v_BTKH, mask_BTS = self._cached(k_BTKH, v_BTKH, segment_ids_BT)
             out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
         elif cfg.attention_impl == "xla":
-            mask_BTS = attention_mask(segment_ids_BT, T)
+            mask_BTS = attention_mask(segment_ids_BT, T, cfg.causal)
             out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
         else:  # "dot_product_attention": jax.nn's fused op (cuDNN flash attention where available)
-            mask = None if segment_ids_BT is None else attention_mask(segment_ids_BT, T)[:, None]
+            mask = (None if segment_ids_BT is None else
+                    attention_mask(segment_ids_BT, T, cfg.causal)[:, None])
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask,
-                                                    is_causal=True)
+                                                    is_causal=cfg.causal)
         out_BTNH = _constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
 
         w_o_NHD = logical_param(self, "w_o", out_init, (N, H, D), ("heads", "head_dim", "embed"),
@@ -219,7 +226,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """GELU MLP (GPT-2: tanh-approximate GELU) or SwiGLU (LLaMA: silu(x W_gate) * x W_up)."""
+    """GELU MLP (GPT-2: tanh-approximate GELU; BERT: exact erf GELU) or SwiGLU (LLaMA: silu(x W_gate) * x W_up)."""
     cfg: Any
 
     @nn.compact
@@ -242,7 +249,7 @@ class Mlp(nn.Module):
         if cfg.mlp == "swiglu":
             h_BTF = nn.silu(up("gate")) * up("up")
         else:
-            h_BTF = nn.gelu(up("up"), approximate=True)
+            h_BTF = nn.gelu(up("up"), approximate=cfg.mlp == "gelu")  # gelu_exact: erf
         h_BTF = _constrain(h_BTF, ("batch", "length", "mlp"))
         w_down_FD = logical_param(self, "w_down", out_init, (F, D), ("mlp", "embed"), pdtype)
         out_BTD = jnp.einsum("btf,fd->btd", h_BTF, w_down_FD.astype(dtype))

@@ -1,14 +1,19 @@
-"""Decoder-only transformer: config, presets, the Flax module, parameter and FLOP counts.
+"""The transformer: config, presets, the Flax module, parameter and FLOP counts.
 
-One module covers the GPT-2 family (learned positions, LayerNorm, GELU, biases, tied embeddings)
-and the LLaMA family (RoPE, RMSNorm, SwiGLU, no biases, untied, grouped-query attention); each
-choice is a config field. Building blocks live in lm/layers.py.
+One module covers the GPT-2 family (learned positions, LayerNorm, GELU, biases, tied embeddings),
+the LLaMA family (RoPE, RMSNorm, SwiGLU, no biases, untied, grouped-query attention) and, with
+causal=False, BERT-style encoders (post-norm, embedding LayerNorm, token types, erf GELU; ALBERT's
+factorised embeddings and shared layers as options); each choice is a config field. Building
+blocks live in lm/layers.py. The module keeps the name Decoder for every shape.
 
 Parameters (`Decoder(cfg).init(rng, tokens_BT)["params"]`), with their logical axis names:
-  token_embed  (V, D)        ("vocab", "embed")
+  token_embed  (V, D)        ("vocab", "embed")       (V, E) and embed_proj (E, D) with embed_dim E
+  type_embed   (types, D)    (None, "embed")                          type_vocab_size > 0 only
+  embed_norm/{scale,bias}                                             embed_norm only
   pos_embed    (max_len, D)  ("length", "embed")                      pos_emb == "learned" only
   layers/...   every block parameter with a leading ("layers",) axis  scan_layers=True
   layers_{i}/... one subtree per block                                scan_layers=False
+  layers_shared/... the one block every layer runs                    share_layers=True
      attn_norm/{scale,bias}  ("norm",)                                bias: layernorm + use_bias
      attn/w_q (D, N, H) ("embed", "heads", "head_dim");  b_q (N, H) ("heads", "head_dim")
      attn/w_k, w_v (D, K, H) ("embed", "kv_heads", "head_dim");  b_k, b_v (K, H)
@@ -16,7 +21,7 @@ Parameters (`Decoder(cfg).init(rng, tokens_BT)["params"]`), with their logical a
      mlp_norm/{scale,bias}
      mlp/w_up (D, F) ("embed", "mlp"), b_up (F,) ("mlp",); swiglu adds w_gate/b_gate likewise
      mlp/w_down (F, D) ("mlp", "embed"), b_down (D,) ("embed",)
-  final_norm/{scale,bias}
+  final_norm/{scale,bias}                                             norm_position="pre" only
   unembed      (D, V)        ("embed", "vocab")                       tie_embeddings=False only
 `stack_layers` / `unstack_layers` convert between the two layer layouts.
 """
@@ -36,7 +41,8 @@ Array = jax.Array
 
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+NORM_POSITIONS = ("pre", "post")
+MLPS = ("gelu", "gelu_exact", "swiglu")
 REMATS = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "dot_product_attention")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -44,7 +50,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Architecture of a decoder-only transformer. Fields left None are derived (resolved_*)."""
+    """Architecture of a transformer. Fields left None are derived (resolved_*).
+
+    causal=True is a decoder (GPT, LLaMA); causal=False a bidirectional encoder (BERT)."""
     vocab_size: int                   # 0 = not yet known (set from the tokenizer before init)
     num_layers: int
     d_model: int
@@ -57,7 +65,13 @@ class TransformerConfig:
     rope_base: float = 10000.0
     norm: str = "layernorm"           # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"                 # "gelu" (tanh approximation, as GPT-2) | "swiglu"
+    norm_position: str = "pre"        # "pre" (x + f(norm(x)), final norm) | "post" (BERT)
+    embed_norm: bool = False          # a norm on the embeddings (BERT)
+    causal: bool = True               # False: every token sees its whole segment (encoders)
+    type_vocab_size: int = 0          # > 0: token-type (sentence A/B) embeddings (BERT)
+    embed_dim: int | None = None      # ALBERT: tokens embed in this width, projected to d_model
+    share_layers: bool = False        # ALBERT: one block's parameters used by every layer
+    mlp: str = "gelu"                 # "gelu" (tanh, GPT-2) | "gelu_exact" (erf, BERT) | "swiglu"
     use_bias: bool = True             # biases of every projection and of LayerNorm
     tie_embeddings: bool = True
     dropout: float = 0.0              # on embeddings and residual branches (not attention probs)
@@ -74,11 +88,16 @@ class TransformerConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r}; expected one of {valid}")
         choice("pos_emb", POS_EMBS)
         choice("norm", NORMS)
+        choice("norm_position", NORM_POSITIONS)
         choice("mlp", MLPS)
         choice("remat", REMATS)
         choice("attention_impl", ATTENTION_IMPLS)
         choice("dtype", DTYPES)
         choice("param_dtype", DTYPES)
+        if self.embed_dim is not None and self.embed_dim <= 0:
+            raise ValueError(f"embed_dim must be positive or None, got {self.embed_dim}")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
         if self.vocab_size < 0:
             raise ValueError(f"vocab_size must be positive (or 0 = unset), got {self.vocab_size}")
         for field in ("num_layers", "d_model", "num_heads", "max_len"):
@@ -122,6 +141,10 @@ class TransformerConfig:
 
 _GPT2 = dict(pos_emb="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True)
 _LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False)
+# BERT (Devlin et al. 2019): a bidirectional encoder, post-norm, LayerNorm on the embeddings.
+BERT_STYLE = dict(pos_emb="learned", norm="layernorm", norm_position="post", embed_norm=True,
+                  causal=False, mlp="gelu_exact", use_bias=True, tie_embeddings=True,
+                  norm_eps=1e-12)
 
 PRESETS: dict[str, TransformerConfig] = {
     # GPT-2 (Radford et al. 2019); vocab 50257 as released (use vocab_size=50304 for speed).
@@ -135,9 +158,12 @@ PRESETS: dict[str, TransformerConfig] = {
     "smollm2-135m": TransformerConfig(
         49152, 30, 576, 9, num_kv_heads=3, d_ff=1536, max_len=8192, rope_base=100000.0,
         **{**_LLAMA, "tie_embeddings": True}),
+    "bert-base": TransformerConfig(30522, 12, 768, 12, max_len=512, type_vocab_size=2,
+                                   **BERT_STYLE),                                   # 110M
     # Tiny models for tests and demos.
     "tiny-gpt2": TransformerConfig(256, 2, 64, 4, max_len=128, **_GPT2),
     "tiny-llama": TransformerConfig(256, 2, 64, 4, num_kv_heads=2, max_len=128, **_LLAMA),
+    "tiny-bert": TransformerConfig(256, 2, 64, 4, max_len=128, **BERT_STYLE),
 }
 
 
@@ -160,7 +186,8 @@ def preset(style: str, **overrides: Any) -> TransformerConfig:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Transformer block. Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). Post-norm (BERT):
+    norm(x + attn(x)), then norm(x + mlp(x))."""
     cfg: TransformerConfig
     deterministic: bool = True
     decode: bool = False
@@ -171,13 +198,16 @@ class Block(nn.Module):
         norm = lambda name: layers.Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, jnp.dtype(cfg.dtype),
                                         jnp.dtype(cfg.param_dtype), name=name)
         drop = nn.Dropout(cfg.dropout)
-        h_BTD = layers.Attention(cfg, self.decode, name="attn")(norm("attn_norm")(x_BTD), positions_BT,
-                                                   segment_ids_BT)
-        x_BTD = x_BTD + drop(h_BTD, deterministic=self.deterministic)
-        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
-        h_BTD = layers.Mlp(cfg, name="mlp")(norm("mlp_norm")(x_BTD))
-        x_BTD = x_BTD + drop(h_BTD, deterministic=self.deterministic)
-        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+        pre = cfg.norm_position == "pre"
+        attention = layers.Attention(cfg, self.decode, name="attn")
+        mlp = layers.Mlp(cfg, name="mlp")
+        for sublayer, name, args in ((attention, "attn_norm", (positions_BT, segment_ids_BT)),
+                                     (mlp, "mlp_norm", ())):
+            h_BTD = sublayer(norm(name)(x_BTD) if pre else x_BTD, *args)
+            x_BTD = x_BTD + drop(h_BTD, deterministic=self.deterministic)
+            if not pre:
+                x_BTD = norm(name)(x_BTD)
+            x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
         return x_BTD, None  # (carry, per-layer output) as nn.scan expects
 
 
@@ -188,19 +218,23 @@ _REMAT_POLICIES = {
 
 
 class Decoder(nn.Module):
-    """Token ids (B, T) -> next-token logits (B, T, V), float32."""
+    """Token ids (B, T) -> logits (B, T, V), float32: next-token logits for a causal config,
+    per-token (masked-LM) logits for an encoder."""
     cfg: TransformerConfig
 
     @nn.compact
     def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
                  segment_ids_BT: Array | None = None, deterministic: bool = True,
-                 decode: bool = False, logits_at_BK: Array | None = None) -> Array:
+                 decode: bool = False, logits_at_BK: Array | None = None,
+                 token_types_BT: Array | None = None, return_hidden: bool = False) -> Array:
         """positions default to arange(T). segment_ids (0 = padding), if given, restrict attention:
         token i attends to j iff j <= i and seg[i] == seg[j]. Dropout draws from the "dropout" rng
         collection when deterministic is False. decode=True reads and writes the KV cache
         (mutable "cache" collection; see lm/decoding.py). logits_at_BK (indices into T) returns
         logits (B, K, V) at those positions only: scorers and prefill need few of them, and the
-        vocabulary projection is the largest matmul of a small model."""
+        vocabulary projection is the largest matmul of a small model. token_types (default 0)
+        index the type embeddings of configs with type_vocab_size > 0. return_hidden returns
+        the final hidden states (B, T, D) instead of logits (encoders' pooled embeddings)."""
         cfg = self.cfg
         if cfg.vocab_size == 0:
             raise ValueError("TransformerConfig.vocab_size is 0 (unset); set it before init")
@@ -211,13 +245,28 @@ class Decoder(nn.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         init = nn.initializers.normal(cfg.init_std)
 
-        embed_VD = layers.logical_param(self, "token_embed", init, (V, D), ("vocab", "embed"),
-                                        pdtype)
-        x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dtype)
+        # E = D, or ALBERT's factorisation: a V x E table and an E x D projection.
+        E = cfg.embed_dim or D
+        embed_VE = layers.logical_param(self, "token_embed", init, (V, E),
+                                        ("vocab", None if cfg.embed_dim else "embed"), pdtype)
+        x_BTD = jnp.take(embed_VE, tokens_BT, axis=0).astype(dtype)  # E = D unless factorised
+        if cfg.embed_dim:
+            proj_ED = layers.logical_param(self, "embed_proj", init, (E, D), (None, "embed"),
+                                           pdtype)
+            x_BTD = x_BTD @ proj_ED.astype(dtype)
         if cfg.pos_emb == "learned":
             pos_LD = layers.logical_param(self, "pos_embed", init, (cfg.max_len, D),
                                           ("length", "embed"), pdtype)
             x_BTD = x_BTD + jnp.take(pos_LD, positions_BT, axis=0).astype(dtype)
+        if cfg.type_vocab_size:
+            type_YD = layers.logical_param(self, "type_embed", init, (cfg.type_vocab_size, D),
+                                           (None, "embed"), pdtype)
+            if token_types_BT is None:
+                token_types_BT = jnp.zeros_like(tokens_BT)
+            x_BTD = x_BTD + jnp.take(type_YD, token_types_BT, axis=0).astype(dtype)
+        if cfg.embed_norm:
+            x_BTD = layers.Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, dtype, pdtype,
+                                name="embed_norm")(x_BTD)
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
 
@@ -225,7 +274,14 @@ class Decoder(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
                              prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
+        if cfg.share_layers:
+            if decode:
+                raise ValueError("share_layers=True has one cache for every layer: decoding "
+                                 "(decode=True) needs share_layers=False")
+            shared = block(cfg, deterministic, decode, name="layers_shared")
+            for _ in range(cfg.num_layers):
+                x_BTD, _ = shared(x_BTD, positions_BT, segment_ids_BT)
+        elif cfg.scan_layers:
             block = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
@@ -239,10 +295,14 @@ class Decoder(nn.Module):
 
         if logits_at_BK is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_BK[..., None], axis=1)  # T -> K
-        x_BTD = layers.Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, dtype, pdtype,
-                            name="final_norm")(x_BTD)
+        if cfg.norm_position == "pre":  # post-norm blocks end normalised already
+            x_BTD = layers.Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, dtype, pdtype,
+                                name="final_norm")(x_BTD)
+        if return_hidden:
+            return x_BTD
         if cfg.tie_embeddings:
-            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embed_VD.astype(dtype),
+            x_BTE = x_BTD @ proj_ED.T.astype(dtype) if cfg.embed_dim else x_BTD
+            logits_BTV = jnp.einsum("bte,ve->btv", x_BTE, embed_VE.astype(dtype),
                                     preferred_element_type=jnp.float32)
         else:
             unembed_DV = layers.logical_param(self, "unembed", init, (D, V), ("embed", "vocab"),
@@ -279,7 +339,7 @@ def unstack_layers(params: dict) -> dict:
     return params
 
 
-_EMBEDDING_PARAMS = ("token_embed", "pos_embed", "unembed")
+_EMBEDDING_PARAMS = ("token_embed", "pos_embed", "type_embed", "unembed")
 
 
 def count_params(params: Any, exclude_embeddings: bool = False) -> int:
@@ -313,6 +373,10 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int, causal_halved: bool = 
     The attention term 12 L d_attn T counts QK^T and AV over all T keys (forward and backward);
     causal_halved=True halves it, since a causal query sees on average T/2 keys.
     """
-    n = count_params(_param_shapes(cfg), exclude_embeddings=True) + cfg.vocab_size * cfg.d_model
+    shapes = _param_shapes(cfg)
+    n = count_params(shapes, exclude_embeddings=True) + cfg.vocab_size * (cfg.embed_dim or
+                                                                            cfg.d_model)
+    if cfg.share_layers:  # one block's parameters, run num_layers times
+        n += (cfg.num_layers - 1) * count_params(shapes["layers_shared"])
     attn = 12 * cfg.num_layers * cfg.d_attn * seq_len
     return 6.0 * n + (attn / 2 if causal_halved else attn)
