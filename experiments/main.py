@@ -14,10 +14,9 @@ import argparse
 import json
 import logging
 import os
-import pathlib
 import sys
 
-TASKS = {"causal_lm": "lm.commands"}
+TASKS = {"causal_lm": "lm.commands", "masked_lm": "lm.commands", "classification": "lm.classify"}
 
 
 def parse(argv: list[str]):
@@ -47,21 +46,10 @@ def parse(argv: list[str]):
 
 
 def load(args, overrides):
-    from core.config import ConfigError, apply_overrides, load_config
-    import ml_collections
+    from core.config import load_config, load_run_config
     if args.config:
         return load_config(args.config, overrides)
-    saved = pathlib.Path(args.workdir) / "config.json"
-    if not saved.exists():
-        raise ConfigError(f"{saved} does not exist: pass --config, or a --workdir of a run")
-    config = ml_collections.ConfigDict(json.loads(saved.read_text()))
-    # The run may have been launched as several processes; evaluate/sample run as one unless
-    # told otherwise with --config.distributed.*.
-    from core.distributed import distributed_config
-    config.distributed = distributed_config()
-    apply_overrides(config, overrides)
-    config.lock()
-    return config
+    return load_run_config(args.workdir, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,8 @@ from core.config import ConfigError
 from core.trainer import TaskData
 from lm import data as data_lib
 from lm import model as model_lib
-from lm.task import CausalLMTask, lm_metrics
+from lm.masked_lm import MaskedLMTask
+from lm.task import CausalLMTask
 from lm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,20 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> model_li
     return model_lib.TransformerConfig(**fields)
 
 
+def make_task(config: ml_collections.ConfigDict, vocab_size: int):
+    """The config's task: causal_lm, or masked_lm (whose [MASK] is the first id past the
+    tokenizer's vocabulary; the model's is padded to a multiple of 128 so that it shards)."""
+    if config.task == "masked_lm":
+        masking = config.masking
+        return MaskedLMTask(model_config(config, -(-(vocab_size + 1) // 128) * 128),
+                            config.data.seq_len, vocab_size, masking.rate, masking.span_p,
+                            masking.max_span)
+    if config.task != "causal_lm":
+        raise ConfigError(f"task {config.task!r}: lm/pipeline builds causal_lm or masked_lm")
+    return CausalLMTask(model_config(config, vocab_size), config.data.seq_len,
+                        config.data.get("document_masking", True))
+
+
 def tokenizer_meta(tokenizer: Tokenizer) -> dict[str, Any]:
     return {"tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
 
@@ -53,8 +68,10 @@ def check_tokenizer(tokenizer: Tokenizer) -> Callable[[dict], None]:
     return check
 
 
-def make_evaluator(windows: data_lib.Windows, batch_size: int):
-    """evaluate(run_batch, max_batches) -> loss, perplexity, accuracy, bits per byte."""
+def make_evaluator(windows: data_lib.Windows, batch_size: int, metrics: Callable = None):
+    """evaluate(run_batch, max_batches) -> the task's metrics (causal LM: loss, perplexity,
+    accuracy, bits per byte)."""
+    metrics = metrics or CausalLMTask.metrics
     def evaluate(run_batch, max_batches: int = 0) -> dict[str, float]:
         totals: dict[str, float] = {}
         seen = 0
@@ -67,13 +84,13 @@ def make_evaluator(windows: data_lib.Windows, batch_size: int):
             seen = min(len(windows.tokens), (index + 1) * batch_size)
         # With max_batches the bytes are pro-rated by windows seen (an estimate); else exact.
         num_bytes = windows.num_bytes * seen / max(len(windows.tokens), 1)
-        return lm_metrics(totals, num_bytes)
+        return metrics(totals, num_bytes)
     return evaluate
 
 
 @dataclasses.dataclass
 class LMSetup:
-    task: CausalLMTask
+    task: CausalLMTask | MaskedLMTask
     tokenizer: Tokenizer
     data: TaskData
 
@@ -94,8 +111,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             "the run's own, or start a new --workdir")
     splits = data_lib.load_splits(config.data)
     tokenizer = data_lib.get_tokenizer(config.data, splits["train"]["text"], workdir)
-    task = CausalLMTask(model_config(config, tokenizer.vocab_size), config.data.seq_len,
-                        config.data.get("document_masking", True))
+    task = make_task(config, tokenizer.vocab_size)
     validation = data_lib.tokenized_windows(config.data, tokenizer, "validation",
                                             splits["validation"]["text"])
     train_iter = None
@@ -110,7 +126,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                  validation.num_bytes)
     # One microbatch: what the train step already holds in memory at once.
     eval_batch = config.train.global_batch_size // max(1, config.train.microbatches)
-    data = TaskData(train=train_iter, evaluate=make_evaluator(validation, eval_batch),
+    data = TaskData(train=train_iter, evaluate=make_evaluator(validation, eval_batch, task.metrics),
                     eval_batch_size=eval_batch, meta=tokenizer_meta(tokenizer),
                     check_meta=check_tokenizer(tokenizer))
     return LMSetup(task=task, tokenizer=tokenizer, data=data)

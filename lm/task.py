@@ -85,6 +85,10 @@ class CausalLMTask:
     def units_per_example(self):
         return "tokens", self.seq_len
 
+    @staticmethod
+    def metrics(sums: dict[str, float], num_bytes: float) -> dict[str, float]:
+        return lm_metrics(sums, num_bytes)
+
 
 def lm_metrics(sums: dict[str, float], num_bytes: float) -> dict[str, float]:
     """Validation loss (nats/token), perplexity, accuracy and bits per byte from summed metrics."""
