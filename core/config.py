@@ -97,6 +97,24 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     return config
 
 
+def load_run_config(workdir: str | pathlib.Path,
+                    overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """The config a run was trained with (its workdir's config.json), overrides applied, locked.
+
+    The run may have been launched as several processes; what reads it runs as one unless told
+    otherwise with --config.distributed.*."""
+    import json
+    from core.distributed import distributed_config
+    saved = pathlib.Path(workdir) / "config.json"
+    if not saved.exists():
+        raise ConfigError(f"{saved} does not exist: pass --config, or a --workdir of a run")
+    config = ml_collections.ConfigDict(json.loads(saved.read_text()))
+    config.distributed = distributed_config()
+    apply_overrides(config, overrides)
+    config.lock()
+    return config
+
+
 def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
     """Loads `path/to/file.py[:arg]`, applies overrides and locks the result against new keys."""
     path_text, _, arg = spec.partition(":")

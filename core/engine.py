@@ -95,9 +95,27 @@ class Engine:
 
     # --- state ---------------------------------------------------------------------------
     def init_state(self) -> train_state.TrainState:
+        """A fresh state; subtrees the task supplies (`task.pretrained_params()`: top-level key
+        -> host arrays, e.g. a fine-tuned model's encoder) replace the initialised ones."""
         with self.scope():
-            return train_state.init_state(self.task, self.optimizer, self.state_shardings,
-                                          self.config.train.seed)
+            state = train_state.init_state(self.task, self.optimizer, self.state_shardings,
+                                           self.config.train.seed)
+        pretrained = getattr(self.task, "pretrained_params", lambda: {})()
+        if not pretrained:
+            return state
+        params = dict(state.params)
+        for key, tree in pretrained.items():
+            if key not in params:
+                raise ConfigError(f"pretrained parameters for {key!r}, which the model lacks "
+                                  f"(it has {sorted(params)})")
+            want = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), params[key])
+            have = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
+            if want != have:
+                raise ConfigError(f"pretrained parameters for {key!r} do not fit the model: "
+                                  f"structure, shapes or dtypes differ (model {want}, "
+                                  f"given {have})")
+            params[key] = jax.device_put(tree, self.state_shardings.params[key])
+        return state.replace(params=params)
 
     def restore_or_init(self, checkpointer: Checkpointer,
                         check_meta: Callable[[dict], None] | None = None):

