@@ -157,3 +157,18 @@ class Engine:
                     **{k: float(v) for k, v in sums.extra.items()}}
         return run
 
+
+def restore_params(config: ml_collections.ConfigDict, task, workdir,
+                   check_meta: Callable[[dict], None] | None = None):
+    """(engine, params, step) of the newest good checkpoint of a run, for evaluation; a
+    CheckpointError if the run has none."""
+    import pathlib
+    from core.checkpoint import CheckpointError
+    engine = Engine(config, task)
+    checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    restored = checkpointer.restore_latest_good(engine.abstract_state, check_meta)
+    checkpointer.close()
+    if restored is None:
+        raise CheckpointError(f"no checkpoint to restore in {workdir}/checkpoints")
+    state, _, step = restored
+    return engine, state.params, step

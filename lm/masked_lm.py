@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from core.task import BatchField, LossSums
+from core.task import LossSums
 from lm import model as model_lib
-from lm.task import positions_from_segments
+from lm.task import CausalLMTask, positions_from_segments
 
 
 def mean_span_length(p: float, max_span: int) -> float:
@@ -63,15 +63,14 @@ def corrupt(rng, tokens_BT, chosen_BT, mask_id: int, vocab_size: int) -> jax.Arr
     return jnp.where(chosen_BT, replaced_BT, tokens_BT)
 
 
-class MaskedLMTask:
+class MaskedLMTask(CausalLMTask):
+    """The causal-LM task's windows, batch fields and FLOPs; another loss and metrics."""
     name = "masked_lm"
 
     def __init__(self, model_cfg: model_lib.TransformerConfig, seq_len: int, mask_id: int,
                  rate: float = 0.15, span_p: float = 0.0, max_span: int = 10):
         if model_cfg.causal:
             raise ValueError("the masked-LM task needs an encoder: set model.causal=False")
-        if seq_len > model_cfg.max_len:
-            raise ValueError(f"data.seq_len {seq_len} exceeds model.max_len {model_cfg.max_len}")
         if not 0.0 < rate < 1.0:
             raise ValueError(f"masking.rate must be in (0, 1), got {rate}")
         if span_p and not (0.0 < span_p < 1.0 and max_span >= 1):
@@ -80,13 +79,9 @@ class MaskedLMTask:
         if not 0 < mask_id < model_cfg.vocab_size:
             raise ValueError(f"mask_id {mask_id} must be an id of the model's vocabulary "
                              f"({model_cfg.vocab_size}) past every ordinary token")
-        self.model_cfg, self.seq_len = model_cfg, seq_len
+        super().__init__(model_cfg, seq_len)
         self.rate, self.span_p, self.max_span = rate, span_p, max_span
         self.mask_id = mask_id  # ordinary tokens are 0 .. mask_id - 1
-        self.model = model_lib.Decoder(model_cfg)
-
-    def init_params(self, rng):
-        return self.model.init({"params": rng}, jnp.zeros((1, self.seq_len), jnp.int32))["params"]
 
     def loss(self, params, batch, rng, train: bool) -> LossSums:
         # The pipeline's windows hold seq_len + 1 tokens (for next-token targets); use seq_len.
@@ -105,17 +100,6 @@ class MaskedLMTask:
         correct_BT = (jnp.argmax(logits_BTV, axis=-1) == tokens_BT).astype(jnp.float32)
         return LossSums(loss=jnp.sum(nll_BT * weight_BT), weight=jnp.sum(weight_BT),
                         extra={"accuracy": jnp.sum(correct_BT * weight_BT)})
-
-    def batch_fields(self):
-        shape = (self.seq_len + 1,)  # the same windows as the causal LM's
-        return {"tokens": BatchField(shape, jnp.int32, ("batch", "length")),
-                "segment_ids": BatchField(shape, jnp.int32, ("batch", "length"))}
-
-    def train_flops_per_example(self) -> float:
-        return model_lib.flops_per_token(self.model_cfg, self.seq_len) * self.seq_len
-
-    def units_per_example(self):
-        return "tokens", self.seq_len
 
     @staticmethod
     def metrics(sums: dict[str, float], num_bytes: float) -> dict[str, float]:

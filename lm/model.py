@@ -45,6 +45,7 @@ NORM_POSITIONS = ("pre", "post")
 MLPS = ("gelu", "gelu_exact", "swiglu")
 REMATS = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "dot_product_attention")
+ATTENTIONS = ("full", "sliding_window", "linformer", "lsh")  # lm/efficient_attention.py
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -81,6 +82,14 @@ class TransformerConfig:
     scan_layers: bool = True          # nn.scan over layers (stacked params) vs a Python loop
     init_std: float = 0.02            # output projections use init_std / sqrt(2 * num_layers)
     attention_impl: str = "xla"       # "xla" (einsum, below) | "dot_product_attention" (jax.nn)
+    # Attention pattern for long sequences (lm/efficient_attention.py); "full" uses attention_impl.
+    attention: str = "full"           # "full" | "sliding_window" | "linformer" | "lsh"
+    window: int = 256                 # sliding_window: keys this far on each side
+    global_tokens: int = 0            # sliding_window: the first n tokens of each row are global
+    linformer_len: int = 256          # linformer: keys/values projected to this many rows
+    lsh_hashes: int = 4               # lsh: hash rounds, buckets, chunk length
+    lsh_buckets: int = 32
+    lsh_chunk: int = 64
 
     def __post_init__(self):
         def choice(field, valid):
@@ -92,6 +101,13 @@ class TransformerConfig:
         choice("mlp", MLPS)
         choice("remat", REMATS)
         choice("attention_impl", ATTENTION_IMPLS)
+        choice("attention", ATTENTIONS)
+        for field in ("window", "linformer_len", "lsh_hashes", "lsh_buckets", "lsh_chunk"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.attention == "linformer" and self.causal:
+            raise ValueError("attention='linformer' mixes future positions into every key: it "
+                             "needs causal=False (an encoder)")
         choice("dtype", DTYPES)
         choice("param_dtype", DTYPES)
         if self.embed_dim is not None and self.embed_dim <= 0:

