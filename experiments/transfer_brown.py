@@ -1,7 +1,8 @@
 """Transfer learning on Brown genres: our masked-LM encoder fine-tuned vs the same architecture
 from scratch vs the imported all-MiniLM-L6-v2, over several seeds (experiments/configs/lm/
 classify.py for each run). Prints a JSON summary: per setting the test accuracies per seed, their
-mean and standard deviation, per window and per document.
+mean and standard deviation, per window and per document. Runs that finished before (their
+workdir holds test_accuracy.json) are collected, not retrained, so an interrupted study resumes.
 
     python -m experiments.main train --config experiments/configs/lm/bert.py:size=demo \\
         --workdir runs/bert-demo --config.data.val_fraction=0.2    # test documents held out
@@ -11,6 +12,7 @@ mean and standard deviation, per window and per document.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import statistics
 import types
@@ -51,8 +53,12 @@ def main(argv=None) -> dict:
         runs = []
         for seed in (int(s) for s in args.seeds.split(",")):
             workdir = pathlib.Path(args.workdir) / f"{name}_seed{seed}"
-            config = load_config(f"{CONFIG}:{arg},seed={seed}")
-            result = classify.train(config, types.SimpleNamespace(workdir=str(workdir)))
+            done = workdir / "test_accuracy.json"
+            if done.is_file():  # finished earlier: collect, do not retrain
+                result = json.loads(done.read_text())
+            else:
+                config = load_config(f"{CONFIG}:{arg},seed={seed}")
+                result = classify.train(config, types.SimpleNamespace(workdir=str(workdir)))
             runs.append({"seed": seed, **{k: result[k] for k in (
                 "window_accuracy", "document_accuracy", "majority_class_accuracy")}})
         summary["results"][name] = {"runs": runs, **{
