@@ -122,8 +122,9 @@ def pair_windows(encoder: "Encoder", texts: list[tuple], labels, seq_len: int) -
     second text cut to fit seq_len (the first one too if it alone is longer)."""
     tokens = np.zeros((len(texts), seq_len), np.int32)
     types, segments = np.zeros_like(tokens), np.zeros_like(tokens)
-    for row, pair in enumerate(texts):
-        parts = [encoder.encode([text])[0] for text in pair]
+    columns = [encoder.encode([pair[k] for pair in texts]) for k in range(len(texts[0]))]
+    for row in range(len(texts)):
+        parts = [column[row] for column in columns]
         budget = seq_len - len(encoder.prefix) - len(encoder.suffix) * len(parts)
         parts[0] = parts[0][:max(budget // 2, budget - sum(len(p) for p in parts[1:]))]
         if len(parts) > 1:
@@ -152,12 +153,7 @@ class Classifier(nn.Module):
         hidden_BTD = model_lib.Decoder(self.cfg, name="encoder")(
             tokens_BT, None, segment_ids_BT, deterministic=deterministic, return_hidden=True,
             token_types_BT=token_types_BT)
-        real_BT = (segment_ids_BT > 0).astype(jnp.float32)
-        if self.pooling == "first":
-            pooled_BD = hidden_BTD[:, 0]
-        else:
-            pooled_BD = (jnp.sum(hidden_BTD * real_BT[..., None], axis=1) /
-                         jnp.maximum(jnp.sum(real_BT, axis=1, keepdims=True), 1.0))
+        pooled_BD = model_lib.pool_hidden(hidden_BTD, segment_ids_BT > 0, self.pooling == "first")
         pooled_BD = nn.Dropout(self.dropout)(pooled_BD, deterministic=deterministic)
         D, C = self.cfg.d_model, self.num_classes
         w_DC = layers.logical_param(self, "w_head", nn.initializers.normal(0.02), (D, C),

@@ -19,7 +19,6 @@ import sys
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lm import hf_checkpoint, shared_context
@@ -86,19 +85,13 @@ def load_sentence_encoder(name_or_dir: str = DEFAULT_MODEL, cache: str = "") -> 
     return SentenceEncoder(cfg, params, tokenizer, _pooling(directory))
 
 
-@jax.jit
-def _pool(hidden_BTD, real_BT, cls_first):
-    mean_BD = (jnp.sum(hidden_BTD * real_BT[..., None], axis=1) /
-               jnp.maximum(jnp.sum(real_BT, axis=1, keepdims=True), 1.0))
-    return jnp.where(cls_first, hidden_BTD[:, 0], mean_BD)
+def _pooled(model, params, tokens_BT, types_BT, segments_BT, first: bool):
+    hidden_BTD = model.apply({"params": params}, tokens_BT, None, segments_BT,
+                             token_types_BT=types_BT, return_hidden=True)
+    return model_lib.pool_hidden(hidden_BTD, segments_BT > 0, first)
 
 
-def _hidden(model, params, tokens_BT, types_BT, segments_BT):
-    return model.apply({"params": params}, tokens_BT, None, segments_BT,
-                       token_types_BT=types_BT, return_hidden=True)
-
-
-_hidden_jit = jax.jit(_hidden, static_argnums=0)
+_pooled_jit = jax.jit(_pooled, static_argnums=(0, 5))
 
 
 def embed(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
@@ -118,9 +111,8 @@ def embed(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int = 32) 
             tokens[row, :len(ids)] = ids
             types[row, :len(ids)] = encodings[index].type_ids
             real[row, :len(ids)] = 1
-        hidden_BTD = _hidden_jit(model, encoder.params, tokens, types, real)
-        out[chunk] = np.asarray(_pool(hidden_BTD, real.astype(np.float32),
-                                      encoder.pooling == "cls"))
+        out[chunk] = np.asarray(_pooled_jit(model, encoder.params, tokens, types, real,
+                                            encoder.pooling == "cls"))
     if encoder.normalize:
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out

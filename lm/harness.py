@@ -54,13 +54,9 @@ def _score_block(model, params, tokens_BT, segments_BT, predict_at_BK, scored_BK
     """(summed log-prob [B], all greedy [B]) of the tokens after positions predict_at where
     scored; logits are computed at predict_at only."""
     logits_BKV = model.apply({"params": params}, tokens_BT[:, :-1], None, segments_BT[:, :-1],
-                             logits_at_BK=predict_at_BK).astype(jnp.float32)
+                             logits_at_BK=predict_at_BK)
     targets_BK = jnp.take_along_axis(tokens_BT, predict_at_BK + 1, axis=1)
-    target_logit_BK = jnp.take_along_axis(logits_BKV, targets_BK[..., None], axis=-1)[..., 0]
-    target_logp_BK = target_logit_BK - jax.nn.logsumexp(logits_BKV, axis=-1)
-    greedy_BK = jnp.argmax(logits_BKV, axis=-1) == targets_BK
-    return (jnp.sum(jnp.where(scored_BK, target_logp_BK, 0.0), axis=1),
-            jnp.all(greedy_BK | ~scored_BK, axis=1))
+    return shared_context.summed_logp_and_greedy(logits_BKV, targets_BK, scored_BK)
 
 
 _score_block_jit = jax.jit(_score_block, static_argnums=0)  # module level: compiled once per shape

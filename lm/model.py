@@ -328,6 +328,15 @@ class Decoder(nn.Module):
         return nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
 
 
+def pool_hidden(hidden_BTD: Array, real_BT: Array, first: bool = False) -> Array:
+    """(B, D): the mean of the hidden states over real tokens, or the first token's ([CLS])."""
+    if first:
+        return hidden_BTD[:, 0]
+    real_BT = real_BT.astype(hidden_BTD.dtype)
+    return (jnp.sum(hidden_BTD * real_BT[..., None], axis=1) /
+            jnp.maximum(jnp.sum(real_BT, axis=1, keepdims=True), 1.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameter-tree utilities
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,16 @@ def padded_length(n: int) -> int:
     return _round_up(max(n, 1), max(16, (1 << (max(n, 1).bit_length() - 1)) // 4))
 
 
+def summed_logp_and_greedy(logits_BKV, targets_BK, scored_BK) -> tuple[jax.Array, jax.Array]:
+    """(summed log-prob [B], all greedy [B]) of the scored targets under float32 logits."""
+    logits_BKV = logits_BKV.astype(jnp.float32)
+    target_logit_BK = jnp.take_along_axis(logits_BKV, targets_BK[..., None], axis=-1)[..., 0]
+    logp_BK = target_logit_BK - jax.nn.logsumexp(logits_BKV, axis=-1)
+    greedy_BK = jnp.argmax(logits_BKV, axis=-1) == targets_BK
+    return (jnp.sum(jnp.where(scored_BK, logp_BK, 0.0), axis=1),
+            jnp.all(greedy_BK | ~scored_BK, axis=1))
+
+
 def _prefill_contexts(model, params, contexts_BP, context_lengths_B, cache_length: int):
     """(logits after each context's last token [B, V], KV cache of the contexts)."""
     B, P = contexts_BP.shape
@@ -51,13 +61,8 @@ def _score_continuations(model, params, cache, last_logits_BV, context_lengths_B
     block_logits_RCV, _ = decoding.forward_with_cache(
         model, params, cache, continuations_RC, positions_RC, real_RC.astype(jnp.int32),
         logits_at_BK=jnp.broadcast_to(jnp.arange(C - 1), (len(rows_R), C - 1)))
-    logits_RCV = jnp.concatenate([last_logits_BV[rows_R][:, None], block_logits_RCV],
-                                 axis=1).astype(jnp.float32)
-    target_logit_RC = jnp.take_along_axis(logits_RCV, continuations_RC[..., None], -1)[..., 0]
-    logp_RC = target_logit_RC - jax.nn.logsumexp(logits_RCV, axis=-1)
-    greedy_RC = jnp.argmax(logits_RCV, axis=-1) == continuations_RC
-    return (jnp.sum(jnp.where(real_RC, logp_RC, 0.0), axis=1),
-            jnp.all(greedy_RC | ~real_RC, axis=1))
+    logits_RCV = jnp.concatenate([last_logits_BV[rows_R][:, None], block_logits_RCV], axis=1)
+    return summed_logp_and_greedy(logits_RCV, continuations_RC, real_RC)
 
 
 _prefill_jit = jax.jit(_prefill_contexts, static_argnums=(0, 4))
