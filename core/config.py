@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A config that cannot be what the user meant."""
 
 
+class DataError(ValueError):
+    """A data problem the user can fix (missing file, unknown corpus, empty split, ...)."""
+
+
 def parse_arg(arg: str, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses `key=value,key=value` against typed defaults; unknown keys are errors."""
     result = ml_collections.ConfigDict(defaults)

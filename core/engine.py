@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import ml_collections
@@ -157,26 +157,29 @@ class Engine:
         self.memory_report = report
         return compiled
 
-    def eval_runner(self, global_batch: int) -> Callable[[Any, dict], dict[str, float]]:
-        """`run(params, local_batch) -> summed metrics as floats`, jitted once per batch size."""
+    def eval_runner(self, global_batch: int) -> Callable[..., dict[str, float]]:
+        """`run(params, local_batch, model_state={}) -> summed metrics as floats`, jitted once
+        per batch size."""
         self._check_batch(global_batch, 1)
         jitted = jax.jit(step_lib.make_eval_step(self.task),
-                         in_shardings=(self.state_shardings.params, self.batch_shardings),
+                         in_shardings=(self.state_shardings.params,
+                                       self.state_shardings.model_state, self.batch_shardings),
                          out_shardings=mesh_lib.replicated(self.mesh))
 
-        def run(params, local_batch):
+        def run(params, local_batch, model_state=None):
             with self.scope():
-                sums = jitted(params, self.global_batch(local_batch))
+                sums = jitted(params, {} if model_state is None else model_state,
+                              self.global_batch(local_batch))
             sums = jax.device_get(sums)
             return {"loss": float(sums.loss), "weight": float(sums.weight),
                     **{k: float(v) for k, v in sums.extra.items()}}
         return run
 
 
-def restore_params(config: ml_collections.ConfigDict, task, workdir,
-                   check_meta: Callable[[dict], None] | None = None):
-    """(engine, params, step) of the newest good checkpoint of a run, for evaluation; a
-    CheckpointError if the run has none."""
+def restore_state(config: ml_collections.ConfigDict, task, workdir,
+                  check_meta: Callable[[dict], None] | None = None):
+    """(engine, train state, step) of the newest good checkpoint of a run; a CheckpointError
+    if the run has none."""
     import pathlib
     from core.checkpoint import CheckpointError
     engine = Engine(config, task)
@@ -186,4 +189,11 @@ def restore_params(config: ml_collections.ConfigDict, task, workdir,
     if restored is None:
         raise CheckpointError(f"no checkpoint to restore in {workdir}/checkpoints")
     state, _, step = restored
+    return engine, state, step
+
+
+def restore_params(config: ml_collections.ConfigDict, task, workdir,
+                   check_meta: Callable[[dict], None] | None = None):
+    """(engine, params, step) of the newest good checkpoint of a run, for evaluation."""
+    engine, state, step = restore_state(config, task, workdir, check_meta)
     return engine, state.params, step

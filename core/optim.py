@@ -1,4 +1,4 @@
-"""AdamW with linear warmup, cosine decay and global-norm clipping (optax).
+"""AdamW (or SGD with momentum) with linear warmup, cosine decay and global-norm clipping (optax).
 
 Weight decay applies to weight matrices and embeddings only, never to biases or norm scales (the
 GPT-2/LLaMA practice). It is decided by parameter name, not rank, because scanned layers stack
@@ -19,7 +19,7 @@ from core.config import ConfigError
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict({
-        "name": "adamw",
+        "name": "adamw",           # "adamw" | "sgd" (momentum; weight decay added to the gradient)
         "learning_rate": 1e-3,
         "warmup_steps": 100,
         "decay_steps": 0,          # 0: decay over the whole run (train.steps)
@@ -27,6 +27,8 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
         "b1": 0.9,
         "b2": 0.95,
         "eps": 1e-8,
+        "momentum": 0.9,           # sgd
+        "nesterov": True,          # sgd
         "weight_decay": 0.1,
         "clip_norm": 1.0,          # 0 disables clipping
         "freeze": "",              # regex on parameter paths ("a/b/c") that stay fixed
@@ -83,8 +85,8 @@ def frozen_mask(pattern: str):
 
 def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
     """Returns (optax transformation, schedule)."""
-    if cfg.name != "adamw":
-        raise ConfigError(f"optim.name {cfg.name!r} is not supported; use 'adamw'")
+    if cfg.name not in ("adamw", "sgd"):
+        raise ConfigError(f"optim.name {cfg.name!r} is not supported; use 'adamw' or 'sgd'")
     schedule = learning_rate_schedule(cfg, total_steps)
     parts = []
     freeze = cfg.get("freeze", "")
@@ -92,9 +94,13 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
         parts.append(optax.masked(optax.set_to_zero(), frozen_mask(freeze)))
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(
-        learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, mask=_decay_mask))
+    if cfg.name == "adamw":
+        parts.append(optax.adamw(
+            learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+            weight_decay=cfg.weight_decay, mask=_decay_mask))
+    else:  # PyTorch's SGD: L2 added to the gradient, then (Nesterov) momentum
+        parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask))
+        parts.append(optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
     if freeze:  # weight decay moves parameters even with zero gradients
         parts.append(optax.masked(optax.set_to_zero(), frozen_mask(freeze)))
     return optax.chain(*parts), schedule

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from core.task import LossSums
-from core.train_state import TrainState
+from core.train_state import TrainState, has_model_state
 
 
 def _split_microbatches(batch, microbatches: int):
@@ -28,28 +28,43 @@ def _add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def summed_loss_and_grads(task, params, batch, rng, microbatches: int) -> tuple[LossSums, Any]:
-    """Loss sums and gradient of the summed loss, accumulated over microbatches."""
-    def loss_fn(p, mb, r):
-        sums = task.loss(p, mb, r, train=True)
-        return sums.loss, sums
+def task_loss(task, params, model_state, batch, rng, train: bool) -> tuple[LossSums, Any]:
+    """(loss sums, updated model state): one calling convention for tasks with and without
+    non-trainable state (core/task.py)."""
+    if not has_model_state(task):
+        return task.loss(params, batch, rng, train=train), model_state
+    return task.loss(params, batch, rng, train=train, model_state=model_state)
+
+
+def summed_loss_and_grads(task, params, batch, rng, microbatches: int,
+                          model_state: Any = None) -> tuple[LossSums, Any, Any]:
+    """Loss sums, gradient of the summed loss (accumulated over microbatches) and the model
+    state after the batch; microbatches update the state one after another."""
+    model_state = {} if model_state is None else model_state
+
+    def loss_fn(p, mb, r, ms):
+        sums, new_ms = task_loss(task, p, ms, mb, r, train=True)
+        return sums.loss, (sums, new_ms)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if microbatches == 1:
-        grads, sums = grad_fn(params, batch, rng)
-        return sums, grads
+        grads, (sums, model_state) = grad_fn(params, batch, rng, model_state)
+        return sums, grads, model_state
 
     split = _split_microbatches(batch, microbatches)
 
     def body(carry, inputs):
+        totals, ms = carry
         index, microbatch = inputs
-        grads, sums = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
-        return _add(carry, (grads, sums)), None
+        grads, (sums, ms) = grad_fn(params, microbatch, jax.random.fold_in(rng, index), ms)
+        return (_add(totals, (grads, sums)), ms), None
 
-    shapes = jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], split), rng)
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), split))
-    return sums, grads
+    first = jax.tree_util.tree_map(lambda x: x[0], split)
+    grad_shapes, (sum_shapes, _) = jax.eval_shape(grad_fn, params, first, rng, model_state)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, sum_shapes))
+    ((grads, sums), model_state), _ = jax.lax.scan(body, (zeros, model_state),
+                                                   (jnp.arange(microbatches), split))
+    return sums, grads, model_state
 
 
 def normalised_metrics(sums: LossSums) -> dict[str, jax.Array]:
@@ -66,7 +81,8 @@ def make_train_step(task, optimizer: optax.GradientTransformation,
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(base_rng, state.step)
-        sums, grads = summed_loss_and_grads(task, state.params, batch, rng, microbatches)
+        sums, grads, model_state = summed_loss_and_grads(task, state.params, batch, rng,
+                                                          microbatches, state.model_state)
         weight = jnp.maximum(sums.weight, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -78,7 +94,8 @@ def make_train_step(task, optimizer: optax.GradientTransformation,
             "update_norm": optax.global_norm(updates),
             "learning_rate": schedule(state.step),
         })
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               model_state=model_state)
         return new_state, metrics
 
     return train_step
@@ -86,6 +103,6 @@ def make_train_step(task, optimizer: optax.GradientTransformation,
 
 def make_eval_step(task):
     """Summed loss and metrics of one batch; the caller adds them up over the eval set."""
-    def eval_step(params, batch) -> LossSums:
-        return task.loss(params, batch, jax.random.key(0), train=False)
+    def eval_step(params, model_state, batch) -> LossSums:
+        return task_loss(task, params, model_state, batch, jax.random.key(0), train=False)[0]
     return eval_step

@@ -49,3 +49,17 @@ class Task(Protocol):
 
     def units_per_example(self) -> tuple[str, int]:
         """What throughput counts ("tokens", seq_len) or ("images", 1)."""
+
+
+class StatefulTask(Task, Protocol):
+    """A task with non-trainable variables that the forward pass updates (BatchNorm's running
+    statistics). The engine keeps them in TrainState.model_state, shards and checkpoints them
+    like parameters, threads them through microbatches in order, and hands them to evaluation."""
+
+    def init_model_state(self, rng: jax.Array) -> Any:
+        """The initial state, boxed with logical names like init_params (or plain: replicated)."""
+
+    def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, train: bool,
+             model_state: Any = None) -> tuple[LossSums, Any]:
+        """(summed loss, the state after this batch); in eval (train=False) the state is read,
+        and returned unchanged."""

@@ -1,6 +1,7 @@
 """The train state, created directly into its shardings so it never sits whole on one device."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -17,13 +18,22 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    # Non-trainable variables the loss updates (BatchNorm statistics); {} for most tasks.
+    model_state: Any = dataclasses.field(default_factory=dict)
+
+
+def has_model_state(task) -> bool:
+    """Tasks with non-trainable state implement init_model_state(rng) (core/task.py)."""
+    return hasattr(task, "init_model_state")
 
 
 def _boxed_state(task, optimizer, rng) -> TrainState:
     params = task.init_params(rng)
+    model_state = (task.init_model_state(jax.random.fold_in(rng, 1)) if has_model_state(task)
+                   else {})
     # optax maps over the boxes' values, so mu/nu inherit the parameters' logical names.
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
+                      opt_state=optimizer.init(params), model_state=model_state)
 
 
 def state_shardings(task, optimizer, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:

@@ -107,7 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
 
     def evaluate(at_step: int, whole: bool = False) -> dict[str, float]:
         """Periodic evals may look at train.eval_batches batches; the final one sees them all."""
-        metrics = data.evaluate(lambda b: eval_run(state.params, b),
+        metrics = data.evaluate(lambda b: eval_run(state.params, b, state.model_state),
                                 0 if whole else cfg.eval_batches)
         writer.write(at_step, metrics, prefix="eval")
         return metrics

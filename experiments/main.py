@@ -60,17 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     from core.checkpoint import CheckpointError, CheckpointMismatchError
-    from core.config import ConfigError
+    from core.config import ConfigError, DataError
     from core.distributed import maybe_initialize
     from core.memory import OutOfMemoryError
-    from lm.corpora import DataError
+    from vision.pipeline import IMAGE_TASKS
+    tasks = {**TASKS, **dict.fromkeys(IMAGE_TASKS, "vision.commands")}
     try:
         config = load(args, overrides)
         maybe_initialize(config.distributed)
         import importlib
-        if config.task not in TASKS:
-            raise ConfigError(f"task {config.task!r} is not one of {sorted(TASKS)}")
-        commands = importlib.import_module(TASKS[config.task])
+        if config.task not in tasks:
+            raise ConfigError(f"task {config.task!r} is not one of {sorted(tasks)}")
+        commands = importlib.import_module(tasks[config.task])
         result = getattr(commands, args.command)(config, args)
     except (ConfigError, DataError, CheckpointError, CheckpointMismatchError,
             OutOfMemoryError, FileNotFoundError) as error:

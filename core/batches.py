@@ -1,0 +1,109 @@
+"""Resumable batches over any indexable set of examples (text windows, images).
+
+Every host builds the same examples on its own and takes only its rows of each global batch;
+the order is a pure function of (seed, step), so the iterator's whole state is one integer.
+A source is anything with `len()`, `rows(index) -> {field: array}` and `content_crc()`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from core.config import DataError
+
+
+class RowSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def rows(self, index) -> dict[str, np.ndarray]:
+        """The batch fields of the chosen rows."""
+
+    def content_crc(self) -> int:
+        """A checksum of the examples: a resumed run must see the same data."""
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class BatchIterator:
+    """Endless training batches; batch `step` is a pure function of (seed, step).
+
+    Epoch e = step // (N // B) visits the rows in np.random.default_rng([seed, e])
+    .permutation(N); each epoch drops the last N % B rows of its permutation.
+    """
+
+    def __init__(self, source: RowSource, global_batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, shuffle: bool = True):
+        n, b = len(source), int(global_batch_size)
+        if b <= 0 or b % process_count:
+            raise DataError(f"global batch size {b} must be a positive multiple of the "
+                            f"process count {process_count}")
+        if not 0 <= process_index < process_count:
+            raise DataError(f"process_index {process_index} not in [0, {process_count})")
+        if n < b:
+            what, fix = getattr(source, "describe_rows", lambda: ("examples", ""))()
+            raise DataError(f"only {n} {what} exist, fewer than the global batch size {b}: "
+                            f"use a smaller batch{fix} or more data")
+        self.source, self.global_batch_size, self.seed, self.shuffle = source, b, seed, shuffle
+        self.local_batch_size = b // process_count
+        self._lo = process_index * self.local_batch_size
+        self.batches_per_epoch = n // b
+        self.step = 0
+        self._epoch, self._perm = -1, None
+        self._fingerprint = digest(n, b, seed, shuffle, source.content_crc())[:16]
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            n = len(self.source)
+            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(n)
+                          if self.shuffle else np.arange(n))
+            self._epoch = epoch
+        return self._perm
+
+    def batch_rows(self, step: int) -> np.ndarray:
+        """Row indices of this process's rows of global batch `step`."""
+        epoch, k = divmod(step, self.batches_per_epoch)
+        start = k * self.global_batch_size + self._lo
+        return self._permutation(epoch)[start:start + self.local_batch_size]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = self.batch_rows(self.step)
+        self.step += 1
+        return self.source.rows(rows)
+
+    def get_state(self) -> dict:
+        return {"step": self.step, "fingerprint": self._fingerprint}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("fingerprint") != self._fingerprint:
+            raise DataError(f"data iterator state {state} was saved for other data (examples, "
+                            f"batch size or seed differ: fingerprint {self._fingerprint} "
+                            f"expected); restore with the config the checkpoint was written with")
+        self.step = int(state["step"])
+
+
+def eval_batches(source: RowSource, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Every row once, in order; the last batch is filled with all-zero rows, which the
+    source's own fields mark as padding (segment id 0, mask 0)."""
+    b = int(global_batch_size)
+    if b <= 0 or b % process_count:
+        raise DataError(f"global batch size {b} must be a positive multiple of the "
+                        f"process count {process_count}")
+    local = b // process_count
+    lo = process_index * local
+    n = len(source)
+    for start in range(0, n, b):
+        batch = {}
+        for name, rows in source.rows(slice(start + lo, min(start + lo + local, n))).items():
+            full = np.zeros((local, *rows.shape[1:]), rows.dtype)
+            full[:len(rows)] = rows
+            batch[name] = full
+        yield batch
