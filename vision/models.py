@@ -65,7 +65,11 @@ def init_variables(model: nn.Module, info: DatasetInfo, rng: jax.Array) -> dict:
 
 
 def forward_flops(model: nn.Module, info: DatasetInfo) -> float:
-    """FLOPs of one image's forward pass, as XLA counts them (a multiply-add is 2)."""
+    """FLOPs of one image's forward pass, as XLA counts them (a multiply-add is 2). XLA counts a
+    scanned loop's body once, so layers are unrolled for the count."""
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "scan_layers", False):
+        model = type(model)(dataclasses.replace(cfg, scan_layers=False))
     variables = jax.eval_shape(lambda r: init_variables(model, info, r), jax.random.key(0))
     images = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
     lowered = jax.jit(lambda v, x: model.apply(nn.unbox(v), x, False)).lower(variables, images)
