@@ -40,7 +40,8 @@ def predict(task, params, model_state, images_NHWC: np.ndarray, batch: int = 500
 
 def evaluate(config, args) -> dict:
     """The eval split's metrics from the newest checkpoint; a classifier also writes
-    predictions.png, confusion.png and confusion.json under DIR/eval/."""
+    predictions.png, confusion.png and confusion.json under DIR/eval/, and CLIP adds
+    retrieval recall@1/5 both ways."""
     setup, engine, state, step = restore(config, args.workdir)
     run = engine.eval_runner(setup.data.eval_batch_size)
     metrics = setup.data.evaluate(lambda b: run(state.params, b, state.model_state), 0)
@@ -53,6 +54,10 @@ def evaluate(config, args) -> dict:
                                       logits.argmax(-1), setup.info.class_names)
         result["per_class_accuracy"] = summary["per_class_accuracy"]
         result["report"] = str(out)
+    if config.task == "clip":
+        from vision import clip
+        result.update(clip.retrieval_metrics(setup.task, jax.device_get(state.params),
+                                             setup.eval_set.images, setup.eval_set.labels))
     return result
 
 
