@@ -18,7 +18,8 @@ import sys
 
 TASKS = {"causal_lm": "lm.commands", "masked_lm": "lm.commands", "classification": "lm.classify",
          "span_corruption": "lm.span_corruption", "electra": "lm.commands",
-         "distillation": "lm.commands", "denoising": "lm.denoising"}
+         "distillation": "lm.commands", "denoising": "lm.denoising",
+         "text_to_text": "lm.text_to_text"}
 
 
 def parse(argv: list[str]):

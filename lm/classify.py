@@ -280,6 +280,7 @@ def load_encoder(spec: str, init: str, cache: str = "") -> Encoder:
         params = jax.device_get(params)
         if run_config.task == "electra":
             params = params["discriminator"]  # the encoder; the generator and RTD head stay
+        params = {k: v for k, v in params.items() if k != "sentence_head"}  # NSP/SOP head stays
         log.info("encoder: %s at step %d", workdir, step)
     else:
         setup, params = pipeline.build(run_config, workdir, need_train=False), None

@@ -52,6 +52,10 @@ def make_task(config: ml_collections.ConfigDict, vocab_size: int):
     vocabulary; denoising (BART, PEGASUS) [MASK]/[MASK1] and [MASK2] past it."""
     if config.task == "masked_lm":
         masking = config.masking
+        if config.get("sentence") and config.sentence.objective != "none":  # NSP / SOP pairs
+            from lm import sentence_pairs
+            return sentence_pairs.build_task(config, model_config(config, padded_vocab(
+                vocab_size, 1)), vocab_size)
         return MaskedLMTask(model_config(config, padded_vocab(vocab_size, 1)),
                             config.data.seq_len, vocab_size, masking.rate, masking.span_p,
                             masking.max_span)
@@ -138,12 +142,13 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     task = make_task(config, tokenizer.vocab_size)
     if hasattr(task, "use_tokenizer"):  # tasks that read token pieces (BART/PEGASUS sentences)
         task.use_tokenizer(tokenizer)
-    validation = data_lib.tokenized_windows(config.data, tokenizer, "validation",
-                                            splits["validation"]["text"])
+    # Tasks with their own rows (sentence pairs) build them; the rest take packed windows.
+    make_windows = getattr(task, "make_windows", None) or (
+        lambda split, texts: data_lib.tokenized_windows(config.data, tokenizer, split, texts))
+    validation = make_windows("validation", splits["validation"]["text"])
     train_iter = None
     if need_train:
-        train_windows = data_lib.tokenized_windows(config.data, tokenizer, "train",
-                                                   splits["train"]["text"])
+        train_windows = make_windows("train", splits["train"]["text"])
         train_iter = data_lib.BatchIterator(
             train_windows, config.train.global_batch_size, config.train.seed,
             jax.process_index(), jax.process_count())
