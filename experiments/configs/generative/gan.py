@@ -1,0 +1,39 @@
+"""A DCGAN-style GAN on 8-bit images; both networks step together under one AdamW (the loss is
+D's objective + G's, with stop-gradients: generative/gan.py).
+
+  python -m experiments.main train --config experiments/configs/generative/gan.py:size=digits \\
+      --workdir runs/gan-digits
+  python -m experiments.main train --config experiments/configs/generative/gan.py \\
+      --workdir runs/gan-fmnist --config.train.max_wallclock_s=540
+  python -m generative.sample --workdir runs/gan-fmnist --sampler gan --num 1000 \\
+      --out runs/gan-fmnist/samples                            # PNG grid + FID-FMNIST JSON
+Args: size=digits|fashion_mnist, loss=non_saturating|hinge, steps, batch.
+DCGAN's recipe: Adam lr 2e-4, beta1 0.5, beta2 0.999, constant rate, no weight decay or
+clipping. The eval metrics (d_loss, g_loss, the discriminator's accuracy on held-out real vs
+fresh fakes) track the game, not quality; quality is FID-FMNIST from generative.sample.
+"""
+import ml_collections
+
+from core.config import ConfigError, parse_arg
+from generative.gan import gan_config
+from vision.pipeline import base_config
+
+SIZES = {
+    # name: (dataset, latent dim, G width, D width, batch, steps, learning rate)
+    "digits": ("digits", 32, 32, 32, 64, 2000, 2e-4),
+    "fashion_mnist": ("fashion_mnist", 64, 64, 64, 64, 10_000, 2e-4),
+}
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    args = parse_arg(arg, size="fashion_mnist", loss="non_saturating", steps=0, batch=0)
+    if args.size not in SIZES:
+        raise ConfigError(f"size {args.size!r} is not one of {sorted(SIZES)}")
+    dataset, latent, g_width, d_width, batch, steps, lr = SIZES[args.size]
+    config = base_config("gan", dataset, args.steps or steps, args.batch or batch, lr,
+                         weight_decay=0.0, b1=0.5, b2=0.999, min_lr_ratio=1.0, clip_norm=0.0)
+    config.optim.warmup_steps = 1
+    config.train.eval_batches = 20
+    config.gan = gan_config(loss=args.loss, latent_dim=latent, generator_channels=g_width,
+                            discriminator_channels=d_width)
+    return config
