@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import train_throughput  # noqa: E402
 from benchmarks.train_throughput import measured_peak  # noqa: E402
 from core import flops as flops_lib  # noqa: E402
 from core.config import load_config  # noqa: E402
@@ -46,7 +47,9 @@ def a_batch(batch: int) -> tuple[np.ndarray, np.ndarray]:
             rng.integers(0, 10, batch).astype(np.int32))
 
 
-class JaxTrainer:
+class JaxTrainer(train_throughput.JaxTrainer):
+    """The GPT benchmark's timing loop (run) around an image classifier's train step."""
+
     def __init__(self, config, batch: int):
         task = ImageClassificationTask(models.build_model(config.model, INFO), INFO)
         self.task = task
@@ -62,13 +65,6 @@ class JaxTrainer:
         self.batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels),
                       "mask": jnp.ones(batch, jnp.int32)}
         self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-
-    def run(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.state, metrics = self.step(self.state, self.batch)
-        jax.block_until_ready(metrics["loss"])
-        return (time.perf_counter() - start) / steps
 
 
 class TorchTrainer:

@@ -61,3 +61,12 @@ def total_peak_flops(peak_per_device: float, num_devices: int | None = None) -> 
     if jax.devices()[0].platform == "cpu":
         return peak_per_device * jax.process_count()
     return peak_per_device * (num_devices or jax.device_count())
+
+
+def xla_flops(fn, *abstract_args) -> float:
+    """FLOPs of `fn(*args)` as XLA's cost analysis counts them (a multiply-add is 2), from the
+    lowered program without compiling it. A scanned loop's body is counted once: unroll layers
+    (scan_layers=False) before counting a scanned model."""
+    cost = jax.jit(fn).lower(*abstract_args).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0

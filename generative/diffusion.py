@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from core.config import ConfigError
+from core.flops import xla_flops
 from core.task import BatchField, LossSums
 from generative import unet as unet_lib
 
@@ -193,9 +194,7 @@ class DiffusionTask:
         x = jax.ShapeDtypeStruct((1, *self.image_shape), jnp.float32)
         t = jax.ShapeDtypeStruct((1,), jnp.int32)
         label = t if self.null_class is not None else None
-        cost = jax.jit(self.apply).lower(params, x, t, label).cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", 0.0)) if cost else 0.0
+        return xla_flops(self.apply, params, x, t, label)
 
     def train_flops_per_example(self) -> float:
         """3x the forward pass (backward is about twice the forward), from XLA's cost analysis."""

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from core.config import ConfigError
+from core.flops import xla_flops
 from core.task import BatchField, LossSums
 from generative.diffusion import images_to_unit
 
@@ -173,9 +174,7 @@ class GANTask:
         params = jax.eval_shape(self.init_params, jax.random.key(0))
         batch = {"image": jax.ShapeDtypeStruct((1, *self.image_shape), jnp.uint8),
                  "mask": jax.ShapeDtypeStruct((1,), jnp.int32)}
-        cost = jax.jit(self.loss_terms).lower(params, batch, jax.random.key(0)).cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", 0.0)) if cost else 0.0
+        return xla_flops(self.loss_terms, params, batch, jax.random.key(0))
 
     def train_flops_per_example(self) -> float:
         """3x the forward passes of one step's image (G once, D three times), by XLA."""

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from core.config import ConfigError
+from core.flops import xla_flops
 from vision import resnet, vit
 from vision.data import DatasetInfo
 
@@ -72,7 +73,4 @@ def forward_flops(model: nn.Module, info: DatasetInfo) -> float:
         model = type(model)(dataclasses.replace(cfg, scan_layers=False))
     variables = jax.eval_shape(lambda r: init_variables(model, info, r), jax.random.key(0))
     images = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
-    lowered = jax.jit(lambda v, x: model.apply(nn.unbox(v), x, False)).lower(variables, images)
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
+    return xla_flops(lambda v, x: model.apply(nn.unbox(v), x, False), variables, images)
