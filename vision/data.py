@@ -15,6 +15,7 @@ jitted step (vision/augment.py), so the host only slices arrays.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import pathlib
 import zlib
@@ -89,14 +90,23 @@ def _read_idx(path: pathlib.Path) -> np.ndarray:
     return data.reshape(dims)
 
 
+def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Loaders are cached, so callers share arrays: nobody may write into them."""
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
+
+
+@functools.lru_cache(maxsize=4)
 def _fashion_mnist(split: str, cache: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     root = fetch_package("deb", _FASHION_PACKAGE, cache) / _FASHION_DIR
     prefix = "train" if split == "train" else "t10k"
     images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")[..., None]
     labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int32)
-    return images, labels
+    return _read_only(images, labels)
 
 
+@functools.lru_cache(maxsize=4)
 def _digits(split: str, cache: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     path = fetch_package("pypi", _SKLEARN_PACKAGE, cache) / _DIGITS_FILE
     table = np.loadtxt(path, delimiter=",", dtype=np.int64)
@@ -108,7 +118,7 @@ def _digits(split: str, cache: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(0).permutation(len(labels))
     n_test = int(round(len(labels) * _DIGITS_TEST_FRACTION))
     rows = order[n_test:] if split == "train" else order[:n_test]
-    return images[np.sort(rows)], labels[np.sort(rows)]
+    return _read_only(images[np.sort(rows)], labels[np.sort(rows)])
 
 
 # ---------------------------------------------------------------- through `datasets`
