@@ -135,10 +135,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
                 writer.write(step, last)
                 window_start, window_steps = time.perf_counter(), 0
             writer.advance(step)
+            evaluating = (eval_run and cfg.eval_every and step % cfg.eval_every == 0
+                          and step < cfg.steps)
+            saving = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+            if evaluating or saving:  # steps still queued on the device are training time
+                jax.block_until_ready(state)
             paused = time.perf_counter()
-            if eval_run and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if evaluating:
                 last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            if saving:
                 save(step)
             window_start += time.perf_counter() - paused  # tokens/s and MFU count steps only
             out_of_time = cfg.max_wallclock_s and time.perf_counter() - started > cfg.max_wallclock_s
