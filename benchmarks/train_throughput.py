@@ -130,6 +130,42 @@ def measured_peak(dtype: str) -> dict:
     return peaks
 
 
+def timed_rounds(trainers: dict, rounds: int, steps_per_round: int) -> dict[str, list[float]]:
+    """Seconds per step of every side: each warms up (compiles) first, then the sides alternate
+    rounds so machine noise hits them alike."""
+    for trainer in trainers.values():
+        trainer.run(2)
+    times = {name: [] for name in trainers}
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            times[name].append(trainer.run(steps_per_round))
+    return times
+
+
+def machine_and_peak(dtype: str) -> tuple[float, dict]:
+    """(the peak MFU is judged by, a description of the machine and where the peak came from):
+    the datasheet on an accelerator, the best measured matmul (either framework) on CPU."""
+    device = jax.devices()[0]
+    datasheet = flops_lib.known_peak_flops(device)
+    measured = measured_peak(dtype)
+    peak = datasheet or max(measured.values())
+    return peak, {"device": device.device_kind, "platform": device.platform,
+                  "host": platform.processor() or platform.machine(),
+                  "cpu_count": os.cpu_count(), "peak_flops": peak,
+                  "peak_source": "datasheet bf16" if datasheet else
+                  "best measured matmul (jax or torch)", "measured_matmul_flops": measured}
+
+
+def side_result(step_times: list[float], units_per_step: float, flops_per_unit: float,
+                peak: float, unit: str) -> dict:
+    """Median step time, throughput in `unit`/s, model FLOP/s and MFU of one side."""
+    step_s = statistics.median(step_times)
+    return {"step_s_median": step_s, "step_s_all": step_times,
+            f"{unit}_per_s": units_per_step / step_s,
+            "flops_per_s": units_per_step * flops_per_unit / step_s,
+            "mfu": units_per_step * flops_per_unit / step_s / peak}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,36 +189,20 @@ def main(argv=None) -> dict:
     trainers = {"jax": JaxTrainer(cfg, args)}
     if args.torch:
         trainers["torch"] = TorchTrainer(cfg, args)
-    for trainer in trainers.values():  # compile / warm up
-        trainer.run(2)
-    times = {name: [] for name in trainers}
-    for _ in range(args.rounds):
-        for name, trainer in trainers.items():
-            times[name].append(trainer.run(args.steps_per_round))
+    times = timed_rounds(trainers, args.rounds, args.steps_per_round)
 
     tokens_per_step = args.batch * args.seq
     flops_per_token = model_lib.flops_per_token(cfg, args.seq)
-    device = jax.devices()[0]
-    datasheet = flops_lib.known_peak_flops(device)
-    measured = measured_peak(args.dtype)
-    peak = datasheet or max(measured.values())
+    peak, machine = machine_and_peak(args.dtype)
     result = {
         "model": {"size": args.size, "params": int(trainers["jax"].num_params), "seq": args.seq,
                   "batch": args.batch, "vocab": args.vocab, "dtype": args.dtype,
                   "scan_layers": args.scan, "remat": args.remat, "attention": args.attention,
                   "document_masking": args.document_masking},
-        "device": device.device_kind, "platform": device.platform,
-        "host": platform.processor() or platform.machine(),
-        "flops_per_token": flops_per_token, "causal_attention_flops_halved": False,
-        "peak_flops": peak, "peak_source": "datasheet bf16" if datasheet else
-        "best measured matmul (jax or torch)", "measured_matmul_flops": measured,
+        "flops_per_token": flops_per_token, "causal_attention_flops_halved": False, **machine,
     }
     for name, samples in times.items():
-        step_s = statistics.median(samples)
-        result[name] = {"step_s_median": step_s, "step_s_all": samples,
-                        "tokens_per_s": tokens_per_step / step_s,
-                        "flops_per_s": tokens_per_step * flops_per_token / step_s,
-                        "mfu": tokens_per_step * flops_per_token / step_s / peak}
+        result[name] = side_result(samples, tokens_per_step, flops_per_token, peak, "tokens")
     if "torch" in result:
         result["jax_over_torch_speed"] = result["jax"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
     print(json.dumps(result, indent=2))

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -27,8 +25,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import train_throughput  # noqa: E402
-from benchmarks.train_throughput import measured_peak  # noqa: E402
-from core import flops as flops_lib  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.optim import build_optimizer  # noqa: E402
 from core.step import make_train_step  # noqa: E402
@@ -120,33 +116,20 @@ def main(argv=None) -> dict:
     trainers = {"jax": JaxTrainer(config, args.batch)}
     if args.torch:
         trainers["torch"] = TorchTrainer(config, args.batch)
-    for trainer in trainers.values():  # compile / warm up
-        trainer.run(2)
-    times = {name: [] for name in trainers}
-    for _ in range(args.rounds):
-        for name, trainer in trainers.items():
-            times[name].append(trainer.run(args.steps_per_round))
+    times = train_throughput.timed_rounds(trainers, args.rounds, args.steps_per_round)
 
     flops_per_image = trainers["jax"].task.train_flops_per_example()
-    device = jax.devices()[0]
-    datasheet = flops_lib.known_peak_flops(device)
-    measured = measured_peak("float32")
-    peak = datasheet or max(measured.values())
+    peak, machine = train_throughput.machine_and_peak("float32")
     result = {
         "model": {"kind": args.model, "size": args.size, "params": int(trainers["jax"].num_params),
                   "batch": args.batch, "image": list(INFO.image_shape),
                   "optimizer": config.optim.name},
-        "device": device.device_kind, "platform": device.platform,
-        "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "train_flops_per_image": flops_per_image, "flops_source": "3 x XLA cost analysis of the forward",
-        "peak_flops": peak, "peak_source": "datasheet bf16" if datasheet else
-        "best measured matmul (jax or torch)", "measured_matmul_flops": measured,
+        **machine,
     }
     for name, samples in times.items():
-        step_s = statistics.median(samples)
-        result[name] = {"step_s_median": step_s, "step_s_all": samples,
-                        "images_per_s": args.batch / step_s,
-                        "mfu": args.batch * flops_per_image / step_s / peak}
+        result[name] = train_throughput.side_result(samples, args.batch, flops_per_image, peak,
+                                                    "images")
     if "torch" in result:
         result["jax_over_torch_speed"] = result["jax"]["images_per_s"] / result["torch"]["images_per_s"]
     print(json.dumps(result, indent=2))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterator, Protocol
+import zlib
+from typing import Callable, Iterator, Protocol
 
+import jax
 import numpy as np
 
 from core.config import DataError
@@ -107,3 +109,42 @@ def eval_batches(source: RowSource, global_batch_size: int, process_index: int =
             full[:len(rows)] = rows
             batch[name] = full
         yield batch
+
+
+def sum_batches(source: RowSource, global_batch_size: int,
+                run_batch: Callable[[dict], dict[str, float]],
+                max_batches: int = 0) -> tuple[dict[str, float], int]:
+    """(run_batch's summed metrics added up over this process's eval batches of `source`, the
+    number of rows they covered); max_batches > 0 stops early (an estimate, for periodic evals)."""
+    totals: dict[str, float] = {}
+    seen = 0
+    for index, batch in enumerate(eval_batches(source, global_batch_size, jax.process_index(),
+                                               jax.process_count())):
+        if max_batches and index >= max_batches:
+            break
+        for key, value in run_batch(batch).items():
+            totals[key] = totals.get(key, 0.0) + value
+        seen = min(len(source), (index + 1) * global_batch_size)
+    return totals, seen
+
+
+class ArrayRows:
+    """A RowSource over ready arrays that share their first dimension."""
+
+    def __init__(self, fields: dict[str, np.ndarray]):
+        lengths = {len(v) for v in fields.values()}
+        if len(lengths) != 1:
+            raise DataError(f"fields {sorted(fields)} have different lengths {sorted(lengths)}")
+        self.fields = fields
+
+    def __len__(self) -> int:
+        return len(next(iter(self.fields.values())))
+
+    def rows(self, index) -> dict[str, np.ndarray]:
+        return {name: values[index] for name, values in self.fields.items()}
+
+    def content_crc(self) -> int:
+        crc = 0
+        for name in sorted(self.fields):
+            crc = zlib.crc32(np.ascontiguousarray(self.fields[name]).data, crc)
+        return crc

@@ -33,9 +33,6 @@ _TOKENS_VERSION = 1  # bump when the on-disk token stream format changes
 _FILE_EXTS = (".txt", ".jsonl", ".json", ".parquet")
 
 
-_digest = digest
-
-
 def _texts_digest(texts: list[str]) -> str:
     h = hashlib.sha256()
     for t in texts:
@@ -189,7 +186,7 @@ def get_tokenizer(data_cfg, train_texts: Iterable[str],
             total += len(sample[-1])
             if total >= tcfg.max_train_chars:
                 break
-        key = _digest(tcfg.kind, tcfg.vocab_size, _texts_digest(sample), data_cfg.corpus)[:16]
+        key = digest(tcfg.kind, tcfg.vocab_size, _texts_digest(sample), data_cfg.corpus)[:16]
         name = f"{tcfg.kind}{tcfg.vocab_size}-{key}.model"
         path = cache_dir(data_cfg.cache_dir) / "tokenizers" / name
         if path.is_file():
@@ -281,7 +278,7 @@ def tokenized_windows(data_cfg, tokenizer: Tokenizer, split: str,
     if bos < 0:
         raise DataError(f"tokenizer {tokenizer.path} defines neither BOS nor EOS; "
                         "packing needs one")
-    key = _digest(_TOKENS_VERSION, tokenizer.fingerprint, _texts_digest(texts), split, bos)[:24]
+    key = digest(_TOKENS_VERSION, tokenizer.fingerprint, _texts_digest(texts), split, bos)[:24]
     path = cache_dir(data_cfg.cache_dir) / "tokens" / f"{split}-{key}.npz"
     if path.is_file():
         with np.load(path) as f:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from core import batches
 from core.config import ConfigError
 from core.trainer import TaskData
 from lm import data as data_lib
@@ -101,15 +102,7 @@ def make_evaluator(windows: data_lib.Windows, batch_size: int, metrics: Callable
     accuracy, bits per byte)."""
     metrics = metrics or CausalLMTask.metrics
     def evaluate(run_batch, max_batches: int = 0) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        seen = 0
-        for index, batch in enumerate(data_lib.eval_batches(
-                windows, batch_size, jax.process_index(), jax.process_count())):
-            if max_batches and index >= max_batches:
-                break
-            for key, value in run_batch(batch).items():
-                totals[key] = totals.get(key, 0.0) + value
-            seen = min(len(windows.tokens), (index + 1) * batch_size)
+        totals, seen = batches.sum_batches(windows, batch_size, run_batch, max_batches)
         # With max_batches the bytes are pro-rated by windows seen (an estimate); else exact.
         num_bytes = windows.num_bytes * seen / max(len(windows.tokens), 1)
         return metrics(totals, num_bytes)

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from core import batches
 from core.batches import digest
 from core.config import ConfigError
 from core.task import BatchField, LossSums
@@ -412,22 +413,16 @@ def build(config, workdir, need_train: bool = True) -> TextToTextSetup:
                                  jax.process_count()) if need_train else None
     eval_batch = config.train.global_batch_size // max(1, config.train.microbatches)
 
+    cap = tc.eval_examples or None  # the same test examples as exact match scores
+    parts = [tests[name].rows(np.arange(len(tests[name]))[:cap], t)
+             for t, name in enumerate(names)]
+    # Task by task; the last batch's all-zero padding rows carry no target weight.
+    test_rows = batches.ArrayRows({key: np.concatenate([p[key] for p in parts])
+                                   for key in parts[0]})
+
     def evaluate(run_batch, max_batches: int = 0) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        cap = tc.eval_examples or None  # the same test examples as exact match scores
-        rows = [(t, i) for t, n in enumerate(names) for i in range(len(tests[n]))[:cap]]
-        for k, start in enumerate(range(0, len(rows), eval_batch)):
-            if max_batches and k >= max_batches:
-                break
-            chunk = rows[start:start + eval_batch]
-            parts = [tests[names[t]].rows(i, t) for t, i in chunk]
-            batch = {key: np.stack([p[key] for p in parts]) for key in parts[0]}
-            pad = eval_batch - len(chunk)  # all-zero rows: no target weight
-            batch = {key: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
-                     for key, v in batch.items()}
-            for key, value in run_batch(batch).items():
-                totals[key] = totals.get(key, 0.0) + value
-        return task.metrics(totals)
+        return task.metrics(batches.sum_batches(test_rows, eval_batch, run_batch,
+                                                max_batches)[0])
 
     data = trainer.TaskData(train=train_iter, evaluate=evaluate, eval_batch_size=eval_batch,
                             meta=pipeline.tokenizer_meta(tokenizer),

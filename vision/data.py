@@ -66,9 +66,17 @@ class ImageSet:
 
 
 def channel_stats(images_NHWC: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units."""
-    x = images_NHWC.reshape(-1, images_NHWC.shape[-1]).astype(np.float64) / 255.0
-    return tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in x.std(0))
+    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units: exact, from
+    each channel's 256-bin histogram (no float copy of the images)."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    pixels_NC = images_NHWC.reshape(-1, images_NHWC.shape[-1])
+    means, stds = [], []
+    for channel in range(pixels_NC.shape[1]):
+        p = np.bincount(pixels_NC[:, channel], minlength=256) / len(pixels_NC)
+        mean = float(p @ values)
+        means.append(mean)
+        stds.append(float(np.sqrt(max(p @ (values - mean) ** 2, 0.0))))
+    return tuple(means), tuple(stds)
 
 
 # ---------------------------------------------------------------- the offline sets
@@ -181,8 +189,9 @@ BUILTIN = {"fashion_mnist": _fashion_mnist, "digits": _digits}
 
 
 def load_image_set(name: str, split: str, cache: str = "", image_size: int = 0,
-                   channels: int = 1) -> ImageSet:
-    """One split of a dataset with the train split's statistics in its info."""
+                   channels: int = 1, train_info: DatasetInfo | None = None) -> ImageSet:
+    """One split of a dataset with the train split's statistics in its info (taken from
+    `train_info` where the caller has loaded the train split already)."""
     if split not in _SPLITS:
         raise DataError(f"split {split!r} is not one of {_SPLITS}")
     if channels not in (1, 3):
@@ -200,11 +209,13 @@ def load_image_set(name: str, split: str, cache: str = "", image_size: int = 0,
                         f"'imagefolder:<dir>', 'disk:<dir>', 'hub:<name>'")
 
     images, labels, classes = load(split)
-    train_images = images if split == "train" else load("train")[0]
     num_classes = len(classes) if classes else int(labels.max()) + 1
     if labels.min() < 0 or labels.max() >= num_classes:
         raise DataError(f"{name} split '{split}' has labels outside [0, {num_classes})")
-    mean, std = channel_stats(train_images)
+    if train_info is not None:
+        mean, std = train_info.mean, train_info.std
+    else:
+        mean, std = channel_stats(images if split == "train" else load("train")[0])
     info = DatasetInfo(name, tuple(images.shape[1:]), num_classes,
                        tuple(classes or map(str, range(num_classes))), mean, std)
     return ImageSet(images, labels, info)

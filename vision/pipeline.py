@@ -72,9 +72,10 @@ def base_config(task: str, dataset: str, steps: int, batch: int, learning_rate: 
     return config
 
 
-def load_split(config: ml_collections.ConfigDict, split: str) -> ImageSet:
+def load_split(config: ml_collections.ConfigDict, split: str,
+               train_info: DatasetInfo | None = None) -> ImageSet:
     d = config.data
-    return load_image_set(d.dataset, split, d.cache_dir, d.image_size, d.channels)
+    return load_image_set(d.dataset, split, d.cache_dir, d.image_size, d.channels, train_info)
 
 
 def make_task(config: ml_collections.ConfigDict, info: DatasetInfo):
@@ -87,14 +88,7 @@ def make_evaluator(images: ImageSet, batch_size: int, metrics: Callable):
     """evaluate(run_batch, max_batches) -> the task's metrics over the split (every image once;
     the last batch is padded with mask-0 rows)."""
     def evaluate(run_batch, max_batches: int = 0) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for index, batch in enumerate(batches.eval_batches(
-                images, batch_size, jax.process_index(), jax.process_count())):
-            if max_batches and index >= max_batches:
-                break
-            for key, value in run_batch(batch).items():
-                totals[key] = totals.get(key, 0.0) + value
-        return metrics(totals)
+        return metrics(batches.sum_batches(images, batch_size, run_batch, max_batches)[0])
     return evaluate
 
 
@@ -119,7 +113,7 @@ class ImageSetup:
 def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
           need_train: bool = True) -> ImageSetup:
     train_set = load_split(config, "train")
-    eval_set = load_split(config, config.data.eval_split)
+    eval_set = load_split(config, config.data.eval_split, train_set.info)
     if eval_set.info.image_shape != train_set.info.image_shape:
         raise DataError(f"train images are {train_set.info.image_shape} but "
                         f"{config.data.eval_split} images {eval_set.info.image_shape}")
