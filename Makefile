@@ -28,7 +28,7 @@ demo: corpora
 	$(PY) -m experiments.demo
 
 test: corpora
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 bench: setup
 	$(PY) -m benchmarks.train_throughput

@@ -60,6 +60,7 @@ class ViTConfig:
     pool: str = "cls"                     # "cls" (class token) | "mean" (average of the patches)
     norm_eps: float = 1e-6
     dropout: float = 0.0                  # on the embeddings and every residual branch
+    init_std: float = 0.02                # block weights ~ N(0, init_std), as lm/model.py
     hybrid: ResNetConfig | None = None    # a CNN stem whose feature map is patchified
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -117,7 +118,8 @@ class ViTConfig:
             vocab_size=0, num_layers=self.num_layers, d_model=self.d_model,
             num_heads=self.num_heads, d_ff=self.mlp_dim, max_len=self.num_tokens,
             pos_emb="learned", norm="layernorm", norm_eps=self.norm_eps, norm_position="pre",
-            causal=False, mlp="gelu_exact", use_bias=True, dropout=self.dropout, dtype=self.dtype,
+            causal=False, mlp="gelu_exact", use_bias=True, dropout=self.dropout,
+            init_std=self.init_std, dtype=self.dtype,
             param_dtype=self.param_dtype, remat=self.remat, scan_layers=self.scan_layers,
             attention_impl=self.attention_impl)
 
@@ -133,10 +135,11 @@ PRESETS: dict[str, ViTConfig] = {
                                                           norm="group")),
     # Fashion-MNIST: 4x4 patches on 28x28 -> 7x7 = 49 tokens, 6 layers of width 128 (1.2 M
     # params, 0.13 GFLOP forward), average pooling, which beats a class token on small data
-    # (Beyer et al. 2022).
+    # (Beyer et al. 2022). Block weights start at N(0, 0.1), about Xavier's scale at this width:
+    # GPT-2's 0.02 left the 4x96 model at 64% test accuracy after 300 Adam steps, against 76%.
     "vit_fmnist": ViTConfig(image_size=(28, 28), patch=4, num_layers=6, d_model=128,
                             num_heads=4, mlp_dim=512, num_classes=10, pool="mean",
-                            dropout=0.1),
+                            dropout=0.1, init_std=0.1),
 }
 
 

@@ -27,7 +27,8 @@ MODELS = {
         "default": {"stage_sizes": (1, 1, 1, 1), "width": 16},
         "tiny": {"stage_sizes": (1, 1), "width": 16}}),
     "vit": ("vit", "vit_fmnist", {
-        "default": {"num_layers": 4, "d_model": 96, "num_heads": 4, "mlp_dim": 192},
+        "default": {"num_layers": 4, "d_model": 96, "num_heads": 4, "mlp_dim": 192,
+                    "dropout": 0.0},
         "tiny": {"num_layers": 2, "d_model": 32, "num_heads": 2, "mlp_dim": 64, "patch": 2,
                  "dropout": 0.0}}),
 }
@@ -50,7 +51,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                              0.05 * args.batch / 64, name="sgd", weight_decay=5e-4,
                              min_lr_ratio=0.0, clip_norm=0.0)
     else:  # AdamW, the ViT recipe (Dosovitskiy et al. 2021; Beyer et al. 2022)
-        config = base_config("image_classification", args.dataset, steps, args.batch, 1e-3,
+        config = base_config("image_classification", args.dataset, steps, args.batch, 2e-3,
                              weight_decay=0.05, b2=0.999, min_lr_ratio=0.0)
     config.model = model_section(kind, preset, **sizes.get(args.size, {}))
     fashion = args.dataset == "fashion_mnist"  # digits are neither shift- nor mirror-invariant
