@@ -10,7 +10,7 @@ import pytest
 
 from conftest import QUIET, REPO, train_losses
 from core import trainer
-from core.config import DataError, load_config
+from core.config import ConfigError, DataError, load_config
 from vision import augment, commands, pipeline
 from vision.data import FASHION_MNIST_CLASSES, load_image_set
 
@@ -131,3 +131,10 @@ def test_classifier_learns_digits_and_evaluate_writes_its_report(tmp_path):
     assert counts.sum() == 359 and np.trace(counts) / 359 == pytest.approx(result["accuracy"])
     assert (tmp_path / "eval" / "predictions.png").stat().st_size > 1000
     assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
+
+
+def test_classify_config_sizes_are_per_model():
+    deep = load_config(f"{CONFIG}:model=resnet,size=deep")
+    assert tuple(deep.model.stage_sizes) == (2, 2, 2, 2) and deep.model.width == 16
+    with pytest.raises(ConfigError, match="size 'deep' is not one of .* for model=vit"):
+        load_config(f"{CONFIG}:model=vit,size=deep")

@@ -6,7 +6,7 @@
       --workdir runs/fmnist-vit
   python -m experiments.main evaluate --workdir runs/fmnist-resnet   # + eval/*.png
 Args: model=resnet|vit, dataset=fashion_mnist|digits, epochs, batch, steps (0: from epochs),
-size=default|preset|tiny.
+size=default|deep (ResNet)|preset|tiny.
 Every model field is a key: --config.model.width=64, --config.model.pool=cls, ...
 Expected on Fashion-MNIST test (README): ResNet >= 94%, ViT >= 91%.
 """
@@ -20,11 +20,13 @@ TRAIN_IMAGES = {"fashion_mnist": 60_000, "digits": 1_438}
 
 # model arg -> (kind, preset, {size: overrides}). size=default is sized for a 2-core CPU:
 # ResNet-10 at width 16 (4 stages of one basic block: 28 -> 28/14/7/4; 0.31 M params, 68 M train
-# FLOPs per image); ViT with 4x4 patches (49 tokens), 4 layers of width 96. size=preset is the
-# preset as written in vision/resnet.py / vision/vit.py; size=tiny is for the digits tests.
+# FLOPs per image); ViT with 4x4 patches (49 tokens), 4 layers of width 96. ResNet's size=deep is
+# ResNet-18's layout (2, 2, 2, 2) at width 16 (0.70 M params, twice the FLOPs). size=preset is
+# the preset as written in vision/resnet.py / vision/vit.py; size=tiny is for the digits tests.
 MODELS = {
     "resnet": ("resnet", "resnet_fmnist", {
         "default": {"stage_sizes": (1, 1, 1, 1), "width": 16},
+        "deep": {"stage_sizes": (2, 2, 2, 2), "width": 16},
         "tiny": {"stage_sizes": (1, 1), "width": 16}}),
     "vit": ("vit", "vit_fmnist", {
         "default": {"num_layers": 4, "d_model": 96, "num_heads": 4, "mlp_dim": 192,
@@ -42,9 +44,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if args.dataset not in TRAIN_IMAGES:
         raise ConfigError(f"dataset {args.dataset!r} is not one of {sorted(TRAIN_IMAGES)} "
                           "(other data: --config.data.dataset=imagefolder:DIR)")
-    if args.size not in ("default", "preset", "tiny"):
-        raise ConfigError(f"size {args.size!r} is not 'default', 'preset' or 'tiny'")
     kind, preset, sizes = MODELS[args.model]
+    if args.size != "preset" and args.size not in sizes:
+        raise ConfigError(f"size {args.size!r} is not one of {sorted({'preset', *sizes})} for "
+                          f"model={args.model}")
     steps = args.steps or TRAIN_IMAGES[args.dataset] // args.batch * args.epochs
     if args.model == "resnet":  # SGD + Nesterov, the ResNet recipe (He et al. 2016)
         config = base_config("image_classification", args.dataset, steps, args.batch,
