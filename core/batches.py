@@ -27,6 +27,14 @@ class RowSource(Protocol):
         """A checksum of the examples: a resumed run must see the same data."""
 
 
+def arrays_crc(*arrays: np.ndarray) -> int:
+    """CRC-32 of the arrays' bytes in turn: a RowSource's content_crc."""
+    crc = 0
+    for values in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(values).data, crc)
+    return crc
+
+
 def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -144,7 +152,4 @@ class ArrayRows:
         return {name: values[index] for name, values in self.fields.items()}
 
     def content_crc(self) -> int:
-        crc = 0
-        for name in sorted(self.fields):
-            crc = zlib.crc32(np.ascontiguousarray(self.fields[name]).data, crc)
-        return crc
+        return arrays_crc(*(self.fields[name] for name in sorted(self.fields)))

@@ -17,13 +17,12 @@ import hashlib
 import math
 import os
 import pathlib
-import zlib
 from typing import Iterable, Iterator
 
 import datasets
 import numpy as np
 
-from core.batches import BatchIterator, digest, eval_batches  # noqa: F401 (re-exported)
+from core.batches import BatchIterator, arrays_crc, digest, eval_batches  # noqa: F401 (re-exported)
 from lm import corpora
 # DataError and cache_dir are re-exported: callers import them from here.
 from lm.corpora import DataError, cache_dir  # noqa: F401
@@ -223,7 +222,7 @@ class Windows:
         return len(self.tokens)
 
     def content_crc(self) -> int:
-        return zlib.crc32(np.ascontiguousarray(self.tokens).data)
+        return arrays_crc(self.tokens)
 
     def describe_rows(self) -> tuple[str, str]:
         """(what a row is, what else shrinks the batch) for BatchIterator's errors."""

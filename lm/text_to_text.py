@@ -41,7 +41,6 @@ import json
 import logging
 import pathlib
 import re
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +48,6 @@ import numpy as np
 import optax
 
 from core import batches
-from core.batches import digest
 from core.config import ConfigError
 from core.task import BatchField, LossSums
 from lm import decoding, encoder_decoder, span_corruption
@@ -245,8 +243,8 @@ class MixtureIterator:
         self.local = global_batch_size // process_count
         self._lo = process_index * self.local
         self.step = 0
-        crc = [zlib.crc32(np.ascontiguousarray(sets[n].inputs).data) for n in self.names]
-        self._fingerprint = digest(self.names, self.rates.tolist(), global_batch_size, seed,
+        crc = [batches.arrays_crc(sets[n].inputs) for n in self.names]
+        self._fingerprint = batches.digest(self.names, self.rates.tolist(), global_batch_size, seed,
                                    crc)[:16]
 
     def batch_rows(self, step: int) -> list[tuple[int, int]]:

@@ -18,10 +18,10 @@ import dataclasses
 import functools
 import gzip
 import pathlib
-import zlib
 
 import numpy as np
 
+from core.batches import arrays_crc
 from core.config import DataError
 from lm.corpora import cache_dir, fetch_package
 
@@ -62,7 +62,7 @@ class ImageSet:
                 "mask": np.ones(labels.shape, np.int32)}
 
     def content_crc(self) -> int:
-        return zlib.crc32(self.labels.tobytes(), zlib.crc32(np.ascontiguousarray(self.images).data))
+        return arrays_crc(self.images, self.labels)
 
 
 def channel_stats(images_NHWC: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -75,7 +75,7 @@ def channel_stats(images_NHWC: np.ndarray) -> tuple[tuple[float, ...], tuple[flo
         p = np.bincount(pixels_NC[:, channel], minlength=256) / len(pixels_NC)
         mean = float(p @ values)
         means.append(mean)
-        stds.append(float(np.sqrt(max(p @ (values - mean) ** 2, 0.0))))
+        stds.append(float(np.sqrt(p @ (values - mean) ** 2)))
     return tuple(means), tuple(stds)
 
 
