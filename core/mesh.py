@@ -108,7 +108,13 @@ def logical_sharding(mesh: Mesh, rules, logical_axes: Sequence[str | None]) -> N
 
 
 def tree_shardings(mesh: Mesh, rules, boxed_tree) -> Any:
-    """NamedShardings for every leaf of a tree of (possibly) logically-boxed abstract arrays."""
+    """NamedShardings for every leaf of a tree of (possibly) logically-boxed abstract arrays.
+
+    A box around an empty subtree (optax's MaskedNode: a parameter outside an optimiser group)
+    holds no array, so it stays empty rather than getting a sharding."""
+    boxed_tree = jax.tree_util.tree_map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) and not jax.tree_util.tree_leaves(
+            x.value) else x, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     specs = nn.get_partition_spec(boxed_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 

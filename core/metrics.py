@@ -22,7 +22,7 @@ def _plain(value: Any) -> Any:
 
 class MetricsWriter:
     def __init__(self, workdir: str | pathlib.Path, total_steps: int, enabled: bool | None = None,
-                 progress: bool = True):
+                 progress: bool = True, start_step: int = 0):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
         self._tb = None
@@ -36,7 +36,9 @@ class MetricsWriter:
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
         if progress:
             from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, dynamic_ncols=True, unit="step")
+            # `initial`: a resumed run's rate and ETA count only the steps this process ran.
+            self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
+                             unit="step")
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
         if not self.enabled:

@@ -5,12 +5,22 @@ GPT-2/LLaMA practice). It is decided by parameter name, not rank, because scanne
 every vector into a matrix. `freeze` (a regular expression on '/'-joined parameter paths, e.g.
 "^encoder/" to train only a classifier's head) zeroes those parameters' gradients before clipping
 and their updates after weight decay, so frozen parameters never move.
+
+`groups` gives parameter groups their own settings (a GAN's two networks, two-time-scale
+learning rates): each group is {"match": regex on parameter paths, <any optim key>: value}; a
+group's parameters get the base settings with its overrides, and their own gradient clipping.
+Parameters no group matches keep the base settings. The logged learning rate is the base one.
+
+`ema_decay` > 0 keeps an exponential moving average of the parameters in the optimiser state
+(`ema_params(state.opt_state)`), checkpointed and sharded like everything else; samplers use it.
 """
 from __future__ import annotations
 
 import re
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -32,6 +42,8 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
         "weight_decay": 0.1,
         "clip_norm": 1.0,          # 0 disables clipping
         "freeze": "",              # regex on parameter paths ("a/b/c") that stay fixed
+        "ema_decay": 0.0,          # > 0: keep an EMA of the parameters (ema_params)
+        "groups": ml_collections.ConfigDict(),  # name -> {"match": regex, overrides...}
     })
     cfg.update(overrides)
     return cfg
@@ -83,15 +95,12 @@ def frozen_mask(pattern: str):
         lambda path, _: bool(regex.search("/".join(_names(path)))), params)
 
 
-def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
-    """Returns (optax transformation, schedule)."""
+def _update_rule(cfg, total_steps: int) -> tuple[list, optax.Schedule]:
+    """Clipping, then AdamW or SGD, for one set of settings."""
     if cfg.name not in ("adamw", "sgd"):
         raise ConfigError(f"optim.name {cfg.name!r} is not supported; use 'adamw' or 'sgd'")
     schedule = learning_rate_schedule(cfg, total_steps)
     parts = []
-    freeze = cfg.get("freeze", "")
-    if freeze:
-        parts.append(optax.masked(optax.set_to_zero(), frozen_mask(freeze)))
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     if cfg.name == "adamw":
@@ -101,6 +110,118 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
     else:  # PyTorch's SGD: L2 added to the gradient, then (Nesterov) momentum
         parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask))
         parts.append(optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
-    if freeze:  # weight decay moves parameters even with zero gradients
-        parts.append(optax.masked(optax.set_to_zero(), frozen_mask(freeze)))
+    return parts, schedule
+
+
+_NOT_PER_GROUP = ("groups", "freeze", "ema_decay")
+
+
+def _group_settings(cfg, name: str, group) -> ml_collections.ConfigDict:
+    """The base settings with the group's overrides; a key optim does not have is an error."""
+    if "match" not in group:
+        raise ConfigError(f"optim.groups.{name} needs a 'match' regex on parameter paths")
+    settings = ml_collections.ConfigDict({k: v for k, v in cfg.items()
+                                          if k not in _NOT_PER_GROUP})
+    for key, value in group.items():
+        if key == "match":
+            continue
+        if key not in settings:
+            valid = sorted(settings.keys())
+            raise ConfigError(f"optim.groups.{name}.{key} is not a per-group optim setting; "
+                              f"valid: match, {', '.join(valid)}")
+        settings[key] = value
+    return settings
+
+
+def group_labels(groups) -> Any:
+    """params -> tree of group names ("" for the base settings). A parameter two groups match,
+    or a group that matches no parameter (a mistyped regex), is an error."""
+    patterns = {}
+    for name, group in groups.items():
+        try:
+            patterns[name] = re.compile(group["match"])
+        except re.error as error:
+            raise ConfigError(f"optim.groups.{name}.match {group['match']!r} is not a regular "
+                              f"expression: {error}")
+
+    def labels(params):
+        used = set()
+
+        def label(path, _):
+            text = "/".join(_names(path))
+            hits = [name for name, regex in patterns.items() if regex.search(text)]
+            if len(hits) > 1:
+                raise ConfigError(f"parameter {text} is in optim groups {hits}: make their "
+                                  f"'match' regexes exclusive")
+            used.update(hits)
+            return hits[0] if hits else ""
+        tree = jax.tree_util.tree_map_with_path(label, params)
+        unused = sorted(set(patterns) - used)
+        if unused:
+            first_path = jax.tree_util.tree_leaves_with_path(params)[0][0]
+            raise ConfigError(f"optim groups {unused} match no parameter; parameter paths look "
+                              f"like {'/'.join(_names(first_path))!r}")
+        return tree
+    return labels
+
+
+class EmaState(NamedTuple):
+    count: jax.Array
+    ema: Any
+
+
+def ema_of_params(decay: float) -> optax.GradientTransformation:
+    """Keeps, in the optimiser state, a float32 moving average of the parameters after each
+    update: ema <- d * ema + (1 - d) * params with d = min(decay, (1 + n) / (10 + n)) at update
+    n, so early averages are not dominated by the initialisation. Updates pass unchanged, so
+    it goes last in the chain."""
+    if not 0.0 < decay < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in (0, 1), got {decay}")
+
+    def init(params):
+        return EmaState(count=jnp.zeros((), jnp.int32),
+                        ema=jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("the parameter EMA needs the parameters: optimizer.update(g, s, params)")
+        new_params = optax.apply_updates(params, updates)
+        count = state.count.astype(jnp.float32)
+        rate = jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+        ema = jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p.astype(jnp.float32),
+                                     state.ema, new_params)
+        return updates, EmaState(count=state.count + 1, ema=ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state) -> Any | None:
+    """The parameter EMA inside an optimiser state built with optim.ema_decay > 0, else None."""
+    found = [node for node in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda node: isinstance(node, EmaState)) if isinstance(node, EmaState)]
+    return found[0].ema if found else None
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
+    """Returns (optax transformation, schedule).
+
+    Without groups or EMA the chain is [freeze, clip, rule, freeze] as it always was, so older
+    checkpoints' optimiser states still restore."""
+    parts, schedule = _update_rule(cfg, total_steps)
+    groups = cfg.get("groups") or {}
+    if groups:
+        rules = {"": optax.chain(*parts)}
+        for name, group in groups.items():
+            rules[name] = optax.chain(*_update_rule(_group_settings(cfg, name, group),
+                                                    total_steps)[0])
+        parts = [optax.multi_transform(rules, group_labels(groups))]
+    freeze = cfg.get("freeze", "")
+    if freeze:
+        # Zero the gradients before clipping, and the updates after weight decay, which moves
+        # parameters even with zero gradients.
+        mask = frozen_mask(freeze)
+        parts = [optax.masked(optax.set_to_zero(), mask), *parts,
+                 optax.masked(optax.set_to_zero(), mask)]
+    if cfg.get("ema_decay", 0.0):
+        parts.append(ema_of_params(cfg.ema_decay))
     return optax.chain(*parts), schedule

@@ -97,8 +97,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
     peak, peak_source = flops_lib.peak_flops_per_device(cfg.peak_flops)
     flops_per_step = task.train_flops_per_example() * cfg.global_batch_size
     total_peak = flops_lib.total_peak_flops(peak, engine.mesh.devices.size)
-    writer = MetricsWriter(workdir, cfg.steps)
-    writer.advance(step)
+    writer = MetricsWriter(workdir, cfg.steps, start_step=step)
     eval_run = engine.eval_runner(data.eval_batch_size) if data.evaluate else None
 
     def save(at_step: int) -> None:

@@ -4,7 +4,8 @@
   python -m generative.sample --workdir RUN --sampler ddpm --num 1000 --out DIR     # all T steps
   python -m generative.sample --workdir RUN --sampler gan --num 1000 --out DIR
 Options: --guidance W (classifier-free guidance scale; 0: the conditional model), --unconditional
-(the null class), --eta (DDIM), --seed, --batch. A class-conditional model samples the classes in
+(the null class), --eta (DDIM), --seed, --batch, --raw-params (a run trained with
+optim.ema_decay > 0 samples from its parameter EMA unless this is given). A class-conditional model samples the classes in
 turn (0, 1, ..., 9, 0, ...), and its samples' classifier accuracy is reported beside FID.
 DIR gets grid.png (the first 100 samples, one class per column), samples.npz (uint8 NHWC and
 labels) and metrics.json. FID-FMNIST is our own classifier's Fréchet distance (generative/fid.py),
@@ -40,6 +41,8 @@ def parse(argv):
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-fid", action="store_true")
+    parser.add_argument("--raw-params", action="store_true",
+                        help="sample from the trained parameters even if the run keeps an EMA")
     return parser.parse_args(argv)
 
 
@@ -108,7 +111,9 @@ def main(argv=None) -> int:
         return 2
     args.batch = min(args.batch, args.num)
     setup, _, state, step = restore(config, args.workdir)
-    params = jax.device_get(state.params)
+    from core.optim import ema_params
+    ema = None if args.raw_params else ema_params(state.opt_state)
+    params = jax.device_get(state.params if ema is None else ema)
     start = time.time()
     images, labels = generate(setup.task, params, args)
     seconds = time.time() - start
@@ -120,6 +125,7 @@ def main(argv=None) -> int:
     result = {"workdir": args.workdir, "step": step, "sampler": args.sampler,
               "steps": (setup.task.schedule.timesteps if args.sampler == "ddpm" else args.steps)
               if args.sampler != "gan" else 1,
+              "params": "raw" if ema is None else "ema",
               "num": args.num, "guidance": args.guidance, "eta": args.eta,
               "unconditional": args.unconditional, "seed": args.seed,
               "sample_seconds": round(seconds, 1), "device": str(jax.devices()[0].platform)}

@@ -264,3 +264,37 @@ def test_training_on_digits_lowers_the_loss():
     after = evaluate(state.params)
     assert float(before.loss / before.weight) == pytest.approx(1.0, abs=0.05)
     assert float(after.loss / after.weight) < 0.5
+
+
+def test_sample_command_draws_from_the_parameter_ema(tmp_path):
+    """A 6-step digits run through the engine, then `generative.sample`: the grid, the samples
+    and their record, from the EMA by default and from the raw parameters on request."""
+    import json
+    import pathlib
+    from conftest import QUIET
+    from core import trainer
+    from core.config import load_config
+    from generative import sample
+    from vision import pipeline
+    config_file = pathlib.Path(__file__).parents[1] / "experiments/configs/generative/diffusion.py"
+    config = load_config(f"{config_file}:size=digits,steps=6,batch=32", [
+        *QUIET, "--config.diffusion.unet.base_channels=8", "--config.diffusion.unet.groups=4",
+        "--config.diffusion.unet.channel_mults=(1, 2)", "--config.train.checkpoint_every=100",
+        "--config.optim.learning_rate=0.03"])  # moves the zero-initialised output layer
+    assert config.optim.ema_decay == 0.999
+    setup = pipeline.build(config, tmp_path)
+    trainer.train(config, tmp_path, setup.task, setup.data)
+    records = {}
+    for name, extra in (("ema", []), ("raw", ["--raw-params"])):
+        out = tmp_path / name
+        assert sample.main(["--workdir", str(tmp_path), "--out", str(out), "--num", "12",
+                            "--batch", "8", "--steps", "4", "--no-fid", *extra]) == 0
+        records[name] = json.loads((out / "metrics.json").read_text())
+        drawn = np.load(out / "samples.npz")
+        assert drawn["images"].shape == (12, 8, 8, 1) and drawn["images"].dtype == np.uint8
+        np.testing.assert_array_equal(drawn["labels"], np.arange(12) % 10)
+        assert (out / "grid.png").stat().st_size > 100
+    assert records["ema"]["params"] == "ema" and records["raw"]["params"] == "raw"
+    assert records["ema"]["step"] == 6
+    ema, raw = (np.load(tmp_path / n / "samples.npz")["images"] for n in ("ema", "raw"))
+    assert np.abs(ema.astype(int) - raw).mean() > 0.5  # the EMA is not the raw parameters
