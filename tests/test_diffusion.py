@@ -1,5 +1,7 @@
 """Diffusion: schedules against the papers' formulas, samplers against an analytic denoiser and a
 textbook NumPy DDPM loop, guidance semantics, exact inpainting, seeding, and a short real run."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,16 +29,28 @@ def tiny_task(conditional=False, prediction="eps", schedule="cosine", timesteps=
     return diffusion.DiffusionTask(cfg, (8, 8, 1), 10)
 
 
-def random_params(task, seed=0):
-    """Init params plus noise: the U-Net's zero-initialised output layer would make eps == 0."""
+@functools.cache
+def initial_params(conditional: bool):
+    """The tiny U-Net's initial parameters, one compile per shape: compiling the init's ~70
+    random draws takes XLA:CPU about 20 s, and the shapes depend only on `conditional`."""
+    task = tiny_task(conditional=conditional)
+    return jax.jit(lambda r: nn.unbox(task.init_params(r)))(jax.random.key(0))
+
+
+@functools.cache
+def _noised_params(conditional: bool):
     @jax.jit
-    def init(rng):
-        params = nn.unbox(task.init_params(rng))
+    def noised(params, rng):
         leaves, tree = jax.tree_util.tree_flatten(params)
-        keys = jax.random.split(jax.random.fold_in(rng, 1), len(leaves))
+        keys = jax.random.split(rng, len(leaves))
         return tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape)
                                for p, k in zip(leaves, keys)])
-    return init(jax.random.key(seed))
+    return noised(initial_params(conditional), jax.random.key(1))
+
+
+def random_params(task):
+    """Init params plus noise: the U-Net's zero-initialised output layer would make eps == 0."""
+    return _noised_params(task.null_class is not None)
 
 
 def test_linear_schedule_matches_ho_et_al():
@@ -248,7 +262,7 @@ def test_training_on_digits_lowers_the_loss():
     task = tiny_task(conditional=True)
     images, labels = digits_train()
     optimizer = optax.adam(3e-3)
-    params = jax.jit(lambda r: nn.unbox(task.init_params(r)))(jax.random.key(0))
+    params = initial_params(conditional=True)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=optimizer.init(params))
     train_step = jax.jit(step_lib.make_train_step(task, optimizer, lambda s: 3e-3, 1, seed=0))
