@@ -78,6 +78,18 @@ def _names(path) -> list[str]:
     return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
 
 
+def _path_text(path) -> str:
+    """A parameter's '/'-joined path, what `freeze` and group `match` regexes search."""
+    return "/".join(_names(path))
+
+
+def _regex(pattern: str, key: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise ConfigError(f"{key} {pattern!r} is not a regular expression: {error}")
+
+
 def _decay_mask(params):
     def decays(path, _):
         names = _names(path)
@@ -87,12 +99,9 @@ def _decay_mask(params):
 
 def frozen_mask(pattern: str):
     """params -> tree of bools: True where the '/'-joined path matches `pattern`."""
-    try:
-        regex = re.compile(pattern)
-    except re.error as error:
-        raise ConfigError(f"optim.freeze {pattern!r} is not a regular expression: {error}")
+    regex = _regex(pattern, "optim.freeze")
     return lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(regex.search("/".join(_names(path)))), params)
+        lambda path, _: bool(regex.search(_path_text(path))), params)
 
 
 def _update_rule(cfg, total_steps: int) -> tuple[list, optax.Schedule]:
@@ -136,19 +145,14 @@ def _group_settings(cfg, name: str, group) -> ml_collections.ConfigDict:
 def group_labels(groups) -> Any:
     """params -> tree of group names ("" for the base settings). A parameter two groups match,
     or a group that matches no parameter (a mistyped regex), is an error."""
-    patterns = {}
-    for name, group in groups.items():
-        try:
-            patterns[name] = re.compile(group["match"])
-        except re.error as error:
-            raise ConfigError(f"optim.groups.{name}.match {group['match']!r} is not a regular "
-                              f"expression: {error}")
+    patterns = {name: _regex(group["match"], f"optim.groups.{name}.match")
+                for name, group in groups.items()}
 
     def labels(params):
         used = set()
 
         def label(path, _):
-            text = "/".join(_names(path))
+            text = _path_text(path)
             hits = [name for name, regex in patterns.items() if regex.search(text)]
             if len(hits) > 1:
                 raise ConfigError(f"parameter {text} is in optim groups {hits}: make their "
@@ -160,7 +164,7 @@ def group_labels(groups) -> Any:
         if unused:
             first_path = jax.tree_util.tree_leaves_with_path(params)[0][0]
             raise ConfigError(f"optim groups {unused} match no parameter; parameter paths look "
-                              f"like {'/'.join(_names(first_path))!r}")
+                              f"like {_path_text(first_path)!r}")
         return tree
     return labels
 

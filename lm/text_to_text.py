@@ -244,8 +244,8 @@ class MixtureIterator:
         self._lo = process_index * self.local
         self.step = 0
         crc = [batches.arrays_crc(sets[n].inputs) for n in self.names]
-        self._fingerprint = batches.digest(self.names, self.rates.tolist(), global_batch_size, seed,
-                                   crc)[:16]
+        self._fingerprint = batches.digest(self.names, self.rates.tolist(), global_batch_size,
+                                           seed, crc)[:16]
 
     def batch_rows(self, step: int) -> list[tuple[int, int]]:
         """(task id, example index) of this process's rows of global batch `step`."""
