@@ -3,7 +3,7 @@ engine, for transfer-learning measurements.
 
 The encoder is lm/model.py's transformer with return_hidden; its states are mean-pooled over the
 real tokens (or the first token is taken) and a linear head gives class logits. It starts from
-  init=scratch      random weights, the architecture and tokenizer of `classify.encoder`'s run
+  init=scratch      random weights, the architecture and tokenizer of `classify.encoder`
   init=pretrained   that masked-LM run's newest good checkpoint (experiments/configs/lm/bert.py)
   encoder=all-minilm-l6-v2 (or a sentence-transformers directory) with its WordPiece tokenizer
 and `optim.freeze` can hold any part fixed (configs build it from freeze_layers / head_only).
@@ -250,18 +250,17 @@ class Encoder:
 
 
 def load_encoder(spec: str, init: str, cache: str = "") -> Encoder:
-    """A packaged / Hugging Face encoder (always pretrained), or a masked-LM run's workdir."""
+    """A packaged / Hugging Face encoder, or a masked-LM run's workdir; init="scratch" keeps its
+    architecture and tokenizer and drops its weights (the no-transfer baseline)."""
     from lm import embed
     if spec in embed.PRETRAINED or (pathlib.Path(spec) / "config.json").is_file() and not (
             pathlib.Path(spec) / "checkpoints").exists():
-        if init != "pretrained":
-            raise ConfigError(f"classify.encoder {spec!r} is an imported model: use "
-                              "init=pretrained (scratch needs a run of ours for the architecture)")
         sentence = embed.load_sentence_encoder(spec, cache)
         tok = sentence.tokenizer
         tok.no_truncation()  # whole documents; windows are cut here
         return Encoder(dataclasses.replace(sentence.cfg, scan_layers=False),
-                       jax.tree_util.tree_map(np.asarray, sentence.params),
+                       jax.tree_util.tree_map(np.asarray, sentence.params)
+                       if init == "pretrained" else None,
                        lambda texts: [e.ids for e in tok.encode_batch(texts,
                                                                       add_special_tokens=False)],
                        (tok.token_to_id("[CLS]"),), (tok.token_to_id("[SEP]"),), spec)
