@@ -10,7 +10,8 @@ retrained, so an interrupted study resumes.
     python -m experiments.main train --config experiments/configs/lm/bert.py:size=demo \\
         --workdir runs/bert-demo --config.data.val_fraction=0.2    # test documents held out
     python -m experiments.transfer --encoder runs/bert-demo --seeds 0,1,2 \\
-        --only ours_pretrained,ours_scratch,minilm_pretrained --out experiments/results/brown_transfer.json
+        --only ours_pretrained,ours_scratch,minilm_pretrained \\
+        --out experiments/results/brown_transfer.json
     python -m experiments.transfer --dataset sst2 --minilm-steps 100 --seq-len 64 \\
         --out experiments/results/sst2_transfer.json
 """

@@ -177,7 +177,8 @@ def test_token_classification_counts_only_labelled_positions(mlm_run, tmp_path):
 def test_transfer_study_pairs_differ_only_in_the_initial_weights(capsys):
     from experiments import transfer
     chosen = transfer.settings("runs/mlm", 300, 3e-4, 100, 1e-4)
-    assert list(chosen) == ["ours_pretrained", "ours_scratch", "minilm_pretrained", "minilm_scratch"]
+    assert list(chosen) == ["ours_pretrained", "ours_scratch",
+                            "minilm_pretrained", "minilm_scratch"]
     for name in ("ours", "minilm"):
         pretrained, scratch = chosen[f"{name}_pretrained"], chosen[f"{name}_scratch"]
         assert pretrained.replace("init=pretrained", "init=scratch") == scratch
