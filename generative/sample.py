@@ -1,11 +1,14 @@
-"""Sample a trained diffusion model or GAN, write a PNG grid, and score the samples by FID-FMNIST.
+"""Sample a trained diffusion model, GAN, VAE or flow, write a PNG grid, and score the samples by
+FID-FMNIST.
 
   python -m generative.sample --workdir RUN --sampler ddim --steps 50 --num 1000 --out DIR
   python -m generative.sample --workdir RUN --sampler ddpm --num 1000 --out DIR     # all T steps
   python -m generative.sample --workdir RUN --sampler gan --num 1000 --out DIR
+  python -m generative.sample --workdir RUN --sampler vae --num 1000 --out DIR    # decoder means
+  python -m generative.sample --workdir RUN --sampler flow --temperature 0.7 --num 1000 --out DIR
 Options: --guidance W (classifier-free guidance scale; 0: the conditional model), --unconditional
-(the null class), --eta (DDIM), --seed, --batch, --raw-params (a run trained with
-optim.ema_decay > 0 samples from its parameter EMA unless this is given). A class-conditional
+(the null class), --eta (DDIM), --temperature (flow), --seed, --batch, --raw-params (a run
+trained with optim.ema_decay > 0 samples from its parameter EMA unless this is given). A class-conditional
 model samples the classes in turn (0, 1, ..., 9, 0, ...), and its samples' classifier accuracy is
 reported beside FID.
 DIR gets grid.png (the first 100 samples, one class per column), samples.npz (uint8 NHWC and
@@ -25,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SAMPLERS = ("ddpm", "ddim", "gan")
+# sampler -> the task a run must have trained; the diffusion samplers need labels and steps
+RUN_TASK = {"ddpm": "diffusion", "ddim": "diffusion", "gan": "gan", "vae": "vae", "flow": "flow"}
+SAMPLERS = tuple(RUN_TASK)
 
 
 def parse(argv):
@@ -40,6 +45,8 @@ def parse(argv):
     parser.add_argument("--guidance", type=float, default=0.0)
     parser.add_argument("--unconditional", action="store_true")
     parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="flow: the prior's standard deviation (Glow samples at 0.7)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-fid", action="store_true")
     parser.add_argument("--raw-params", action="store_true",
@@ -59,10 +66,15 @@ def _labels(task, num: int, unconditional: bool):
 def generate(task, params, args) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 [num, H, W, C] samples (and their labels), in fixed-size batches."""
     from generative import diffusion, samplers
-    labels = _labels(task, args.num, args.unconditional) if args.sampler != "gan" else None
+    diffusing = RUN_TASK[args.sampler] == "diffusion"
+    labels = _labels(task, args.num, args.unconditional) if diffusing else None
     if args.sampler == "gan":
         run = jax.jit(lambda p, r: diffusion.unit_to_images(
             task.generate(p["generator"], task.latents(r, args.batch))))
+    elif args.sampler == "vae":  # the decoder's mean at z ~ N(0, I)
+        run = jax.jit(lambda p, r: task.sample(p, r, args.batch))
+    elif args.sampler == "flow":
+        run = jax.jit(lambda p, r: task.sample(p, r, args.batch, args.temperature))
     else:
         def run(p, r, y):
             return diffusion.unit_to_images(samplers.sample(
@@ -70,7 +82,7 @@ def generate(task, params, args) -> tuple[np.ndarray, np.ndarray | None]:
     chunks = []
     for index, start in enumerate(range(0, args.num, args.batch)):
         rng = jax.random.fold_in(jax.random.key(args.seed), index)
-        if args.sampler == "gan":
+        if not diffusing:
             chunks.append(np.asarray(run(params, rng)))
             continue
         label_B = None
@@ -102,7 +114,7 @@ def main(argv=None) -> int:
     from core.config import load_run_config
     from vision.commands import restore
     config = load_run_config(args.workdir, [])
-    wanted = "gan" if args.sampler == "gan" else "diffusion"
+    wanted = RUN_TASK[args.sampler]
     if config.task != wanted:
         print(f"error: --sampler {args.sampler} needs a {wanted} run; {args.workdir} trained "
               f"task {config.task!r}", file=sys.stderr)
@@ -125,10 +137,11 @@ def main(argv=None) -> int:
                         labels=labels if labels is not None else np.zeros(0, np.int32))
     result = {"workdir": args.workdir, "step": step, "sampler": args.sampler,
               "steps": (setup.task.schedule.timesteps if args.sampler == "ddpm" else args.steps)
-              if args.sampler != "gan" else 1,
+              if wanted == "diffusion" else 1,
               "params": "raw" if ema is None else "ema",
               "num": args.num, "guidance": args.guidance, "eta": args.eta,
-              "unconditional": args.unconditional, "seed": args.seed,
+              "unconditional": args.unconditional, "temperature": args.temperature,
+              "seed": args.seed,
               "sample_seconds": round(seconds, 1), "device": str(jax.devices()[0].platform)}
     if not args.no_fid and images.shape[1:] == (28, 28, 1):
         from generative import fid
