@@ -12,7 +12,7 @@ Likelihoods:
 kind "vae": Gaussian posterior N(mean, exp(log_var)), reparameterised, standard normal prior;
 loss = reconstruction + beta * KL (beta-VAE; beta = 1 is the ELBO). kind "ae": deterministic
 code, loss = reconstruction only. The loss is summed over real images, weight = number of images,
-so the eval metric is the negative ELBO in nats per image (and bits/dim); `iwae_log_likelihood`
+so the eval metric is the negative ELBO in nats per image (and bits/dim); `VAETask.log_weights`
 gives the tighter importance-weighted bound at evaluation time.
 """
 from __future__ import annotations

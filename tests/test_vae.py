@@ -218,3 +218,17 @@ def test_sample_command_draws_from_vae_and_flow_runs(tmp_path, kind):
     np.testing.assert_array_equal(drawn["images"][:4], np.asarray(first))
     assert sample.main(["--workdir", str(tmp_path), "--out", str(out), "--sampler", "gan",
                         "--num", "2", "--no-fid"]) == 2  # not a GAN run: refused, nothing drawn
+    from generative import iwae  # the IWAE command: a VAE run only
+    assert iwae.main(["--workdir", str(tmp_path), "--k", "4", "--num", "8"]) == (
+        0 if kind == "vae" else 2)
+
+
+def test_iwae_estimate_equals_the_elbo_at_k_1_and_is_tighter_above(trained_vae):
+    from generative import iwae
+    task, params, _, test = trained_vae
+    one = iwae.estimate(task, params, test[:150], k=1, batch=64)
+    np.testing.assert_allclose(one["neg_iwae_nats"], one["neg_elbo_nats"], rtol=1e-6)
+    many = iwae.estimate(task, params, test[:150], k=50, batch=64)
+    assert many["neg_iwae_nats"] < many["neg_elbo_nats"] and many["images"] == 150
+    np.testing.assert_allclose(many["neg_iwae_bits_per_dim"],
+                               many["neg_iwae_nats"] / (64 * np.log(2)), rtol=1e-6)
