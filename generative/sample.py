@@ -8,8 +8,8 @@ FID-FMNIST.
   python -m generative.sample --workdir RUN --sampler flow --temperature 0.7 --num 1000 --out DIR
 Options: --guidance W (classifier-free guidance scale; 0: the conditional model), --unconditional
 (the null class), --eta (DDIM), --temperature (flow), --seed, --batch, --raw-params (a run
-trained with optim.ema_decay > 0 samples from its parameter EMA unless this is given). A class-conditional
-model samples the classes in turn (0, 1, ..., 9, 0, ...), and its samples' classifier accuracy is
+trained with optim.ema_decay > 0 samples from its parameter EMA unless this is given). A
+class-conditional model samples the classes in turn (0, 1, ..., 9, 0, ...), and its samples' classifier accuracy is
 reported beside FID.
 DIR gets grid.png (the first 100 samples, one class per column), samples.npz (uint8 NHWC and
 labels) and metrics.json. FID-FMNIST is our own classifier's Fréchet distance (generative/fid.py),
