@@ -9,8 +9,8 @@ FID-FMNIST.
 Options: --guidance W (classifier-free guidance scale; 0: the conditional model), --unconditional
 (the null class), --eta (DDIM), --temperature (flow), --seed, --batch, --raw-params (a run
 trained with optim.ema_decay > 0 samples from its parameter EMA unless this is given). A
-class-conditional model samples the classes in turn (0, 1, ..., 9, 0, ...), and its samples' classifier accuracy is
-reported beside FID.
+class-conditional model samples the classes in turn (0, 1, ..., 9, 0, ...), and its samples'
+classifier accuracy is reported beside FID.
 DIR gets grid.png (the first 100 samples, one class per column), samples.npz (uint8 NHWC and
 labels) and metrics.json. FID-FMNIST is our own classifier's Fréchet distance (generative/fid.py),
 not Inception FID; it is computed for 28x28x1 samples only.
