@@ -59,11 +59,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     chosen = settings(args.encoder, args.steps, args.lr, args.minilm_steps, args.minilm_lr)
     if args.only:
-        unknown = set(args.only.split(",")) - set(chosen)
+        only = args.only.split(",")
+        unknown = set(only) - set(chosen)
         if unknown:
             parser.error(f"--only {sorted(unknown)}: the settings are {sorted(chosen)} "
                          "(ours_* need --encoder)")
-        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+        chosen = {k: v for k, v in chosen.items() if k in only}
     common = f"dataset={args.dataset},seq_len={args.seq_len},batch={args.batch}"
     chosen = {name: f"{arg},{common}" for name, arg in chosen.items()}
     summary = {"dataset": args.dataset, "encoder": args.encoder, "settings": chosen,

@@ -25,11 +25,10 @@ def estimate(task, params, images_NHWC: np.ndarray, k: int, seed: int = 0,
                        jax.random.fold_in(jax.random.key(seed), index))
         elbo.append(np.asarray(log_w_KB.mean(0)))
         iwae.append(np.asarray(jax.nn.logsumexp(log_w_KB, axis=0) - math.log(k)))
-    dims = task.cfg.num_dims * math.log(2)
     result = {"k": k, "images": len(images_NHWC)}
     for name, values in (("neg_elbo", elbo), ("neg_iwae", iwae)):
         nats = -float(np.concatenate(values).mean())
-        result.update({f"{name}_nats": nats, f"{name}_bits_per_dim": nats / dims})
+        result.update({f"{name}_nats": nats, f"{name}_bits_per_dim": task.bits_per_dim(nats)})
     return result
 
 
@@ -41,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--num", type=int, default=1000, help="eval images (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.k < 1 or args.num < 0:
+        print("error: --k must be positive and --num non-negative", file=sys.stderr)
+        return 2
     from core.config import load_run_config
     from core.metrics import emit
     from vision.commands import restore
@@ -48,9 +50,6 @@ def main(argv=None) -> int:
     if config.task != "vae" or config.vae.kind != "vae":
         print(f"error: {args.workdir} is not a VAE run (task {config.task!r}); the IWAE bound "
               "needs a Gaussian posterior", file=sys.stderr)
-        return 2
-    if args.k < 1 or args.num < 0:
-        print("error: --k must be positive and --num non-negative", file=sys.stderr)
         return 2
     setup, _, state, step = restore(config, args.workdir)
     images = setup.eval_set.images[:args.num or None]

@@ -243,17 +243,19 @@ class VAETask:
             raise ValueError(f"sample mode {mode!r} is not 'mean' or 'sample'")
         return jnp.clip(jnp.round((mean + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
+    def bits_per_dim(self, nats_per_image: float) -> float:
+        return nats_per_image / (self.cfg.num_dims * math.log(2))
+
     def metrics(self, totals: dict[str, float]) -> dict[str, float]:
         images = max(totals["weight"], 1.0)
-        dims_log2 = self.cfg.num_dims * math.log(2)
         out = {"loss": totals["loss"] / images, "images": totals["weight"],
                "reconstruction": totals["reconstruction"] / images}
         if self.cfg.kind == "ae":
-            out["reconstruction_bits_per_dim"] = out["reconstruction"] / dims_log2
+            out["reconstruction_bits_per_dim"] = self.bits_per_dim(out["reconstruction"])
             return out
         out["kl"] = totals["kl"] / images
         out["neg_elbo"] = totals["neg_elbo"] / images
-        out["bits_per_dim"] = out["neg_elbo"] / dims_log2
+        out["bits_per_dim"] = self.bits_per_dim(out["neg_elbo"])
         return out
 
     def batch_fields(self):

@@ -311,4 +311,5 @@ def test_sample_command_draws_from_the_parameter_ema(tmp_path):
         images[name] = drawn["images"]
     assert records["ema"]["params"] == "ema" and records["raw"]["params"] == "raw"
     assert records["ema"]["step"] == 6
-    assert np.abs(images["ema"].astype(int) - images["raw"]).mean() > 0.5  # the EMA is not the raw parameters
+    # the EMA is not the raw parameters
+    assert np.abs(images["ema"].astype(int) - images["raw"]).mean() > 0.5
