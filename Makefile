@@ -3,6 +3,9 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
+# pytest processes for `make test` (CI has 2 cores); each file stays in one process, so a file's
+# tests run in order and module fixtures are built once. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | md5sum | cut -c1-12)
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
@@ -28,7 +31,7 @@ demo: corpora
 	$(PY) -m experiments.demo
 
 test: corpora
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PY) -m benchmarks.train_throughput
