@@ -4,7 +4,8 @@ architecture trained from scratch on the same labelled data, over several seeds
 Settings: ours_pretrained / ours_scratch (a masked-LM run of ours, --encoder) and
 minilm_pretrained / minilm_scratch (the imported all-MiniLM-L6-v2). Prints a JSON summary: per
 setting the test accuracies per seed, their mean and standard deviation, per window and per
-document. Runs that finished before (their workdir holds test_accuracy.json) are collected, not
+document, and for each architecture trained both ways the pretrained-minus-scratch gain with
+Welch's one-sided t-test (is pretraining better?). Runs that finished before (their workdir holds test_accuracy.json) are collected, not
 retrained, so an interrupted study resumes.
 
     python -m experiments.main train --config experiments/configs/lm/bert.py:size=demo \\
@@ -23,6 +24,8 @@ import pathlib
 import statistics
 import types
 
+import scipy.stats
+
 from core.config import load_config
 from core.metrics import emit
 from lm import classify
@@ -38,6 +41,33 @@ def settings(encoder: str, steps: int, lr: float, minilm_steps: int, minilm_lr: 
         architectures = {"ours": f"encoder={encoder},steps={steps},lr={lr}", **architectures}
     return {f"{name}_{init}": f"{arg},init={init}" for name, arg in architectures.items()
             for init in ("pretrained", "scratch")}
+
+
+METRICS = ("window_accuracy", "document_accuracy")
+
+
+def pretraining_gains(results: dict) -> dict:
+    """architecture -> metric -> the pretrained-minus-scratch difference of mean accuracies and
+    Welch's one-sided t-test p-value (H1: pretrained is better), for each architecture that has
+    both settings with at least two seeds each; a p-value below 0.05 is what "beats" means."""
+    gains = {}
+    for name in results:
+        arch, _, init = name.rpartition("_")
+        scratch = results.get(f"{arch}_scratch")
+        if init != "pretrained" or scratch is None:
+            continue
+        pretrained = results[name]
+        if min(len(pretrained["runs"]), len(scratch["runs"])) < 2:
+            continue
+        gains[arch] = {}
+        for metric in METRICS:
+            a, b = ([r[metric] for r in setting["runs"]] for setting in (pretrained, scratch))
+            test = scipy.stats.ttest_ind(a, b, equal_var=False, alternative="greater")
+            p_value = float(test.pvalue) if test.pvalue == test.pvalue else (
+                0.0 if statistics.mean(a) > statistics.mean(b) else 1.0)  # both spreads zero
+            gains[arch][metric] = {"gain": statistics.mean(a) - statistics.mean(b),
+                                   "welch_t_p_one_sided": p_value}
+    return gains
 
 
 def main(argv=None) -> dict:
@@ -84,9 +114,10 @@ def main(argv=None) -> dict:
                 "window_accuracy", "document_accuracy", "majority_class_accuracy")}})
         summary["results"][name] = {"runs": runs, **{
             f"{metric}_{stat}": fn([r[metric] for r in runs])
-            for metric in ("window_accuracy", "document_accuracy")
+            for metric in METRICS
             for stat, fn in (("mean", statistics.mean),
                              ("std", lambda x: statistics.stdev(x) if len(x) > 1 else 0.0))}}
+    summary["pretraining_gain"] = pretraining_gains(summary["results"])
     emit(summary, args.out)
     return summary
 

@@ -1,5 +1,6 @@
 """Fine-tuning an encoder with a classification head: data, initialisation, freezing."""
 import json
+import statistics
 import types
 
 import jax
@@ -188,3 +189,32 @@ def test_transfer_study_pairs_differ_only_in_the_initial_weights(capsys):
     with pytest.raises(SystemExit):  # a run of ours is needed for its settings
         transfer.main(["--dataset", "sst2", "--only", "ours_scratch"])
     assert "ours_* need --encoder" in capsys.readouterr().err
+
+
+def test_pretraining_gain_is_welchs_one_sided_t_test():
+    import math
+
+    import scipy.stats
+
+    from experiments import transfer
+    pre, scratch = [0.41, 0.45, 0.44], [0.37, 0.35, 0.41]
+    runs = lambda accs: {"runs": [{"window_accuracy": a / 2, "document_accuracy": a}
+                                  for a in accs]}
+    results = {"ours_pretrained": runs(pre), "ours_scratch": runs(scratch),
+               "minilm_pretrained": runs(pre), "solo_pretrained": runs(pre),
+               "solo_scratch": runs(scratch[:1])}
+    gains = transfer.pretraining_gains(results)
+    assert list(gains) == ["ours"]  # minilm has no scratch runs, solo only one scratch seed
+    # Welch by hand: t on the unpooled standard error, Welch-Satterthwaite degrees of freedom.
+    va, vb = (statistics.variance(x) / len(x) for x in (pre, scratch))
+    t = (statistics.mean(pre) - statistics.mean(scratch)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(pre) - 1) + vb ** 2 / (len(scratch) - 1))
+    document = gains["ours"]["document_accuracy"]
+    assert document["gain"] == pytest.approx(statistics.mean(pre) - statistics.mean(scratch))
+    assert document["welch_t_p_one_sided"] == pytest.approx(scipy.stats.t.sf(t, df))
+    assert gains["ours"]["window_accuracy"]["gain"] == pytest.approx(document["gain"] / 2)
+    # The test is one-sided: swapping the settings gives the complementary p-value.
+    swapped = transfer.pretraining_gains({"ours_pretrained": runs(scratch),
+                                          "ours_scratch": runs(pre)})
+    assert swapped["ours"]["document_accuracy"]["welch_t_p_one_sided"] == pytest.approx(
+        1 - document["welch_t_p_one_sided"])
