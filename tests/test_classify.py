@@ -61,7 +61,8 @@ def mlm_run(tmp_path_factory):
     from core import trainer
     from lm import pipeline
     workdir = tmp_path_factory.mktemp("mlm")
-    config = load_config(BERT + ":size=tiny,corpus=austen",
+    # Learned positions, so that freezing is checked on the position table too.
+    config = load_config(BERT + ":size=tiny,corpus=austen,positions=learned",
                          [*QUIET, "--config.train.steps=4", "--config.train.checkpoint_every=4",
                           "--config.model.scan_layers=true"])
     setup = pipeline.build(config, workdir)

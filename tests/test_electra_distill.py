@@ -98,7 +98,8 @@ def test_bad_electra_ratio_is_a_clear_error():
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("teacher")
-    _train("bert.py:size=tiny,corpus=austen", workdir, "--config.train.steps=20")
+    # Learned positions, so that the student is checked to copy the position table too.
+    _train("bert.py:size=tiny,corpus=austen,positions=learned", workdir, "--config.train.steps=20")
     return workdir
 
 

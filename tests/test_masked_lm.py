@@ -71,6 +71,11 @@ def test_spanbert_loss_falls_and_a_2x2x2_mesh_matches_one_device(tmp_path):
 def test_bad_masked_lm_configs_are_clear_errors():
     with pytest.raises(ConfigError, match="objective"):
         load_config(BERT + ":objective=electra", [])
+    with pytest.raises(ConfigError, match="positions 'absolute' is not one of"):
+        load_config(BERT + ":positions=absolute", [])
+    # Rotary by default (learned positions stall on the unigram plateau; bert.py's docstring).
+    assert load_config(BERT + ":size=tiny", []).model.pos_emb == "rope"
+    assert load_config(BERT + ":size=tiny,positions=learned", []).model.pos_emb == "learned"
     config = load_config(BERT + ":size=tiny", ["--config.model.causal=true"])
     with pytest.raises(ValueError, match="causal=False"):
         pipeline.make_task(config, 512)
