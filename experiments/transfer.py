@@ -1,12 +1,12 @@
 """Transfer learning, measured: an encoder fine-tuned from its pretrained weights vs the same
 architecture trained from scratch on the same labelled data, over several seeds
 (experiments/configs/lm/classify.py for each run), on Brown genres or SST-2 / RTE / BoolQ.
-Settings: ours_pretrained / ours_scratch (a masked-LM run of ours, --encoder) and
-minilm_pretrained / minilm_scratch (the imported all-MiniLM-L6-v2). Prints a JSON summary: per
-setting the test accuracies per seed, their mean and standard deviation, per window and per
-document, and for each architecture trained both ways the pretrained-minus-scratch gain with
-Welch's one-sided t-test (is pretraining better?). Runs that finished before (their workdir holds test_accuracy.json) are collected, not
-retrained, so an interrupted study resumes.
+Settings: ours_pretrained / ours_scratch (a masked-LM run of ours, --encoder) and minilm_pretrained
+/ minilm_scratch (the imported all-MiniLM-L6-v2). Prints a JSON summary: per setting the test
+accuracies per seed, their mean and standard deviation, per window and per document, and for each
+architecture trained both ways the pretrained-minus-scratch gain with Welch's one-sided t-test (is
+pretraining better?). Runs that finished before (their workdir holds test_accuracy.json) are
+collected, not retrained, so an interrupted study resumes.
 
     python -m experiments.main train --config experiments/configs/lm/bert.py:size=demo \\
         --workdir runs/bert-demo --config.data.val_fraction=0.2    # test documents held out
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import statistics
 import types
@@ -31,6 +32,7 @@ from core.metrics import emit
 from lm import classify
 
 CONFIG = pathlib.Path(__file__).resolve().parent / "configs/lm/classify.py"
+METRICS = ("window_accuracy", "document_accuracy")
 
 
 def settings(encoder: str, steps: int, lr: float, minilm_steps: int, minilm_lr: float) -> dict:
@@ -41,9 +43,6 @@ def settings(encoder: str, steps: int, lr: float, minilm_steps: int, minilm_lr: 
         architectures = {"ours": f"encoder={encoder},steps={steps},lr={lr}", **architectures}
     return {f"{name}_{init}": f"{arg},init={init}" for name, arg in architectures.items()
             for init in ("pretrained", "scratch")}
-
-
-METRICS = ("window_accuracy", "document_accuracy")
 
 
 def pretraining_gains(results: dict) -> dict:
@@ -62,11 +61,12 @@ def pretraining_gains(results: dict) -> dict:
         gains[arch] = {}
         for metric in METRICS:
             a, b = ([r[metric] for r in setting["runs"]] for setting in (pretrained, scratch))
-            test = scipy.stats.ttest_ind(a, b, equal_var=False, alternative="greater")
-            p_value = float(test.pvalue) if test.pvalue == test.pvalue else (
-                0.0 if statistics.mean(a) > statistics.mean(b) else 1.0)  # both spreads zero
-            gains[arch][metric] = {"gain": statistics.mean(a) - statistics.mean(b),
-                                   "welch_t_p_one_sided": p_value}
+            gain = statistics.mean(a) - statistics.mean(b)
+            p_value = float(scipy.stats.ttest_ind(a, b, equal_var=False,
+                                                  alternative="greater").pvalue)
+            if math.isnan(p_value):  # no spread on either side: the sign of the gain decides
+                p_value = 0.0 if gain > 0 else 1.0
+            gains[arch][metric] = {"gain": gain, "welch_t_p_one_sided": p_value}
     return gains
 
 
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
                 config = load_config(f"{CONFIG}:{arg},seed={seed}")
                 result = classify.train(config, types.SimpleNamespace(workdir=str(workdir)))
             runs.append({"seed": seed, **{k: result[k] for k in (
-                "window_accuracy", "document_accuracy", "majority_class_accuracy")}})
+                *METRICS, "majority_class_accuracy")}})
         summary["results"][name] = {"runs": runs, **{
             f"{metric}_{stat}": fn([r[metric] for r in runs])
             for metric in METRICS

@@ -40,12 +40,12 @@ OBJECTIVES = {
     "spanbert": {"rate": 0.15, "span_p": 0.2, "max_span": 10},
 }
 SENTENCE_OBJECTIVES = ("none", "nsp", "sop")
-POSITIONS = ("rope", "learned")
+POSITIONS = ("rope", "learned")  # the first is the default
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="demo", objective="mlm", corpus="austen+kjv+brown",
-                     sentence_objective="none", positions="rope")
+                     sentence_objective="none", positions=POSITIONS[0])
     if args.objective not in OBJECTIVES:
         raise ConfigError(f"objective {args.objective!r} is not one of {sorted(OBJECTIVES)}")
     if args.sentence_objective not in SENTENCE_OBJECTIVES:

@@ -19,7 +19,7 @@ from experiments.configs.lm import bert
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    args = parse_arg(arg, size="demo", corpus="austen+kjv+brown", positions="rope")
+    args = parse_arg(arg, size="demo", corpus="austen+kjv+brown", positions=bert.POSITIONS[0])
     config = bert.get_config(f"size={args.size},corpus={args.corpus},positions={args.positions}")
     config.task = "electra"
     del config.masking  # the electra section holds ELECTRA's masking
