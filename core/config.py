@@ -24,6 +24,18 @@ class DataError(ValueError):
     """A data problem the user can fix (missing file, unknown corpus, empty split, ...)."""
 
 
+def check_choice(name: str, value: Any, choices: Iterable, error: type[ValueError] = ConfigError,
+                 hint: str = "") -> None:
+    """Raises `error` when `value` is not one of `choices` (a mapping: its keys), naming the valid
+    ones (sorted unless given as a sequence), then `hint`, then the closest match."""
+    if value in choices:
+        return
+    valid = list(choices) if isinstance(choices, (list, tuple)) else sorted(choices)
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+    near = f"; did you mean {close[0]!r}?" if close else ""
+    raise error(f"{name} {value!r} is not one of {valid}{hint}{near}")
+
+
 def parse_arg(arg: str, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses `key=value,key=value` against typed defaults; unknown keys are errors."""
     result = ml_collections.ConfigDict(defaults)

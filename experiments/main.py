@@ -49,7 +49,7 @@ def parse(argv: list[str]):
 
 
 def load(args, overrides):
-    from core.config import load_config, load_run_config
+    from core.config import check_choice, load_config, load_run_config
     if args.config:
         return load_config(args.config, overrides)
     return load_run_config(args.workdir, overrides)
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load(args, overrides)
         maybe_initialize(config.distributed)
         import importlib
-        if config.task not in tasks:
-            raise ConfigError(f"task {config.task!r} is not one of {sorted(tasks)}")
+        check_choice("task", config.task, tasks)
         commands = importlib.import_module(tasks[config.task])
         result = getattr(commands, args.command)(config, args)
     except (ConfigError, DataError, CheckpointError, CheckpointMismatchError,

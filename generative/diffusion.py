@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from core.config import ConfigError
+from core.config import ConfigError, check_choice
 from core.flops import xla_flops
 from core.task import BatchField, LossSums
 from generative import unet as unet_lib
@@ -56,8 +56,7 @@ class Schedule:
 
 
 def make_schedule(name: str, timesteps: int) -> Schedule:
-    if name not in SCHEDULES:
-        raise ConfigError(f"diffusion.schedule {name!r} is not one of {SCHEDULES}")
+    check_choice("diffusion.schedule", name, SCHEDULES)
     if timesteps < 2:
         raise ConfigError(f"diffusion.timesteps must be at least 2, got {timesteps}")
     betas = linear_betas(timesteps) if name == "linear" else cosine_betas(timesteps)
@@ -122,8 +121,7 @@ class DiffusionTask:
     name = "diffusion"
 
     def __init__(self, cfg: ml_collections.ConfigDict, image_shape, num_classes: int):
-        if cfg.prediction not in PREDICTIONS:
-            raise ConfigError(f"diffusion.prediction {cfg.prediction!r} is not one of {PREDICTIONS}")
+        check_choice("diffusion.prediction", cfg.prediction, PREDICTIONS)
         if not 0.0 <= cfg.p_uncond < 1.0:
             raise ConfigError(f"diffusion.p_uncond must be in [0, 1), got {cfg.p_uncond}")
         self.cfg = cfg

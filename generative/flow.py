@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from core.config import check_choice
 from core.task import BatchField, LossSums
 from generative.flow_layers import (FlowStep, SplitPrior, gaussian_log_prob, squeeze,
                                     unsqueeze)
@@ -50,8 +51,7 @@ class FlowConfig:
             raise ValueError(f"images of {h}x{w} cannot be squeezed {self.levels} times; "
                              f"height and width must be multiples of 2^levels = {2 ** self.levels}"
                              "; lower flow.levels")
-        if self.preprocess not in PREPROCESSING:
-            raise ValueError(f"flow.preprocess {self.preprocess!r} is not one of {PREPROCESSING}")
+        check_choice("flow.preprocess", self.preprocess, PREPROCESSING, ValueError)
         if not 0.0 <= self.logit_alpha < 0.5:
             raise ValueError(f"flow.logit_alpha must be in [0, 0.5), got {self.logit_alpha}")
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from core.config import ConfigError
+from core.config import ConfigError, check_choice
 from core.flops import xla_flops
 from core.task import BatchField, LossSums
 from generative.diffusion import images_to_unit
@@ -111,8 +111,7 @@ class GANTask:
     name = "gan"
 
     def __init__(self, cfg: ml_collections.ConfigDict, image_shape):
-        if cfg.loss not in LOSSES:
-            raise ConfigError(f"gan.loss {cfg.loss!r} is not one of {LOSSES}")
+        check_choice("gan.loss", cfg.loss, LOSSES)
         height, width, _ = image_shape
         if height % 4 or width % 4:
             raise ConfigError(f"the DCGAN generator upsamples x4: image sides must be multiples "

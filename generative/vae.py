@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from core.config import check_choice
 from core.task import BatchField, LossSums
 
 KINDS = ("vae", "ae")
@@ -47,10 +48,8 @@ class VAEConfig:
         if h % 4 or w % 4:
             raise ValueError(f"the VAE halves {h}x{w} images twice; height and width must be "
                              "multiples of 4 (pad or crop the images)")
-        if self.kind not in KINDS:
-            raise ValueError(f"vae.kind {self.kind!r} is not one of {KINDS}")
-        if self.likelihood not in LIKELIHOODS:
-            raise ValueError(f"vae.likelihood {self.likelihood!r} is not one of {LIKELIHOODS}")
+        check_choice("vae.kind", self.kind, KINDS, ValueError)
+        check_choice("vae.likelihood", self.likelihood, LIKELIHOODS, ValueError)
         if self.beta < 0:
             raise ValueError(f"vae.beta must be >= 0, got {self.beta}")
 

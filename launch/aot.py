@@ -31,7 +31,7 @@ import time
 import jax
 
 from core import mesh as mesh_lib
-from core.config import ConfigError, load_config
+from core.config import ConfigError, check_choice, load_config
 from core.engine import Engine
 from core.memory import GIB, memory_report
 
@@ -248,8 +248,7 @@ def compile_step(engine: Engine):
 
 def run(config, target: Target, method: str = "auto", memory_fraction: float = 0.0) -> dict:
     """Compiles for the target and returns the report (see the module docstring)."""
-    if method not in METHODS:
-        raise ConfigError(f"--method {method!r} is not one of {METHODS}")
+    check_choice("--method", method, METHODS)
     fraction = memory_fraction or (GPU_MEMORY_FRACTION if target.platform == "gpu" else 1.0)
     if not 0 < fraction <= 1:
         raise ConfigError(f"--memory-fraction {fraction} must be in (0, 1]")

@@ -30,7 +30,7 @@ import optax
 
 from core import trainer
 from core.engine import restore_params
-from core.config import ConfigError, load_run_config
+from core.config import ConfigError, check_choice, load_run_config
 from core.task import BatchField, LossSums
 from lm import corpora, data as data_lib, layers
 from lm import model as model_lib
@@ -180,8 +180,7 @@ class ClassificationTask:
                  per_token: bool = False):
         if model_cfg.causal:
             raise ConfigError("classification pools an encoder: the model must have causal=False")
-        if pooling not in POOLINGS:
-            raise ConfigError(f"classify.pooling {pooling!r} is not one of {POOLINGS}")
+        check_choice("classify.pooling", pooling, POOLINGS)
         self.model_cfg, self.num_classes, self.seq_len = model_cfg, num_classes, seq_len
         self.per_token = per_token
         self.model = Classifier(model_cfg, num_classes, pooling, dropout, per_token)
@@ -306,8 +305,7 @@ class ClassificationSetup:
 def build(config, workdir=None, need_train: bool = True) -> ClassificationSetup:
     from lm import pipeline
     cc = config.classify
-    if cc.dataset not in DATASETS:
-        raise ConfigError(f"classify.dataset {cc.dataset!r} is not one of {DATASETS}")
+    check_choice("classify.dataset", cc.dataset, DATASETS)
     encoder = load_encoder(cc.encoder, cc.init, config.data.cache_dir)
     seq_len = config.data.seq_len
     baseline = None

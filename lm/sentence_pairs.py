@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from core.config import check_choice
 from core.task import BatchField, LossSums
 from lm import data as data_lib
 from lm import layers, masked_lm
@@ -79,8 +80,7 @@ def document_pairs(docs: list[list[list[int]]], index: int, max_tokens: int, obj
                    rng, short_seq_prob: float = 0.1) -> list[tuple[list[int], list[int], int]]:
     """(A, B, label) pairs of document `index`: label 1 = B from another document (nsp) or A and
     B swapped (sop), 0 = B follows A in the document."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"sentence objective {objective!r} is not one of {OBJECTIVES}")
+    check_choice("sentence objective", objective, OBJECTIVES, ValueError)
     if objective == "nsp" and len(docs) < 2:
         raise ValueError("next-sentence prediction draws negatives from another document: the "
                          "split needs at least 2 documents")

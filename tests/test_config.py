@@ -1,7 +1,8 @@
 """Config loading: typed overrides, and typos that name the closest valid key."""
 import pytest
 
-from core.config import ConfigError, apply_overrides, load_config, parse_arg
+from core.config import (ConfigError, DataError, apply_overrides, check_choice, load_config,
+                         parse_arg)
 
 GPT = "experiments/configs/lm/gpt.py"
 
@@ -25,6 +26,17 @@ def test_mistyped_key_names_the_closest_valid_one():
 def test_mistyped_config_argument_names_the_closest_valid_one():
     with pytest.raises(ConfigError, match=r"'szie'.*'size'"):
         load_config(f"{GPT}:szie=tiny")
+
+
+def test_mistyped_choice_lists_the_valid_ones_and_the_closest():
+    with pytest.raises(ConfigError, match=r"size 'smal' is not one of \[.*'small'.*\]; "
+                                          r"did you mean 'small'\?"):
+        load_config(f"{GPT}:size=smal")
+    # a sequence keeps its order (the default first), a hint comes before the closest match
+    with pytest.raises(DataError, match=r"^split 'tset' is not one of \['train', 'test'\] "
+                                        r"\(a hint\); did you mean 'test'\?$"):
+        check_choice("split", "tset", ("train", "test"), DataError, hint=" (a hint)")
+    check_choice("split", "test", ("train", "test"))  # a valid choice passes
 
 
 def test_wrong_type_is_an_error():

@@ -22,7 +22,7 @@ import pathlib
 import numpy as np
 
 from core.batches import arrays_crc
-from core.config import DataError
+from core.config import DataError, check_choice
 from lm.corpora import cache_dir, fetch_package
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -192,8 +192,7 @@ def load_image_set(name: str, split: str, cache: str = "", image_size: int = 0,
                    channels: int = 1, train_info: DatasetInfo | None = None) -> ImageSet:
     """One split of a dataset with the train split's statistics in its info (taken from
     `train_info` where the caller has loaded the train split already)."""
-    if split not in _SPLITS:
-        raise DataError(f"split {split!r} is not one of {_SPLITS}")
+    check_choice("split", split, _SPLITS, DataError)
     if channels not in (1, 3):
         raise DataError(f"data.channels must be 1 or 3, got {channels}")
     root = cache_dir(cache)

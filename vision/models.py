@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from core.config import ConfigError
+from core.config import ConfigError, check_choice
 from core.flops import xla_flops
 from vision import resnet, vit
 from vision.data import DatasetInfo
@@ -24,8 +24,7 @@ KINDS = {"resnet": (resnet.ResNetConfig, resnet.ResNet, resnet.PRESETS),
 
 def model_section(kind: str, preset: str, **overrides: Any) -> ml_collections.ConfigDict:
     """A config's model section: every field of the preset, which overrides then replace."""
-    if kind not in KINDS:
-        raise ConfigError(f"model kind {kind!r} is not one of {sorted(KINDS)}")
+    check_choice("model kind", kind, KINDS)
     _, _, presets = KINDS[kind]
     if preset not in presets:
         raise ConfigError(f"unknown {kind} preset {preset!r}; expected one of {sorted(presets)}")

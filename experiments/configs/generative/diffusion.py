@@ -22,7 +22,7 @@ runs of 100k+ steps); generative.sample draws from it, and the eval loss uses th
 """
 import ml_collections
 
-from core.config import ConfigError, parse_arg
+from core.config import check_choice, parse_arg
 from generative.diffusion import diffusion_config
 from vision.pipeline import base_config
 
@@ -37,8 +37,7 @@ SIZES = {
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="fashion_mnist", schedule="cosine", prediction="eps",
                      conditional=True, steps=0, batch=0)
-    if args.size not in SIZES:
-        raise ConfigError(f"size {args.size!r} is not one of {sorted(SIZES)}")
+    check_choice("size", args.size, SIZES)
     dataset, width, mults, blocks, batch, steps, lr = SIZES[args.size]
     config = base_config("diffusion", dataset, args.steps or steps, args.batch or batch, lr,
                          weight_decay=0.0, b2=0.999, min_lr_ratio=0.1)

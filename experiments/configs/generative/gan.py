@@ -21,7 +21,7 @@ Measured on 2 CPU cores: FID-FMNIST 33.7 after 5,700 steps (108 after 1,865), 4.
 """
 import ml_collections
 
-from core.config import ConfigError, parse_arg
+from core.config import check_choice, parse_arg
 from generative.gan import gan_config
 from vision.pipeline import base_config
 
@@ -34,8 +34,7 @@ SIZES = {
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="fashion_mnist", loss="non_saturating", steps=0, batch=0)
-    if args.size not in SIZES:
-        raise ConfigError(f"size {args.size!r} is not one of {sorted(SIZES)}")
+    check_choice("size", args.size, SIZES)
     dataset, latent, g_width, d_width, batch, steps, lr = SIZES[args.size]
     config = base_config("gan", dataset, args.steps or steps, args.batch or batch, lr,
                          weight_decay=0.0, b1=0.5, b2=0.999, min_lr_ratio=1.0, clip_norm=0.0)

@@ -16,7 +16,7 @@ Fashion-MNIST test set; IWAE-100 1,860.9 nats (3.42 bits/dim) on its first 1,000
 """
 import ml_collections
 
-from core.config import ConfigError, parse_arg
+from core.config import check_choice, parse_arg
 from generative.vae import vae_config
 from vision.pipeline import base_config
 
@@ -30,8 +30,7 @@ SIZES = {
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="fashion_mnist", kind="vae", likelihood="logistic", beta=1.0,
                      steps=0, batch=0)
-    if args.size not in SIZES:
-        raise ConfigError(f"size {args.size!r} is not one of {sorted(SIZES)}")
+    check_choice("size", args.size, SIZES)
     dataset, latent, widths, hidden, batch, steps, lr = SIZES[args.size]
     config = base_config("vae", dataset, args.steps or steps, args.batch or batch, lr,
                          weight_decay=0.0, b2=0.999)

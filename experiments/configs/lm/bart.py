@@ -30,7 +30,7 @@ import dataclasses
 
 import ml_collections
 
-from core.config import ConfigError, parse_arg
+from core.config import check_choice, parse_arg
 from experiments.configs.lm import t5
 from lm import model as model_lib
 
@@ -46,8 +46,7 @@ OBJECTIVES = {
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="demo", corpus="austen+kjv+brown", objective="bart")
-    if args.objective not in OBJECTIVES:
-        raise ConfigError(f"objective {args.objective!r} is not one of {sorted(OBJECTIVES)}")
+    check_choice("objective", args.objective, OBJECTIVES)
     config = t5.get_config(f"size={args.size},corpus={args.corpus}")
     del config["span_corruption"]
     config.task = "denoising"

@@ -32,7 +32,7 @@ pairs; chance 0.5, sd 0.010), MLM eval 3.72 nats; sop is harder and only starts 
 """
 import ml_collections
 
-from core.config import ConfigError, parse_arg
+from core.config import check_choice, parse_arg
 from experiments.configs.lm import gpt
 
 OBJECTIVES = {
@@ -46,13 +46,9 @@ POSITIONS = ("rope", "learned")  # the first is the default
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="demo", objective="mlm", corpus="austen+kjv+brown",
                      sentence_objective="none", positions=POSITIONS[0])
-    if args.objective not in OBJECTIVES:
-        raise ConfigError(f"objective {args.objective!r} is not one of {sorted(OBJECTIVES)}")
-    if args.sentence_objective not in SENTENCE_OBJECTIVES:
-        raise ConfigError(f"sentence_objective {args.sentence_objective!r} is not one of "
-                          f"{SENTENCE_OBJECTIVES}")
-    if args.positions not in POSITIONS:
-        raise ConfigError(f"positions {args.positions!r} is not one of {POSITIONS}")
+    check_choice("objective", args.objective, OBJECTIVES)
+    check_choice("sentence_objective", args.sentence_objective, SENTENCE_OBJECTIVES)
+    check_choice("positions", args.positions, POSITIONS)
     config = gpt.get_config(f"size={args.size},style=bert-base,corpus={args.corpus}")
     config.model.pos_emb = args.positions
     config.task = "masked_lm"

@@ -17,7 +17,7 @@ import dataclasses
 
 import ml_collections
 
-from core.config import ConfigError, parse_arg
+from core.config import check_choice, parse_arg
 from core.distributed import distributed_config
 from core.engine import train_config
 from core.mesh import DEFAULT_RULES, mesh_config
@@ -37,8 +37,7 @@ SIZES = {
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="demo", style="gpt2", corpus="austen+kjv+brown")
-    if args.size not in SIZES:
-        raise ConfigError(f"size {args.size!r} is not one of {sorted(SIZES)}")
+    check_choice("size", args.size, SIZES)
     layers, width, heads, seq_len, vocab, batch, steps, lr = SIZES[args.size]
     model = model_lib.preset(args.style, vocab_size=vocab, num_layers=layers, d_model=width, num_heads=heads,
                              max_len=max(seq_len, 256))

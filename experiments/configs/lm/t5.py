@@ -25,7 +25,7 @@ import dataclasses
 
 import ml_collections
 
-from core.config import ConfigError, parse_arg
+from core.config import check_choice, parse_arg
 from experiments.configs.lm import gpt
 from lm import model as model_lib
 
@@ -43,8 +43,7 @@ T5_STYLE = dict(pos_emb="relative", norm="rmsnorm", norm_position="pre", mlp="sw
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="demo", corpus="austen+kjv+brown")
-    if args.size not in SIZES:
-        raise ConfigError(f"size {args.size!r} is not one of {sorted(SIZES)}")
+    check_choice("size", args.size, SIZES)
     layers, width, heads, seq_len, vocab, batch, steps, lr = SIZES[args.size]
     config = gpt.get_config(f"size={'tiny' if args.size == 'tiny' else 'demo'},"
                             f"corpus={args.corpus}")

@@ -21,7 +21,7 @@ import dataclasses
 
 import ml_collections
 
-from core.config import ConfigError, parse_arg
+from core.config import check_choice, parse_arg
 from lm.model import TransformerConfig
 from vision.pipeline import base_config
 from vision.vit import ViTConfig
@@ -37,8 +37,7 @@ SIZES = {
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="fashion_mnist")
-    if args.size not in SIZES:
-        raise ConfigError(f"size {args.size!r} is not one of {sorted(SIZES)}")
+    check_choice("size", args.size, SIZES)
     dataset, vit, decoder, batch, steps, lr = SIZES[args.size]
     patch, layers, width, heads, mlp = vit
     image = 8 if dataset == "digits" else 28

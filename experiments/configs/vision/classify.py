@@ -14,7 +14,7 @@ Fashion-MNIST test accuracy on 2 CPU cores (README): ResNet size=deep, 30 epochs
 """
 import ml_collections
 
-from core.config import ConfigError, parse_arg
+from core.config import check_choice, parse_arg
 from vision.models import model_section
 from vision.pipeline import base_config
 
@@ -41,15 +41,11 @@ MODELS = {
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, model="resnet", dataset="fashion_mnist", size="default", epochs=15,
                      batch=128, steps=0)
-    if args.model not in MODELS:
-        raise ConfigError(f"model {args.model!r} is not one of {sorted(MODELS)}")
-    if args.dataset not in TRAIN_IMAGES:
-        raise ConfigError(f"dataset {args.dataset!r} is not one of {sorted(TRAIN_IMAGES)} "
-                          "(other data: --config.data.dataset=imagefolder:DIR)")
+    check_choice("model", args.model, MODELS)
+    check_choice("dataset", args.dataset, TRAIN_IMAGES,
+                 hint=" (other data: --config.data.dataset=imagefolder:DIR)")
     kind, preset, sizes = MODELS[args.model]
-    if args.size != "preset" and args.size not in sizes:
-        raise ConfigError(f"size {args.size!r} is not one of {sorted({'preset', *sizes})} for "
-                          f"model={args.model}")
+    check_choice("size", args.size, {"preset", *sizes}, hint=f" for model={args.model}")
     steps = args.steps or TRAIN_IMAGES[args.dataset] // args.batch * args.epochs
     if args.model == "resnet":  # SGD + Nesterov, the ResNet recipe (He et al. 2016)
         config = base_config("image_classification", args.dataset, steps, args.batch,
