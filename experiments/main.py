@@ -49,7 +49,7 @@ def parse(argv: list[str]):
 
 
 def load(args, overrides):
-    from core.config import check_choice, load_config, load_run_config
+    from core.config import load_config, load_run_config
     if args.config:
         return load_config(args.config, overrides)
     return load_run_config(args.workdir, overrides)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     from core.checkpoint import CheckpointError, CheckpointMismatchError
-    from core.config import ConfigError, DataError
+    from core.config import ConfigError, DataError, check_choice
     from core.distributed import maybe_initialize
     from core.memory import OutOfMemoryError
     from vision.pipeline import IMAGE_TASKS
