@@ -31,8 +31,7 @@ def check_choice(name: str, value: Any, choices: Iterable, error: type[ValueErro
     if value in choices:
         return
     valid = list(choices) if isinstance(choices, (list, tuple)) else sorted(choices)
-    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
-    near = f"; did you mean {close[0]!r}?" if close else ""
+    near = _did_you_mean(str(value), [str(v) for v in valid], cutoff=0.6)
     raise error(f"{name} {value!r} is not one of {valid}{hint}{near}")
 
 
@@ -64,10 +63,14 @@ def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _did_you_mean(text: str, valid: Sequence[str], cutoff: float) -> str:
+    """The suffix naming the closest of `valid` (similarity >= cutoff), or an empty string."""
+    close = difflib.get_close_matches(text, valid, n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _unknown_key_message(key: str, valid: Sequence[str], what: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {what} {key!r}{hint}"
+    return f"unknown {what} {key!r}{_did_you_mean(key, valid, cutoff=0.0)}"
 
 
 def _coerce(text: str, current: Any, key: str) -> Any:
