@@ -36,7 +36,7 @@ SIZES = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    args = parse_arg(arg, size="fashion_mnist", schedule="cosine", prediction="eps",
+    args = parse_arg(arg, size="fashion_mnist", schedule="cosine", prediction="v",
                      conditional=True, steps=0, batch=0)
     check_choice("size", args.size, SIZES)
     dataset, width, mults, blocks, batch, steps, lr = SIZES[args.size]
