@@ -25,7 +25,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 corpora: setup
-	$(PY) -m lm.corpora prepare austen kjv brown
+	$(PY) -m lm.data.corpora prepare austen kjv brown
 
 demo: corpora
 	$(PY) -m experiments.demo

@@ -1,8 +1,8 @@
 """Forward time and memory of full attention against the long-sequence variants of
-lm/efficient_attention.py, as the sequence grows.
+lm/models/efficient_attention.py, as the sequence grows.
 
 One layer's attention, B=1, N=K=4 heads of width 64, float32, non-causal (Linformer cannot be
-causal, so all run as encoders), no padding. Variants: full (layers.dot_product_attention),
+causal, so all run as encoders), no padding. Variants: full (lm/models/attention.py),
 sliding_window (window 256 each side + 4 global tokens), linformer (L=256), lsh (4 hashes,
 64 buckets, chunks of 64 queries). Per point:
   memory  XLA's own account of the compiled function (memory_analysis: arguments + outputs +
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import benchmarks
-from lm import efficient_attention as ea
+from lm.models import efficient_attention as ea
 
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 N, H = 4, 64

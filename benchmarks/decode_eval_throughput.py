@@ -1,16 +1,16 @@
 """Decode and evaluation throughput of our JAX model against Hugging Face transformers (PyTorch),
 on the same SmolLM2-135M-Instruct weights, measured in one run.
 
-The weights come from the packaged GGUF file (lm.import_gguf), are exported with
-lm.hf_checkpoint.save_pretrained and read back by transformers.LlamaForCausalLM, float32 on both
+The weights come from the packaged GGUF file (lm.weights.import_gguf), are exported with
+lm.weights.hf_checkpoint.save_pretrained and read back by transformers.LlamaForCausalLM, float32 on both
 sides. Two workloads:
   decode  greedy generation of exactly --new-tokens tokens after a --prompt-len-token prompt (real
-          text, one different prompt per row), per batch size: `lm.decoding.generate` (one jitted
+          text, one different prompt per row), per batch size: `lm.decode.decoding.generate` (one jitted
           while_loop, fixed-size KV cache, no stop ids) against `LlamaForCausalLM.generate`
           (do_sample=False, min_new_tokens = max_new_tokens, KV cache). Tokens/s = rows x new
           tokens / wall time of the whole call (prefill included).
   eval    the first --docs HellaSwag documents zero-shot and --few-shot-docs 5-shot (4 requests
-          each; shots drawn as lm.eval_requests draws them): `lm.harness.
+          each; shots drawn as lm.eval.requests draws them): `lm.eval.harness.
           score_requests` against a plain transformers scorer that tokenizes with the same
           `encode_pair`, batches rows longest first padded to the same `padded_length` with the
           same batch size, runs one forward pass per batch and sums the continuation's log-probs.
@@ -44,8 +44,10 @@ import torch
 import transformers
 
 import benchmarks
-from lm import decoding, harness, hf_checkpoint, import_gguf, shared_context
-from lm import model as model_lib
+from lm.decode import decoding
+from lm.eval import harness, shared_context
+from lm.weights import hf_checkpoint, import_gguf
+from lm.models import transformer as model_lib
 
 MODEL = "smollm2-135m-instruct"
 
@@ -74,7 +76,7 @@ def torch_decode(hf_model, prompts, new_tokens: int) -> np.ndarray:
 
 
 def torch_score(hf_model, tokenizer, requests, batch_size: int) -> list[float]:
-    """Summed continuation log-prob per request, batched as lm.harness.score_rows batches."""
+    """Summed continuation log-prob per request, batched as lm.eval.harness.score_rows batches."""
     rows = []
     for r in requests:
         context_ids, cont_ids = harness.encode_pair(tokenizer, r.context, r.continuation)
@@ -159,7 +161,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.torch_threads)
     load_before = os.getloadavg()
     cfg, params, tokenizer = import_gguf.load_gguf(import_gguf.pretrained_path(MODEL))
-    model = model_lib.Decoder(cfg)
+    model = model_lib.Transformer(cfg)
     with tempfile.TemporaryDirectory() as directory:
         hf_checkpoint.save_pretrained(directory, params, cfg, tokenizer)
         hf_model = transformers.LlamaForCausalLM.from_pretrained(

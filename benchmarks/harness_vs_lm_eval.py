@@ -1,12 +1,12 @@
-"""Cross-check of our evaluation harness (lm/harness.py) against EleutherAI's lm-evaluation-harness
+"""Cross-check of our evaluation harness (lm/eval/harness.py) against EleutherAI's lm-evaluation-harness
 (PyPI `lm-eval`) on the same weights and the very same requests.
 
 SmolLM2-135M-Instruct as shipped (Q4_1 GGUF, dequantized to float32) is exported to a Hugging
-Face directory (lm.hf_checkpoint.save_pretrained: safetensors, config, tokenizer.json). For each
+Face directory (lm.weights.hf_checkpoint.save_pretrained: safetensors, config, tokenizer.json). For each
 task, the (context, continuation, gold) requests of its first --limit documents, as
-lm.harness.load_requests gives them, are
-  - scored by ours: lm.harness.score_requests + lm.harness.metrics, no prefix token (as
-    lm/evaluate_tasks.py does for a GGUF model);
+lm.eval.eval_requests.load_requests gives them, are
+  - scored by ours: lm.eval.harness.score_requests + lm.eval.harness.metrics, no prefix token (as
+    lm/eval/evaluate_tasks.py does for a GGUF model);
   - written as a local JSONL data set (one row per document) with an lm-eval task YAML that
     rebuilds exactly those pairs (target_delimiter ""; our continuations start with a space):
       same context for every choice (most tasks)  multiple_choice, choices as continuations
@@ -54,8 +54,10 @@ import flax
 import jax
 
 import benchmarks
-from lm import harness, hf_checkpoint, import_gguf
-from lm import model as model_lib
+from lm.eval import harness
+from lm.weights import hf_checkpoint, import_gguf
+from lm.models import transformer as model_lib
+from lm.eval import requests as eval_requests
 
 DEFAULT_TASKS = "hellaswag,piqa,arc_easy,arc_challenge,boolq,winogrande,openbookqa,sciq,lambada"
 UNCONDITIONAL_DOC_IDS = 1_000_000  # the package's PMI companion requests; not real documents
@@ -64,8 +66,8 @@ MODEL = "smollm2-135m-instruct"
 
 def our_requests(task: str, limit: int) -> list:
     """Our requests of the task's first `limit` documents (unconditional companions dropped)."""
-    requests = [r for r in harness.load_requests(task) if r.doc_id < UNCONDITIONAL_DOC_IDS]
-    return harness.limit_docs(requests, limit)
+    requests = [r for r in eval_requests.load_requests(task) if r.doc_id < UNCONDITIONAL_DOC_IDS]
+    return eval_requests.limit_docs(requests, limit)
 
 
 def metric_list(*names: str) -> list[dict]:
@@ -113,7 +115,7 @@ def write_task(task: str, requests, include_dir: pathlib.Path) -> tuple[str, str
 
 def score_ours(cfg, params, tokenizer, tasks, requests_of, batch_size) -> tuple[dict, dict]:
     """(metrics per task, {(task, doc, context, continuation): loglik})."""
-    model = model_lib.Decoder(cfg)
+    model = model_lib.Transformer(cfg)
     results, logliks = {}, {}
     for task in tasks:
         start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The decoder of lm/model.py written plainly in PyTorch: a reference for tests, a benchmark peer.
+"""The decoder of lm/models/transformer.py written plainly in PyTorch: a reference for tests, a benchmark peer.
 
 Same architecture family, configured by the same `TransformerConfig`: learned or rotary
 positions, LayerNorm or RMSNorm, GELU (tanh) or SwiGLU, MHA or grouped-query attention, tied or
@@ -146,7 +146,7 @@ def _np(x) -> np.ndarray:
 
 @torch.no_grad()
 def load_flax_params(model: TorchDecoder, flax_params) -> TorchDecoder:
-    """Copies Flax params (from lm.model.Decoder, boxed or not, scanned or not) into `model`."""
+    """Copies Flax params (from lm.models.transformer.Transformer, boxed or not, scanned or not) into `model`."""
     import flax.linen as flax_nn
     params = flax_nn.meta.unbox(flax_params)
     if set(params) == {"params"}:

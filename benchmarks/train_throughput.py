@@ -1,6 +1,6 @@
 """Training throughput of our GPT against the same model in plain PyTorch, measured in one run.
 
-Both sides train the same architecture (benchmarks/torch_gpt.py mirrors lm/model.py) with AdamW,
+Both sides train the same architecture (benchmarks/torch_gpt.py mirrors lm/models/transformer.py) with AdamW,
 global-norm clipping and the same batch, alternating rounds so machine noise hits both alike;
 medians are reported. MFU = achieved model FLOP/s / peak, where model FLOPs per token are
 6N + 12·L·d·T (PaLM appendix B, causal attention not halved) and peak is the measured best matmul
@@ -30,8 +30,8 @@ from core import flops as flops_lib
 from core.optim import build_optimizer, optim_config
 from core.step import make_train_step
 from core.train_state import TrainState
-from lm import model as model_lib
-from lm.task import CausalLMTask
+from lm.models import transformer as model_lib
+from lm.objectives.causal_lm import CausalLMTask
 
 SIZES = {  # layers, width, heads
     "bench": (6, 384, 6),

@@ -128,7 +128,6 @@ def load_run_config(workdir: str | pathlib.Path,
     The run may have been launched as several processes; what reads it runs as one unless told
     otherwise with --config.distributed.*."""
     import json
-    from core.distributed import distributed_config
     saved = pathlib.Path(workdir) / "config.json"
     if not saved.exists():
         raise ConfigError(f"{saved} does not exist: pass --config, or a --workdir of a run")
@@ -137,6 +136,18 @@ def load_run_config(workdir: str | pathlib.Path,
     apply_overrides(config, overrides)
     config.lock()
     return config
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "enabled": False,            # call jax.distributed.initialize() at start
+        "coordinator_address": "",   # "" = from the environment (SLURM, TPU metadata, ...)
+        "coordinator_port": 0,       # SLURM: 0 = derived from SLURM_JOB_ID (as jax does)
+        "num_processes": 0,          # 0 = from the environment
+        "process_id": -1,            # -1 = from the environment
+        "local_device_count": 0,     # CPU only: simulated devices per process (tests)
+        "log_all_processes": False,  # False: processes other than 0 log warnings and errors only
+    })
 
 
 def load_config_module(spec: str):

@@ -23,18 +23,6 @@ from core.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-def distributed_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({
-        "enabled": False,            # call jax.distributed.initialize() at start
-        "coordinator_address": "",   # "" = from the environment (SLURM, TPU metadata, ...)
-        "coordinator_port": 0,       # SLURM: 0 = derived from SLURM_JOB_ID (as jax does)
-        "num_processes": 0,          # 0 = from the environment
-        "process_id": -1,            # -1 = from the environment
-        "local_device_count": 0,     # CPU only: simulated devices per process (tests)
-        "log_all_processes": False,  # False: processes other than 0 log warnings and errors only
-    })
-
-
 # --- SLURM -----------------------------------------------------------------------------------
 SLURM_NODELIST_VARS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 

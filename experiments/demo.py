@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from core.config import load_config
     from core.trainer import train
-    from lm import baseline, pipeline, sampling
+    from lm import pipeline
+    from lm.eval import compressors as baseline
+    from lm.decode import sampling
 
     config = load_config(CONFIG, overrides)
     started = time.perf_counter()

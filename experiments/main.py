@@ -16,12 +16,6 @@ import logging
 import os
 import sys
 
-TASKS = {"causal_lm": "lm.commands", "masked_lm": "lm.commands", "classification": "lm.classify",
-         "span_corruption": "lm.span_corruption", "electra": "lm.commands",
-         "distillation": "lm.commands", "denoising": "lm.denoising",
-         "text_to_text": "lm.text_to_text"}
-
-
 def parse(argv: list[str]):
     parser = argparse.ArgumentParser(prog="python -m experiments.main", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +31,7 @@ def parse(argv: list[str]):
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--tasks", default="",
                         help="evaluate: zero-/few-shot tasks instead of validation loss, e.g. "
-                             "hellaswag,piqa,arc_easy (see python -m lm.evaluate_tasks --list)")
+                             "hellaswag,piqa,arc_easy (see python -m lm.eval.evaluate_tasks --list)")
     parser.add_argument("--shots", default="0", help="evaluate --tasks: e.g. 0,1,5")
     parser.add_argument("--limit", type=int, default=0,
                         help="evaluate --tasks: first N documents per task (0: all)")
@@ -64,14 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     from core.config import ConfigError, DataError, check_choice
     from core.distributed import maybe_initialize
     from core.memory import OutOfMemoryError
+    from lm.objectives.registry import OBJECTIVES
     from vision.pipeline import IMAGE_TASKS
-    tasks = {**TASKS, **dict.fromkeys(IMAGE_TASKS, "vision.commands")}
     try:
         config = load(args, overrides)
         maybe_initialize(config.distributed)
-        import importlib
-        check_choice("task", config.task, tasks)
-        commands = importlib.import_module(tasks[config.task])
+        # The two task tables: language objectives (lm/objectives/registry.py), image tasks.
+        check_choice("task", config.task, {**OBJECTIVES, **IMAGE_TASKS})
+        if config.task in OBJECTIVES:
+            from lm import commands
+        else:
+            from vision import commands
         result = getattr(commands, args.command)(config, args)
     except (ConfigError, DataError, CheckpointError, CheckpointMismatchError,
             OutOfMemoryError, FileNotFoundError) as error:

@@ -29,7 +29,8 @@ import scipy.stats
 
 from core.config import load_config
 from core.metrics import emit
-from lm import classify
+from lm import commands
+from lm.objectives import classification as classify
 
 CONFIG = pathlib.Path(__file__).resolve().parent / "configs/lm/classify.py"
 METRICS = ("window_accuracy", "document_accuracy")
@@ -109,7 +110,7 @@ def main(argv=None) -> dict:
                 result = json.loads(done.read_text())
             else:
                 config = load_config(f"{CONFIG}:{arg},seed={seed}")
-                result = classify.train(config, types.SimpleNamespace(workdir=str(workdir)))
+                result = commands.train(config, types.SimpleNamespace(workdir=str(workdir)))
             runs.append({"seed": seed, **{k: result[k] for k in (
                 *METRICS, "majority_class_accuracy")}})
         summary["results"][name] = {"runs": runs, **{

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm import corpora
+from core import packages
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,10 @@ IMAGE_SHAPE = (28, 28, 1)
 
 
 def cache_dir() -> pathlib.Path:
-    """$GENLAB_FID_CACHE, else fid/ under the project's cache root (lm.corpora.cache_dir)."""
+    """$GENLAB_FID_CACHE, else fid/ under the project's cache root (core.packages.cache_dir)."""
     if os.environ.get("GENLAB_FID_CACHE"):
         return pathlib.Path(os.environ["GENLAB_FID_CACHE"]).expanduser()
-    return corpora.cache_dir() / "fid"
+    return packages.cache_dir() / "fid"
 
 
 def config_hash(config: dict) -> str:
@@ -142,7 +142,7 @@ def check_images(images) -> None:
 def _save(path: pathlib.Path, params, extra: dict) -> None:
     flat = {"/".join(str(k.key) for k in kp): np.asarray(v)
             for kp, v in jax.tree_util.tree_leaves_with_path(params)}
-    corpora.atomic_write(path, lambda f: np.savez(f, **flat, __meta__=json.dumps(extra)), "wb")
+    packages.atomic_write(path, lambda f: np.savez(f, **flat, __meta__=json.dumps(extra)), "wb")
 
 
 def _load(path: pathlib.Path):
@@ -228,7 +228,7 @@ def reference_stats(split: str = "train", config_json: str | None = None):
     images, _ = load_fashion_mnist(split)
     features, _ = ensure_classifier(config).features_and_logits(images)
     mu, sigma = gaussian_fit(features)
-    corpora.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma), "wb")
+    packages.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma), "wb")
     return mu, sigma
 
 

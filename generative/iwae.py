@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         return 2
     from core.config import load_run_config
     from core.metrics import emit
-    from vision.commands import restore
+    from vision.pipeline import restore
     config = load_run_config(args.workdir, [])
     if config.task != "vae" or config.vae.kind != "vae":
         print(f"error: {args.workdir} is not a VAE run (task {config.task!r}); the IWAE bound "

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     args = parse(sys.argv[1:] if argv is None else argv)
     from core.config import load_run_config
-    from vision.commands import restore
+    from vision.pipeline import restore
     config = load_run_config(args.workdir, [])
     wanted = RUN_TASK[args.sampler]
     if config.task != wanted:

@@ -234,8 +234,8 @@ def make_task(config):
     if "model" not in config or "tokenizer" not in config.get("data", {}):
         raise ConfigError(f"aot compiles configs that define their model (gpt.py, bert.py, "
                           f"t5.py); task {config.task!r} has no model or data.tokenizer section")
-    from lm import pipeline
-    return pipeline.make_task(config, config.model.vocab_size or config.data.tokenizer.vocab_size)
+    from lm.objectives import registry
+    return registry.make_task(config, config.model.vocab_size or config.data.tokenizer.vocab_size)
 
 
 def compile_step(engine: Engine):

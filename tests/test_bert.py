@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import embed as embed_lib
-from lm import hf_bert, hf_checkpoint, layers
-from lm import model as model_lib
+from lm.weights import embed as embed_lib
+from lm.weights import hf_bert, hf_checkpoint
+from lm.models import attention
+from lm.models import transformer as model_lib
 
 SENTENCES = [
     "A man is eating food.",
@@ -60,7 +61,7 @@ def test_embeddings_do_not_depend_on_batch_company(minilm):
 def test_encoder_sees_both_ways_and_decoder_only_back():
     for causal in (False, True):
         cfg = model_lib.preset("tiny-gpt2", causal=causal, scan_layers=False)
-        model = model_lib.Decoder(cfg)
+        model = model_lib.Transformer(cfg)
         tokens = jnp.array([[5, 6, 7, 8]])
         params = model.init(jax.random.key(0), tokens)["params"]
         changed = tokens.at[0, -1].set(9)
@@ -70,7 +71,7 @@ def test_encoder_sees_both_ways_and_decoder_only_back():
 
 
 def test_bidirectional_mask_keeps_segments_apart():
-    mask = layers.attention_mask(jnp.array([[1, 1, 2, 0]]), 4, causal=False)[0]
+    mask = attention.attention_mask(jnp.array([[1, 1, 2, 0]]), 4, causal=False)[0]
     expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], bool)
     np.testing.assert_array_equal(mask, expected)
 
@@ -78,7 +79,7 @@ def test_bidirectional_mask_keeps_segments_apart():
 def test_encoders_refuse_the_kv_cache():
     cfg = model_lib.preset("tiny-gpt2", causal=False)
     with pytest.raises(ValueError, match="causal"):
-        model_lib.Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), decode=True)
+        model_lib.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), decode=True)
 
 
 def test_bert_reader_errors_are_clear(tmp_path):
@@ -109,27 +110,27 @@ def test_albert_shared_layers_equal_identical_unshared_layers():
     shared_cfg = model_lib.preset("tiny-bert", num_layers=3, share_layers=True)
     plain_cfg = model_lib.preset("tiny-bert", num_layers=3, scan_layers=False)
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 256)
-    shared = model_lib.Decoder(shared_cfg).init(jax.random.key(0), tokens)["params"]
+    shared = model_lib.Transformer(shared_cfg).init(jax.random.key(0), tokens)["params"]
     plain = {k: v for k, v in shared.items() if k != "layers_shared"}
     plain.update({f"layers_{i}": shared["layers_shared"] for i in range(3)})
-    np.testing.assert_allclose(model_lib.Decoder(shared_cfg).apply({"params": shared}, tokens),
-                               model_lib.Decoder(plain_cfg).apply({"params": plain}, tokens),
+    np.testing.assert_allclose(model_lib.Transformer(shared_cfg).apply({"params": shared}, tokens),
+                               model_lib.Transformer(plain_cfg).apply({"params": plain}, tokens),
                                atol=1e-5)
     block = model_lib.count_params(shared["layers_shared"])
     assert model_lib.count_params(plain) - model_lib.count_params(shared) == 2 * block
     with pytest.raises(ValueError, match="share_layers"):
-        model_lib.Decoder(shared_cfg).init(jax.random.key(0), tokens, decode=True)
+        model_lib.Transformer(shared_cfg).init(jax.random.key(0), tokens, decode=True)
 
 
 def test_albert_factorised_embeddings_with_identity_projection_are_plain_embeddings():
     factorised_cfg = model_lib.preset("tiny-bert", embed_dim=64)  # E = D = 64
     plain_cfg = model_lib.preset("tiny-bert")
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 256)
-    params = dict(model_lib.Decoder(factorised_cfg).init(jax.random.key(0), tokens)["params"])
+    params = dict(model_lib.Transformer(factorised_cfg).init(jax.random.key(0), tokens)["params"])
     params["embed_proj"] = jnp.eye(64)
     plain = {k: v for k, v in params.items() if k != "embed_proj"}
-    np.testing.assert_allclose(model_lib.Decoder(factorised_cfg).apply({"params": params}, tokens),
-                               model_lib.Decoder(plain_cfg).apply({"params": plain}, tokens),
+    np.testing.assert_allclose(model_lib.Transformer(factorised_cfg).apply({"params": params}, tokens),
+                               model_lib.Transformer(plain_cfg).apply({"params": plain}, tokens),
                                atol=1e-5)
     small = model_lib.preset("tiny-bert", embed_dim=16)
     shapes = nn.meta.unbox(model_lib._param_shapes(small))

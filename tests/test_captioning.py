@@ -1,4 +1,4 @@
-"""Captioning: a ViT encoder under lm/encoder_decoder.py's decoder. Cached greedy decoding must
+"""Captioning: a ViT encoder under lm/models/encoder_decoder.py's decoder. Cached greedy decoding must
 equal decoding by recomputing the whole prefix, the loss must ignore padding, the class word is
 read correctly, and a few training steps reduce the loss (8x8 digits, tiny sizes)."""
 import flax.linen as nn
@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from core.config import load_config
-from lm import decoding
+from lm.decode import decoding
 from vision import augment, captioning, captions
 from vision.data import load_image_set
 

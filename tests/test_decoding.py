@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from core import mesh as mesh_lib
-from lm import decoding
-from lm import model as model_lib
+from lm.decode import decoding
+from lm.models import transformer as model_lib
 
 V = 96  # divides over the 2x2x2 mesh
 
@@ -15,7 +15,7 @@ V = 96  # divides over the 2x2x2 mesh
 def tiny_model(style: str, scan: bool = False):
     cfg = model_lib.preset(style, vocab_size=V, num_layers=2, d_model=32, num_heads=4, max_len=64,
                            scan_layers=scan)
-    model = model_lib.Decoder(cfg)
+    model = model_lib.Transformer(cfg)
     params = model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
     return model, nn.meta.unbox(params)
 
@@ -183,16 +183,14 @@ def test_streaming_yields_what_generate_returns():
 
 def test_sample_command_prints_the_greedy_continuation_of_a_checkpoint(tmp_path):
     from conftest import run_cli, train_tiny
-    from lm import commands
+    from lm.objectives import saved_run
     train_tiny(tmp_path, "--config.train.steps=3")
     done = run_cli("sample", "--workdir", str(tmp_path), "--prompt", "It is a truth",
                    "--temperature", "0", "--max-new-tokens", "12", env=None)
     assert done.returncode == 0, done.stderr[-2000:]
     # The same continuation, token by token from full forward passes over the restored params.
-    import argparse
-    config = __import__("experiments.main", fromlist=["load"]).load(
-        argparse.Namespace(config=None, workdir=str(tmp_path)), [])
-    setup, _, params, _ = commands._restore(config, tmp_path)
+    run = saved_run.load_run(tmp_path)
+    setup, params = run, run.params
     ids = [setup.tokenizer.bos_id] + setup.tokenizer.encode(["It is a truth"])[0]
     prompt_len = len(ids)
     for _ in range(12):

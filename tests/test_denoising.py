@@ -1,5 +1,5 @@
-"""BART's noises and PEGASUS's gap sentences (lm/noising.py), the denoising task
-(lm/denoising.py): hand-checked rows, the statistics of the noise, ROUGE-1 against a hand count
+"""BART's noises and PEGASUS's gap sentences (lm/objectives/noising.py), the denoising task
+(lm/objectives/denoising.py): hand-checked rows, the statistics of the noise, ROUGE-1 against a hand count
 and a Counter reference, determinism under (seed, step), and training on the tiny config."""
 import collections
 import itertools
@@ -12,7 +12,9 @@ import pytest
 
 from conftest import QUIET, REPO, train_losses
 from core.config import load_config
-from lm import denoising, noising, pipeline
+from lm import pipeline
+from lm.objectives import denoising, noising
+from lm.objectives import registry
 
 BART = str(REPO / "experiments/configs/lm/bart.py")
 MASK, BOS, END = 99, 2, 50  # END: the one sentence-final id of these hand-made rows
@@ -197,7 +199,7 @@ def test_gap_sentences_are_the_top_rouge_ones_in_document_order():
 def tiny_task(objective: str, *overrides: str):
     config = load_config(BART + f":size=tiny,corpus=austen,objective={objective}",
                          list(overrides))
-    task = pipeline.make_task(config, 512)
+    task = registry.make_task(config, 512)
     task.sentence_end_V = np.asarray(END_V.tolist() + [False] * (task.model_cfg.vocab_size
                                                                  - 128))
     return task
@@ -254,7 +256,7 @@ def test_bad_denoising_settings_are_clear_errors():
                   "--config.denoising.permute_sentences=false")
     with pytest.raises(ValueError, match="gsr"):
         tiny_task("pegasus", "--config.denoising.gsr=0")
-    untold = pipeline.make_task(load_config(BART + ":size=tiny,objective=pegasus", []), 512)
+    untold = registry.make_task(load_config(BART + ":size=tiny,objective=pegasus", []), 512)
     with pytest.raises(ValueError, match="use_tokenizer"):
         untold.corrupt(jax.random.key(0), {"tokens": np.ones((1, 65), np.int32),
                                            "segment_ids": np.ones((1, 65), np.int32)})

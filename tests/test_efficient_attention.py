@@ -1,4 +1,4 @@
-"""Long-sequence attention (lm/efficient_attention.py) against full attention and its own rules.
+"""Long-sequence attention (lm/models/efficient_attention.py) against full attention and its own rules.
 
 Small shapes (T <= 64, head width 16) keep the whole file to a few seconds on 2 cores.
 """
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import efficient_attention as ea
-from lm import layers
+from lm.models import efficient_attention as ea
+from lm.models import attention
 
 B, T, N, K, H = 2, 37, 4, 2, 16  # grouped-query: 2 query heads per kv head; T not a block multiple
 # Two documents and 2 padding tokens in row 0, one document in row 1.
@@ -35,7 +35,7 @@ def longformer_mask(window, causal, global_BT):
     """The dense (B, T, S) mask sliding_window_attention must match, built the obvious way."""
     i, j = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
     allowed_BTS = (jnp.abs(i - j) <= window)[None] | global_BT[:, None, :] | global_BT[:, :, None]
-    return layers.attention_mask(SEGMENTS_BT, T, causal) & allowed_BTS
+    return attention.attention_mask(SEGMENTS_BT, T, causal) & allowed_BTS
 
 
 def assert_close(a, b, atol=1e-5):
@@ -45,8 +45,8 @@ def assert_close(a, b, atol=1e-5):
 def test_variants_table():
     assert set(ea.ATTENTION_VARIANTS) == {"full", "sliding_window", "linformer", "lsh"}
     q, k, v = qkv()
-    reference = jax.jit(lambda q, k, v: layers.dot_product_attention(
-        q, k, v, layers.attention_mask(SEGMENTS_BT, T, True)))
+    reference = jax.jit(lambda q, k, v: attention.dot_product_attention(
+        q, k, v, attention.attention_mask(SEGMENTS_BT, T, True)))
     assert_close(FULL(q, k, v, SEGMENTS_BT, True), reference(q, k, v), atol=0)
 
 
@@ -69,7 +69,7 @@ def test_window_matches_dense_longformer_mask(causal, window):
     for global_BT in (jnp.zeros((B, T), bool), GLOBAL_BT):
         out = SLIDING(q, k, v, SEGMENTS_BT, causal, window=window, global_BT=global_BT,
                       max_global=2)
-        ref = layers.dot_product_attention(q, k, v, longformer_mask(window, causal, global_BT))
+        ref = attention.dot_product_attention(q, k, v, longformer_mask(window, causal, global_BT))
         assert_close(out, ref)
 
 
@@ -219,26 +219,26 @@ def test_lsh_rejects_odd_buckets():
 def test_model_attention_choice_reduces_to_full_attention(variant):
     """The same encoder with the variant as its attention config equals full attention when the
     variant's own limits cover the whole (packed, padded) sequence."""
-    from lm import model as model_lib
+    from lm.models import transformer as model_lib
     tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 256)
     segments = jnp.ones((2, 32), jnp.int32).at[1, 20:].set(0).at[0, 16:].set(2)
-    full = model_lib.Decoder(model_lib.preset("tiny-bert"))
+    full = model_lib.Transformer(model_lib.preset("tiny-bert"))
     params = full.init(jax.random.key(0), tokens)["params"]
-    other = model_lib.Decoder(model_lib.preset("tiny-bert", **variant))
+    other = model_lib.Transformer(model_lib.preset("tiny-bert", **variant))
     np.testing.assert_allclose(other.apply({"params": params}, tokens, None, segments),
                                full.apply({"params": params}, tokens, None, segments), atol=1e-5)
 
 
 def test_model_attention_choices_train_and_refuse_what_they_cannot_do():
-    from lm import model as model_lib
+    from lm.models import transformer as model_lib
     tokens = jnp.zeros((1, 16), jnp.int32)
     cfg = model_lib.preset("tiny-bert", attention="linformer", linformer_len=8)
-    params = model_lib.Decoder(cfg).init(jax.random.key(0), tokens)["params"]
+    params = model_lib.Transformer(cfg).init(jax.random.key(0), tokens)["params"]
     assert params["layers"]["attn"]["e_proj"].value.shape == (2, 128, 8)  # per layer, max_len x L
     with pytest.raises(ValueError, match="causal=False"):
         model_lib.preset("tiny-gpt2", attention="linformer")
     with pytest.raises(ValueError, match="KV-cache"):
-        model_lib.Decoder(model_lib.preset("tiny-gpt2", attention="sliding_window")).init(
+        model_lib.Transformer(model_lib.preset("tiny-gpt2", attention="sliding_window")).init(
             jax.random.key(0), tokens, decode=True)
     with pytest.raises(ValueError, match="attention="):
         model_lib.preset("tiny-gpt2", attention="sparse")

@@ -9,8 +9,10 @@ import pytest
 from conftest import QUIET, REPO, train_losses
 from core.config import ConfigError, load_config
 from core.engine import Engine
-from lm import distill, electra, pipeline
-from lm import model as model_lib
+from lm import pipeline
+from lm.objectives import distillation as distill, electra
+from lm.models import transformer as model_lib
+from lm.objectives import registry
 
 CONFIGS = REPO / "experiments/configs/lm"
 FEW_STEPS = [*QUIET, "--config.train.steps=30", "--config.train.checkpoint_every=100"]
@@ -121,7 +123,7 @@ def test_head_logits_are_the_models_logits():
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 256)
     for cfg in (model_lib.preset("tiny-llama"),  # untied output layer
                 model_lib.preset("tiny-bert", embed_dim=32)):  # tied, factorised
-        model = model_lib.Decoder(cfg)
+        model = model_lib.Transformer(cfg)
         params = nn.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
 
         @jax.jit
@@ -136,9 +138,9 @@ def test_student_starts_from_the_chosen_teacher_layers(teacher, tmp_path):
     spec = f"distill.py:teacher={teacher},size=tiny"
     config = load_config(str(CONFIGS / spec), FEW_STEPS)
     assert config.model.num_layers == 1 and config.data.tokenizer.path.startswith(str(teacher))
-    assert pipeline.make_task(config, config_vocab(teacher)).teacher_layers == (0,)  # one in two
+    assert registry.make_task(config, config_vocab(teacher)).teacher_layers == (0,)  # one in two
     config = load_config(str(CONFIGS / spec), [*FEW_STEPS, "--config.distill.teacher_layers=1"])
-    task = pipeline.make_task(config, config_vocab(teacher))
+    task = registry.make_task(config, config_vocab(teacher))
     student = jax.device_get(Engine(config, task).init_state().params)
     jax.tree.map(np.testing.assert_array_equal, student["layers"],
                  jax.tree.map(lambda x: x[1:2], weights["layers"]))
@@ -166,19 +168,19 @@ def test_missing_or_wrong_teacher_is_a_clear_error(teacher, tmp_path):
     config = load_config(str(CONFIGS / f"distill.py:teacher={teacher},size=tiny"),
                          [f"--config.distill.teacher={tmp_path / 'gone'}"])
     with pytest.raises(ConfigError, match="train a teacher first"):
-        pipeline.make_task(config, 512)
+        registry.make_task(config, 512)
     config = load_config(str(CONFIGS / f"distill.py:teacher={teacher},size=tiny"),
                          ["--config.distill.teacher_layers=0,1"])
     with pytest.raises(ConfigError, match="model.num_layers"):
-        pipeline.make_task(config, config_vocab(teacher))
+        registry.make_task(config, config_vocab(teacher))
 
 
 def config_vocab(workdir):
-    from lm.tokenizer import Tokenizer
+    from lm.data.tokenizer import Tokenizer
     return Tokenizer.load(workdir / "tokenizer.model").vocab_size
 
 
 def test_config_student_is_the_teachers_architecture(teacher):
     config = load_config(str(CONFIGS / f"distill.py:teacher={teacher},size=tiny"))
-    task = pipeline.make_task(config, config_vocab(teacher))
+    task = registry.make_task(config, config_vocab(teacher))
     assert dataclasses.replace(task.teacher_cfg, num_layers=1) == task.model_cfg

@@ -12,8 +12,12 @@ import pytest
 from conftest import QUIET, REPO, train_losses
 from core.config import load_config
 from core.engine import Engine
-from lm import decoding, encoder_decoder, layers, pipeline, span_corruption
-from lm import model as model_lib
+from lm import pipeline
+from lm.decode import decoding
+from lm.models import encoder_decoder, layers
+from lm.objectives import span_corruption
+from lm.models import transformer as model_lib
+from lm.objectives import registry
 
 T5 = str(REPO / "experiments/configs/lm/t5.py")
 V = 96  # divides over the 2x2x2 mesh
@@ -210,19 +214,19 @@ def test_corruption_is_deterministic_under_a_seed():
 def test_bad_span_corruption_settings_are_clear_errors():
     config = load_config(T5 + ":size=tiny", [])
     with pytest.raises(ValueError, match="noise_density"):
-        pipeline.make_task(load_config(T5 + ":size=tiny",
+        registry.make_task(load_config(T5 + ":size=tiny",
                                        ["--config.span_corruption.noise_density=1.5"]), 512)
     with pytest.raises(ValueError, match="num_sentinels"):
-        pipeline.make_task(load_config(T5 + ":size=tiny",
+        registry.make_task(load_config(T5 + ":size=tiny",
                                        ["--config.span_corruption.num_sentinels=2"]), 512)
     with pytest.raises(ValueError, match="no room"):
         span_corruption.SpanCorruptionTask(model_lib.TransformerConfig(560, 2, 32, 4), 64, 512)
     with pytest.raises(ValueError, match="attention='full'"):
-        pipeline.make_task(load_config(T5 + ":size=tiny",
+        registry.make_task(load_config(T5 + ":size=tiny",
                                        ["--config.model.attention=sliding_window"]), 512)
-    task = pipeline.make_task(config, 512)
+    task = registry.make_task(config, 512)
     with pytest.raises(ValueError, match="extra_id_0"):
-        span_corruption.encode_with_sentinels(task, None, "no blank here")
+        span_corruption.encode_prompt(task, None, "no blank here")
 
 
 # ----------------------------------------------------------------------------- training, sharding
@@ -304,7 +308,7 @@ def test_cached_decoding_equals_recomputing_the_decoder_each_step():
 def test_decoder_only_relative_positions_decode_with_left_padding():
     cfg = model_lib.preset("tiny-llama", vocab_size=V, d_model=32, pos_emb="relative",
                            relative_buckets=8, relative_max_distance=12)
-    model = model_lib.Decoder(cfg)
+    model = model_lib.Transformer(cfg)
     params = random_params(model, jnp.zeros((1, 8), jnp.int32))
     prompts = [random_tokens(3).tolist(), random_tokens(11, seed=1).tolist()]
     together = decoding.generate(model, params, prompts,
@@ -319,14 +323,14 @@ def test_decoder_only_relative_positions_decode_with_left_padding():
 def test_relative_bias_is_the_same_in_both_attention_implementations():
     cfg = model_lib.preset("tiny-llama", vocab_size=V, d_model=32, pos_emb="relative",
                            causal=False)
-    model = model_lib.Decoder(cfg)
+    model = model_lib.Transformer(cfg)
     params = random_params(model, jnp.zeros((1, 8), jnp.int32))
     params["rel_bias"] = params["rel_bias"] * 20  # strong enough to matter
     tokens, segments = random_tokens((2, 10)), np.array([[1] * 10, [1] * 6 + [2] * 4])
 
     def run(impl, table_scale=1.0):
         p = {**params, "rel_bias": params["rel_bias"] * table_scale}
-        apply = lambda t, s: model_lib.Decoder(dataclasses.replace(cfg, attention_impl=impl)
+        apply = lambda t, s: model_lib.Transformer(dataclasses.replace(cfg, attention_impl=impl)
                                                ).apply({"params": p}, t, segment_ids_BT=s)
         return np.asarray(jax.jit(apply)(tokens, segments))
 

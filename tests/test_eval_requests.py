@@ -5,7 +5,8 @@ import dataclasses
 import datasets
 import pytest
 
-from lm import eval_requests as er
+from lm.data.labelled import eval_package_root
+from lm.eval import requests as er
 
 
 def test_unconditional_companions_are_dropped():
@@ -17,7 +18,7 @@ def test_unconditional_companions_are_dropped():
 
 
 def test_copa_follows_the_harness_format():
-    raw = datasets.load_from_disk(str(er.package_root() / "hf_datasets/super_glue/copa/validation"))
+    raw = datasets.load_from_disk(str(eval_package_root() / "hf_datasets/super_glue/copa/validation"))
     requests = er.load_requests("copa")
     assert len(requests) == 2 * len(raw) == 200
     for doc_id, doc in enumerate(raw):

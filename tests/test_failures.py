@@ -11,7 +11,7 @@ from core.config import ConfigError
 from core.engine import Engine
 from core.memory import OutOfMemoryError
 from lm import commands, pipeline
-from lm.corpora import DataError
+from core.config import DataError
 from lm.pipeline import TokenizerMismatchError
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO))

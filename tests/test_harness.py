@@ -5,10 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from lm import harness, import_gguf
-from lm import model as model_lib
-from lm.bpe_tokenizer import ByteLevelBPE
-from lm.gguf import GGUFFile
+from lm.eval import harness
+from lm.weights import import_gguf
+from lm.models import transformer as model_lib
+from lm.data.bpe_tokenizer import ByteLevelBPE
+from lm.weights.gguf import GGUFFile
+from lm.eval import requests as eval_requests
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def tokenizer():
 def tiny(tokenizer):
     cfg = model_lib.preset("llama", vocab_size=tokenizer.vocab_size, num_layers=2, d_model=32,
                            num_heads=4, max_len=64, scan_layers=False)
-    model = model_lib.Decoder(cfg)
+    model = model_lib.Transformer(cfg)
     return model, model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
 
 
@@ -38,16 +40,16 @@ def test_context_and_continuation_split_as_the_harness_does(tokenizer):
 def test_scores_equal_a_direct_forward_pass(tokenizer, preset, scan, share_contexts):
     cfg = model_lib.preset(preset, vocab_size=tokenizer.vocab_size, num_layers=2, d_model=32,
                            num_heads=4, max_len=64, scan_layers=scan)
-    model = model_lib.Decoder(cfg)
+    model = model_lib.Transformer(cfg)
     params = model.init(jax.random.key(1), np.zeros((1, 8), np.int32))["params"]
-    requests = [harness.Request(0, 0, "The cat sat on the", " mat", 0),
-                harness.Request(0, 1, "The cat sat on the", " moon tonight", 0),
-                harness.Request(0, 2, "The cat sat on the", " roof of the old barn, again", 0),
-                harness.Request(1, 0, "A much longer context " * 12, " ends here", 0),
-                harness.Request(2, 0, "Sarah was a better surgeon than Maria so Sarah", " won", 0),
-                harness.Request(2, 1, "Sarah was a better surgeon than Maria so Maria", " won", 0),
-                harness.Request(3, 0, "Q: " + "word " * 40, " yes", 0),
-                harness.Request(3, 1, "Q: " + "word " * 40, " no", 0)]
+    requests = [eval_requests.Request(0, 0, "The cat sat on the", " mat", 0),
+                eval_requests.Request(0, 1, "The cat sat on the", " moon tonight", 0),
+                eval_requests.Request(0, 2, "The cat sat on the", " roof of the old barn, again", 0),
+                eval_requests.Request(1, 0, "A much longer context " * 12, " ends here", 0),
+                eval_requests.Request(2, 0, "Sarah was a better surgeon than Maria so Sarah", " won", 0),
+                eval_requests.Request(2, 1, "Sarah was a better surgeon than Maria so Maria", " won", 0),
+                eval_requests.Request(3, 0, "Q: " + "word " * 40, " yes", 0),
+                eval_requests.Request(3, 1, "Q: " + "word " * 40, " no", 0)]
     scores = harness.score_requests(model, params, tokenizer, requests, batch_size=2, max_len=32,
                                     share_contexts=share_contexts)
     for request, (logp, greedy, n) in zip(requests, scores):
@@ -62,8 +64,8 @@ def test_scores_equal_a_direct_forward_pass(tokenizer, preset, scan, share_conte
 
 
 def test_acc_and_acc_norm_follow_their_definitions():
-    requests = [harness.Request(0, 0, "q", " a", 1), harness.Request(0, 1, "q", " bbbbbbbb", 1),
-                harness.Request(1, 0, "q", " yes", 0), harness.Request(1, 1, "q", " no", 0)]
+    requests = [eval_requests.Request(0, 0, "q", " a", 1), eval_requests.Request(0, 1, "q", " bbbbbbbb", 1),
+                eval_requests.Request(1, 0, "q", " yes", 0), eval_requests.Request(1, 1, "q", " no", 0)]
     # Doc 0: choice 0 has the higher sum, choice 1 the higher per-character score.
     scores = [(-2.0, False, 1), (-3.0, False, 3), (-1.0, False, 1), (-5.0, False, 1)]
     result = harness.metrics(requests, scores)
@@ -83,15 +85,15 @@ def test_a_local_jsonl_file_is_a_task(tmp_path, tiny, tokenizer):
 
 def test_unknown_task_names_the_closest():
     with pytest.raises(ValueError, match="did you mean 'hellaswag'"):
-        harness.load_requests("helaswag")
+        eval_requests.load_requests("helaswag")
 
 
 def test_smollm2_zero_shot_piqa_is_well_above_chance():
     cfg, params, tokenizer = import_gguf.load_gguf(
         import_gguf.pretrained_path("smollm2-135m-instruct"))
-    requests = harness.limit_docs(harness.load_requests("piqa:rc_0shot"), 100)
+    requests = eval_requests.limit_docs(eval_requests.load_requests("piqa:rc_0shot"), 100)
     assert len({r.doc_id for r in requests}) == 100 and len(requests) == 200
-    scores = harness.score_requests(model_lib.Decoder(cfg), params, tokenizer, requests)
+    scores = harness.score_requests(model_lib.Transformer(cfg), params, tokenizer, requests)
     result = harness.metrics(requests, scores)
     # Chance is 0.5; Pythia-160M reaches 0.627 on the whole set, SmolLM2-135M reports 0.684.
     assert result["acc_norm"] > 0.6, result
@@ -109,7 +111,7 @@ def test_evaluate_command_on_one_of_our_runs(tmp_path):
     tasks = tmp_path / "truth.jsonl"
     tasks.write_text("\n".join(json.dumps(r) for r in records))
     out = tmp_path / "result.json"
-    done = subprocess.run([sys.executable, "-m", "lm.evaluate_tasks", "--workdir",
+    done = subprocess.run([sys.executable, "-m", "lm.eval.evaluate_tasks", "--workdir",
                            str(tmp_path / "run"), "--tasks", str(tasks), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -156,11 +158,11 @@ def test_extract_answer_reads_the_final_number():
 
 
 def test_generation_eval_reports_each_prompts_own_greedy_text(tiny, tokenizer):
-    from lm import decoding
+    from lm.decode import decoding
     model, params = tiny
     contexts = ["Question: one?\nAnswer:", "Question: a much longer question, isn't it?\nAnswer:",
                 "Q:"]
-    requests = [harness.GenerationRequest(i, c, "0") for i, c in enumerate(contexts)]
+    requests = [eval_requests.GenerationRequest(i, c, "0") for i, c in enumerate(contexts)]
     result = harness.evaluate_generation(model, params, tokenizer, requests, batch_size=2,
                                          max_new_tokens=12, stop=("\n\n", "Question:"))
     for request, example in zip(requests, result["examples"]):
@@ -175,7 +177,7 @@ def test_generation_eval_reports_each_prompts_own_greedy_text(tiny, tokenizer):
 def test_an_empty_context_conditions_on_end_of_text(tiny, tokenizer):
     model, params = tiny
     [(logp, _, n)] = harness.score_requests(model, params, tokenizer,
-                                            [harness.Request(0, 0, "", "Hello world", 0)])
+                                            [eval_requests.Request(0, 0, "", "Hello world", 0)])
     ids = [tokenizer.eos_id] + tokenizer.encode(["Hello world"])[0]
     logp_all = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, np.array([ids]))[0]))
     assert n == len(ids) - 1

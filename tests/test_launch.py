@@ -12,9 +12,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from core.config import ConfigError
-from core.distributed import (ProcessLogFilter, distributed_config, expand_nodelist,
-                              initialize_kwargs)
+from core.config import ConfigError, distributed_config
+from core.distributed import ProcessLogFilter, expand_nodelist, initialize_kwargs
 from launch import __main__ as launch_main
 from launch import slurm, tpu
 
@@ -236,7 +235,8 @@ WORKER = """
 import json, logging, os, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 import jax
-from core.distributed import distributed_config, maybe_initialize
+from core.config import distributed_config
+from core.distributed import maybe_initialize
 cfg = distributed_config()
 cfg.enabled, cfg.local_device_count, cfg.coordinator_port = True, 2, int(sys.argv[1])
 maybe_initialize(cfg)

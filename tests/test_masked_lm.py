@@ -6,22 +6,24 @@ import pytest
 
 from conftest import QUIET, REPO, train_losses
 from core.config import ConfigError, load_config
-from lm import masked_lm, pipeline
+from lm import pipeline
+from lm.objectives import masking
+from lm.objectives import registry
 
 BERT = str(REPO / "experiments/configs/lm/bert.py")
 
 
 def test_mean_span_length_is_spanberts_3_8():
-    assert abs(masked_lm.mean_span_length(0.2, 10) - 3.8) < 0.01
-    lengths = np.asarray(masked_lm.span_lengths(jax.random.key(0), (200_000,), 0.2, 10))
+    assert abs(masking.mean_span_length(0.2, 10) - 3.8) < 0.01
+    lengths = np.asarray(masking.span_lengths(jax.random.key(0), (200_000,), 0.2, 10))
     assert lengths.min() == 1 and lengths.max() == 10
-    assert abs(lengths.mean() - masked_lm.mean_span_length(0.2, 10)) < 0.02
+    assert abs(lengths.mean() - masking.mean_span_length(0.2, 10)) < 0.02
 
 
 @pytest.mark.parametrize("span_p", [0.0, 0.2])
 def test_masking_covers_15_percent_of_real_tokens_only(span_p):
     real_BT = jnp.arange(512)[None] < jnp.array([[512], [300], [0], [400]] * 16)
-    chosen = np.asarray(masked_lm.choose_positions(jax.random.key(1), real_BT, 0.15, span_p))
+    chosen = np.asarray(masking.choose_positions(jax.random.key(1), real_BT, 0.15, span_p))
     real = np.asarray(real_BT)
     assert not (chosen & ~real).any()  # never padding
     fraction = chosen.sum() / real.sum()
@@ -37,7 +39,7 @@ def test_masking_covers_15_percent_of_real_tokens_only(span_p):
 def test_corruption_is_80_10_10():
     tokens = jnp.full((256, 256), 7, jnp.int32)
     chosen = jnp.ones_like(tokens, bool).at[:, ::2].set(False)
-    out = np.asarray(masked_lm.corrupt(jax.random.key(2), tokens, chosen, 999, 500))
+    out = np.asarray(masking.corrupt(jax.random.key(2), tokens, chosen, 999, 500))
     picked = out[:, 1::2]
     assert (out[:, ::2] == 7).all()  # unchosen tokens are never touched
     assert abs((picked == 999).mean() - 0.8) < 0.01
@@ -52,7 +54,7 @@ def _train_mlm(workdir, *overrides):
                          [*QUIET, "--config.train.steps=30", "--config.train.checkpoint_every=100",
                           *overrides])
     setup = pipeline.build(config, workdir)
-    assert isinstance(setup.task, masked_lm.MaskedLMTask)
+    assert isinstance(setup.task, masking.MaskedLMTask)
     assert setup.task.mask_id == setup.tokenizer.vocab_size  # one id past the vocabulary
     return trainer.train(config, workdir, setup.task, setup.data)
 
@@ -78,7 +80,7 @@ def test_bad_masked_lm_configs_are_clear_errors():
     assert load_config(BERT + ":size=tiny,positions=learned", []).model.pos_emb == "learned"
     config = load_config(BERT + ":size=tiny", ["--config.model.causal=true"])
     with pytest.raises(ValueError, match="causal=False"):
-        pipeline.make_task(config, 512)
+        registry.make_task(config, 512)
     config = load_config(BERT + ":size=tiny", ["--config.masking.rate=1.5"])
     with pytest.raises(ValueError, match="rate"):
-        pipeline.make_task(config, 512)
+        registry.make_task(config, 512)

@@ -1,4 +1,4 @@
-"""The decoder (lm/model.py) against an independent PyTorch implementation, and its invariants.
+"""The decoder (lm/models/transformer.py) against an independent PyTorch implementation, and its invariants.
 
 Tiny models (2 layers, width 64, vocabulary 128) keep every test to a few seconds on 2 cores.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.torch_gpt import TorchDecoder, load_flax_params
-from lm import model as M
+from lm.models import transformer as M
 
 B, T, V = 2, 16, 128
 GPT2 = M.preset("tiny-gpt2", vocab_size=V, max_len=32)
@@ -33,7 +33,7 @@ def tokens(seed=0, shape=(B, T)):
 
 def shapes(cfg):
     """Boxed abstract params (jax.eval_shape: traced, never compiled or allocated)."""
-    return jax.eval_shape(M.Decoder(cfg).init, jax.random.key(0), tokens())["params"]
+    return jax.eval_shape(M.Transformer(cfg).init, jax.random.key(0), tokens())["params"]
 
 
 def init(cfg, seed=0):
@@ -51,7 +51,7 @@ def init(cfg, seed=0):
 @functools.lru_cache(maxsize=None)  # one jitted function per config, so tests share compilations
 def logits_fn(cfg):
     return jax.jit(lambda params, tokens_BT, positions_BT=None, segment_ids_BT=None:
-                   M.Decoder(cfg).apply({"params": params}, tokens_BT, positions_BT,
+                   M.Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT,
                                         segment_ids_BT))
 
 
@@ -148,7 +148,7 @@ def _loss_grads(cfg):
     toks = tokens()
 
     def loss(p):
-        logits = M.Decoder(cfg).apply({"params": p}, toks[:, :-1])
+        logits = M.Transformer(cfg).apply({"params": p}, toks[:, :-1])
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, 1:, None], -1))
     return jax.jit(jax.grad(loss))(init(cfg))
 
@@ -198,7 +198,7 @@ def test_sharded_matches_unsharded():
     with mesh, nn.logical_axis_rules(rules):
         shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
         sharded = jax.device_put(params, shardings)
-        f = jax.jit(lambda p, t, pos, s: M.Decoder(LLAMA).apply({"params": p}, t, pos, s))
+        f = jax.jit(lambda p, t, pos, s: M.Transformer(LLAMA).apply({"params": p}, t, pos, s))
         out = f(sharded, tokens(), POSITIONS_BT, SEGMENTS_BT)
     assert sharded["layers"]["mlp"]["w_up"].sharding.spec == jax.P(None, "fsdp", "tensor")
     np.testing.assert_allclose(out, logits_fn(LLAMA)(params, tokens(), POSITIONS_BT, SEGMENTS_BT),
@@ -208,7 +208,7 @@ def test_sharded_matches_unsharded():
 def test_dropout_uses_rng():
     cfg = dataclasses.replace(GPT2, dropout=0.5)
     params, toks = init(cfg), tokens()
-    f = jax.jit(lambda seed: M.Decoder(cfg).apply({"params": params}, toks, deterministic=False,
+    f = jax.jit(lambda seed: M.Transformer(cfg).apply({"params": params}, toks, deterministic=False,
                                                   rngs={"dropout": jax.random.key(seed)}))
     a, a2, b = f(0), f(0), f(1)
     np.testing.assert_array_equal(a, a2)
@@ -236,7 +236,7 @@ def test_init():
     """The real initialiser: N(0, 0.02), output projections N(0, 0.02/sqrt(2L)), norms 1, biases 0;
     a fresh model predicts a near-uniform next token (loss ~ log V)."""
     cfg = dataclasses.replace(GPT2, d_model=128)
-    params = nn.meta.unbox(jax.jit(M.Decoder(cfg).init)(jax.random.key(0), tokens())["params"])
+    params = nn.meta.unbox(jax.jit(M.Transformer(cfg).init)(jax.random.key(0), tokens())["params"])
     np.testing.assert_allclose(np.std(params["token_embed"]), 0.02, rtol=0.05)
     np.testing.assert_allclose(np.std(params["layers"]["attn"]["w_q"]), 0.02, rtol=0.05)
     np.testing.assert_allclose(np.std(params["layers"]["mlp"]["w_down"]), 0.01, rtol=0.05)
@@ -260,4 +260,4 @@ def test_config_validation_and_presets():
     assert M.preset("llama", num_heads=6).num_kv_heads == 3  # keeps 2 query heads per kv head
     assert M.preset("gpt2", num_heads=16).resolved_num_kv_heads == 16
     with pytest.raises(ValueError, match="unset"):
-        M.Decoder(M.preset("gpt2", vocab_size=0)).init(jax.random.key(0), tokens())
+        M.Transformer(M.preset("gpt2", vocab_size=0)).init(jax.random.key(0), tokens())

@@ -7,13 +7,13 @@ import optax
 import pytest
 
 from core.optim import _decay_mask
-from lm import model as model_lib
+from lm.models import transformer as model_lib
 
 
 def test_decay_mask_spares_every_bias_and_norm():
     cfg = model_lib.preset("gpt2", vocab_size=64, num_layers=1, d_model=16, num_heads=2,
                            max_len=8)
-    params = jax.eval_shape(model_lib.Decoder(cfg).init, jax.random.key(0),
+    params = jax.eval_shape(model_lib.Transformer(cfg).init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, 8), "int32"))["params"]
     mask = {jax.tree_util.keystr(path): decays for path, decays in
             jax.tree_util.tree_leaves_with_path(_decay_mask(params))}

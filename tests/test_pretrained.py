@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from lm import decoding, import_gguf
-from lm import model as model_lib
-from lm.gguf import GGML_TYPES, GGUFError, GGUFFile, dequantize
+from lm.decode import decoding
+from lm.weights import import_gguf
+from lm.models import transformer as model_lib
+from lm.weights.gguf import GGML_TYPES, GGUFError, GGUFFile, dequantize
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +67,19 @@ def test_smollm2_answers_paris_in_chatml(smollm2):
     ids = tokenizer.encode([prompt])[0]
     sampling = decoding.SamplingConfig(max_new_tokens=24, stop_ids=(tokenizer.eos_id,),
                                        pad_id=tokenizer.pad_id)
-    answer = tokenizer.decode(decoding.generate(model_lib.Decoder(cfg), params, [ids],
+    answer = tokenizer.decode(decoding.generate(model_lib.Transformer(cfg), params, [ids],
                                                 sampling)[0])
     assert "Paris" in answer, answer
 
 
 def test_hf_export_round_trips(smollm2, tmp_path):
-    from lm import hf_checkpoint
+    from lm.weights import hf_checkpoint
     _, cfg, params, tokenizer = smollm2
     hf_checkpoint.save_pretrained(tmp_path, params, cfg, tokenizer)
     cfg2, params2 = hf_checkpoint.load_pretrained(tmp_path)
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params2, params)
-    from lm.bpe_tokenizer import ByteLevelBPE
+    from lm.data.bpe_tokenizer import ByteLevelBPE
     reloaded = ByteLevelBPE.from_tokenizer_json(tmp_path / "tokenizer.json")
     text = "It is a truth universally acknowledged, 1812."
     assert reloaded.encode([text]) == tokenizer.encode([text])
@@ -88,7 +89,8 @@ def test_hf_export_round_trips(smollm2, tmp_path):
 def test_logits_match_transformers_on_real_text(smollm2, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from lm import corpora, hf_checkpoint
+    from lm.data import corpora
+    from lm.weights import hf_checkpoint
     _, cfg, params, tokenizer = smollm2
     hf_checkpoint.save_pretrained(tmp_path, params, cfg, tokenizer)
     reference = transformers.LlamaForCausalLM.from_pretrained(
@@ -99,7 +101,7 @@ def test_logits_match_transformers_on_real_text(smollm2, tmp_path):
     start = text.index("It is a truth")
     ids = tokenizer.encode([text[start:start + 2000]])[0][:300]
     assert len(ids) == 300
-    ours = np.asarray(model_lib.Decoder(cfg).apply({"params": params}, np.array([ids]))[0])
+    ours = np.asarray(model_lib.Transformer(cfg).apply({"params": params}, np.array([ids]))[0])
     with torch.no_grad():
         theirs = reference(torch.tensor([ids])).logits[0].numpy()
     print(f"max |logit difference| over {len(ids)} tokens: {np.abs(ours - theirs).max():.2e}")
@@ -112,7 +114,7 @@ def test_chat_command_streams_the_answer(smollm2):
     import sys
 
     from conftest import REPO
-    done = subprocess.run([sys.executable, "-m", "lm.chat", "--prompt",
+    done = subprocess.run([sys.executable, "-m", "lm.decode.chat", "--prompt",
                            "What is the capital of France?", "--max-new-tokens", "24"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -124,7 +126,7 @@ def test_gpt2_checkpoints_load_and_export_against_transformers(tmp_path):
     and our GPT-2-style model written for transformers: the logits agree both ways."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from lm import hf_checkpoint
+    from lm.weights import hf_checkpoint
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=48, n_layer=2, n_head=4,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -138,7 +140,7 @@ def test_gpt2_checkpoints_load_and_export_against_transformers(tmp_path):
     with torch.no_grad():
         expected = reference(torch.tensor(ids)).logits.numpy()
     cfg, params = hf_checkpoint.load_pretrained(tmp_path / "theirs")
-    ours = np.asarray(model_lib.Decoder(cfg).apply({"params": params}, ids))
+    ours = np.asarray(model_lib.Transformer(cfg).apply({"params": params}, ids))
     assert np.abs(ours - expected).max() < 1e-4
     # And back: our parameters exported, read by transformers.
     hf_checkpoint.save_pretrained(tmp_path / "ours", params, cfg)

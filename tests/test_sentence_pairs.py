@@ -1,4 +1,4 @@
-"""BERT's next-sentence and ALBERT's sentence-order prediction (lm/sentence_pairs.py)."""
+"""BERT's next-sentence and ALBERT's sentence-order prediction (lm/objectives/sentence_pairs.py)."""
 import dataclasses
 
 import flax.linen as nn
@@ -10,8 +10,10 @@ import pytest
 
 from conftest import QUIET, REPO, train_losses
 from core.config import ConfigError, load_config
-from lm import model as model_lib
-from lm import pipeline, sentence_pairs
+from lm.models import transformer as model_lib
+from lm import pipeline
+from lm.objectives import sentence_pairs
+from lm.objectives import registry
 
 BERT = str(REPO / "experiments/configs/lm/bert.py")
 MAX_TOKENS = 61  # seq_len 64 - [CLS] - 2 [SEP]
@@ -81,7 +83,7 @@ def test_pair_rows_are_cls_a_sep_b_sep_with_token_types():
 @pytest.mark.parametrize("fields", [{}, {"tie_embeddings": False}, {"embed_dim": 32}])
 def test_vocab_logits_equal_the_encoders_own(fields):
     cfg = model_lib.preset("tiny-bert", type_vocab_size=2, **fields)
-    model = model_lib.Decoder(cfg)
+    model = model_lib.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)
     params = model.init(jax.random.key(1), tokens)["params"]
     want = model.apply({"params": params}, tokens)
@@ -150,7 +152,7 @@ def test_bad_sentence_configs_are_clear_errors():
     config = load_config(BERT + ":size=tiny,sentence_objective=nsp",
                          ["--config.model.type_vocab_size=0"])
     with pytest.raises(ValueError, match="type_vocab_size=2"):
-        pipeline.make_task(config, 512)
+        registry.make_task(config, 512)
     with pytest.raises(ValueError, match="another document"):
         sentence_pairs.document_pairs([[[5, 6, 7]]], 0, 20, "nsp", np.random.default_rng(0))
     cfg = dataclasses.replace(model_lib.preset("tiny-bert"), type_vocab_size=2)

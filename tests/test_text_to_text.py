@@ -1,4 +1,4 @@
-"""T5's text-to-text multitask mixture (lm/text_to_text.py)."""
+"""T5's text-to-text multitask mixture (lm/objectives/text_to_text.py)."""
 import collections
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 from conftest import QUIET, REPO, train_losses
 from core.config import ConfigError, load_config
-from lm import text_to_text as t2t
+from lm.objectives import text_to_text as t2t
 
 CONFIG = str(REPO / "experiments/configs/lm/t5_multitask.py")
 
@@ -110,7 +110,7 @@ def test_targets_never_reach_the_encoder():
         original = _Chars().encode([text])[0][row * window:(row + 1) * window]
         assert rebuilt == original
         if len(original) == window:  # full windows: T5's noise count exactly
-            from lm.span_corruption import noise_counts
+            from lm.objectives.span_corruption import noise_counts
             assert sum(len(v) for v in fill.values()) == noise_counts(window, 0.15, 3.0)[0]
 
 
@@ -119,7 +119,7 @@ def test_short_multitask_run_lowers_the_loss(tmp_path):
     config = load_config(CONFIG + ":size=tiny,corpus=austen,tasks=summarize+sst2",
                          [*QUIET, "--config.train.steps=40", "--config.train.checkpoint_every=100",
                           "--config.mesh.num_devices=1", "--config.mesh.ici.data=1"])
-    setup = t2t.build(config, tmp_path)
+    setup = t2t.build_setup(config, tmp_path)
     assert set(setup.tests) == {"summarize", "sst2"}
     assert sum(setup.rates.values()) == pytest.approx(1.0)
     trainer.train(config, tmp_path, setup.task, setup.data)
@@ -137,4 +137,4 @@ def test_short_multitask_run_lowers_the_loss(tmp_path):
 def test_bad_task_names_are_clear_errors(tmp_path):
     config = load_config(CONFIG + ":size=tiny,corpus=austen,tasks=translate", [])
     with pytest.raises(ConfigError, match="translate"):
-        t2t.build(config, tmp_path)
+        t2t.build_setup(config, tmp_path)

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from lm import corpora
-from lm.tokenizer import Tokenizer
+from core.packages import FetchError
+from lm.data import corpora
+from lm.data.tokenizer import Tokenizer
 
 ODD = "  Naïve café — “quoted” 日本語 🙂\n\n\ttabs  and   spaces 1234567 \r\n"
 
@@ -13,7 +14,7 @@ ODD = "  Naïve café — “quoted” 日本語 🙂\n\n\ttabs  and   spaces 12
 def austen_texts():
     try:
         path = corpora.prepare("austen")
-    except corpora.FetchError as e:
+    except FetchError as e:
         pytest.skip(f"cannot fetch the Austen corpus here: {e}")
     return [json.loads(line)["text"] for line in path.open(encoding="utf-8")]
 

@@ -210,7 +210,7 @@ def test_sample_command_draws_from_vae_and_flow_runs(tmp_path, kind):
     record = json.loads((out / "metrics.json").read_text())
     assert record["sampler"] == kind and record["step"] == 3 and record["num"] == 6
     assert (out / "grid.png").stat().st_size > 100
-    from vision.commands import restore
+    from vision.pipeline import restore
     params = restore(config, str(tmp_path))[2].params
     args = (4, 0.7) if kind == "flow" else (4,)
     first = setup.task.sample(jax.device_get(params),

@@ -113,7 +113,7 @@ def test_batchnorm_statistics_are_checkpointed_and_resume_is_exact(tmp_path):
     np.testing.assert_allclose([resumed[s] for s in range(7, 13)],
                                [reference[s] for s in range(7, 13)], rtol=1e-5)
     config = digits_config("resnet", *common, "--config.train.steps=12")
-    _, _, state, step = commands.restore(config, tmp_path / "resumed")
+    _, _, state, step = pipeline.restore(config, tmp_path / "resumed")
     stats = jax.tree_util.tree_leaves(state.model_state["batch_stats"])
     assert step == 12 and stats and any(np.abs(np.asarray(s)).sum() > 0 for s in stats)
 

@@ -1,9 +1,9 @@
 """Show-and-Tell style captioning (Vinyals et al. 2015) with a ViT encoder and a transformer
 decoder that cross-attends to the image tokens.
 
-The model is lm/encoder_decoder.py's EncoderDecoder with the token encoder swapped for an image
+The model is lm/models/encoder_decoder.py's EncoderDecoder with the token encoder swapped for an image
 encoder: vision/vit.py's ViT returns every token (B, N, D_vit), a linear map takes them to the
-decoder's width, and EncoderDecoder.decode (the causal stack of lm/model.py blocks with a
+decoder's width, and EncoderDecoder.decode (the causal stack of lm/models/transformer.py blocks with a
 cross-attention sublayer, the shared token embedding and output projection) does the rest. So
 the decoder's attention, KV cache and sharding names are the language models' own.
 
@@ -31,10 +31,10 @@ import numpy as np
 import optax
 
 from core.task import LossSums
-from lm import decoding
-from lm import model as model_lib
-from lm.encoder_decoder import EncoderDecoder
-from lm.model import TransformerConfig
+from lm.decode import decoding
+from lm.models import transformer as model_lib
+from lm.models.encoder_decoder import EncoderDecoder
+from lm.models.transformer import TransformerConfig
 from vision import captions
 from vision import augment
 from vision.classify import image_fields
@@ -221,14 +221,14 @@ def main(argv=None) -> int:
     import argparse
     import json
     from core.config import load_run_config
-    from vision import commands
+    from vision import pipeline
     parser = argparse.ArgumentParser(prog="python -m vision.captioning", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--num", type=int, default=10, help="evaluation images to caption")
     args = parser.parse_args(argv)
     config = load_run_config(args.workdir)
-    setup, _, state, step = commands.restore(config, args.workdir)
+    setup, _, state, step = pipeline.restore(config, args.workdir)
     images, labels = setup.eval_set.images[:args.num], setup.eval_set.labels[:args.num]
     texts = setup.task.generate(jax.device_get(state.params), images)
     names = setup.info.class_names

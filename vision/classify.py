@@ -2,16 +2,18 @@
 label-smoothed cross-entropy, accuracy; BatchNorm statistics as the engine's model state."""
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from core.task import BatchField, LossSums
-from vision import augment, models
+from vision import augment, models, report
 from vision.data import DatasetInfo
 
 
@@ -94,3 +96,22 @@ def build_task(config: ml_collections.ConfigDict, info: DatasetInfo) -> ImageCla
     section = config.classify
     return ImageClassificationTask(models.build_model(config.model, info), info,
                                    section.crop_pad, section.flip, section.label_smoothing)
+
+
+def predict(task, params, model_state, images_NHWC: np.ndarray, batch: int = 500) -> np.ndarray:
+    """Eval-mode logits [N, K] of a classifier, batch by batch on the default device."""
+    forward = jax.jit(lambda p, s, x: task.logits(p, s, task.inputs({"image": x}, None, False),
+                                                  False)[0])
+    params, model_state = jax.device_get((params, model_state))
+    return np.concatenate([np.asarray(forward(params, model_state, images_NHWC[k:k + batch]))
+                           for k in range(0, len(images_NHWC), batch)])
+
+
+def evaluation_extras(setup, state, workdir) -> dict:
+    """vision/commands.py's evaluate hook: per-class accuracy, and predictions.png,
+    confusion.png and confusion.json under <workdir>/eval/."""
+    logits = predict(setup.task, state.params, state.model_state, setup.eval_set.images)
+    out = pathlib.Path(workdir) / "eval"
+    summary = report.write_report(out, setup.eval_set.images, setup.eval_set.labels,
+                                  logits.argmax(-1), setup.info.class_names)
+    return {"per_class_accuracy": summary["per_class_accuracy"], "report": str(out)}

@@ -1,7 +1,7 @@
 """CLIP-style two towers (Radford et al. 2021) on synthetic Fashion-MNIST captions.
 
 Image tower: vision/vit.py's ViT, pooled as its config says (mean of the patches or the class
-token), then a linear projection. Text tower: lm/model.py's transformer, causal, pooled at the
+token), then a linear projection. Text tower: lm/models/transformer.py's transformer, causal, pooled at the
 [EOS] token as CLIP does (its hidden state after the final norm has seen the whole caption), then
 a linear projection. Both embeddings are L2-normalised; logits are their cosines times a learned
 scale exp(s), s initialised to log(1/0.07) and clipped at log(100) (CLIP clamps the parameter
@@ -39,8 +39,8 @@ import numpy as np
 import optax
 
 from core.task import LossSums
-from lm import model as model_lib
-from lm.model import TransformerConfig
+from lm.models import transformer as model_lib
+from lm.models.transformer import TransformerConfig
 from vision import augment, captions
 from vision.classify import image_fields
 from vision.vit import ViT, ViTConfig
@@ -98,7 +98,7 @@ class Clip(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.image_tower = ViT(cfg.vit)
-        self.text_tower = model_lib.Decoder(cfg.text)
+        self.text_tower = model_lib.Transformer(cfg.text)
         self.image_proj = _projection(cfg.embed_dim, "image_proj")
         self.text_proj = _projection(cfg.embed_dim, "text_proj")
         self.logit_scale = LogitScale(math.log(1.0 / cfg.init_temperature), cfg.max_logit_scale)
@@ -346,11 +346,17 @@ def build_task(config, info) -> ClipTask:
         raise ConfigError(f"clip: {error}") from error
 
 
+def evaluation_extras(setup, state, workdir) -> dict:
+    """vision/commands.py's evaluate hook: retrieval recall@1/5 both ways on the eval split."""
+    return retrieval_metrics(setup.task, jax.device_get(state.params), setup.eval_set.images,
+                             setup.eval_set.labels)
+
+
 def main(argv=None) -> int:
     import argparse
     import json
     from core.config import load_run_config
-    from vision import commands
+    from vision import pipeline
     parser = argparse.ArgumentParser(prog="python -m vision.clip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
@@ -358,7 +364,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     config = load_run_config(args.workdir)
-    setup, engine, state, step = commands.restore(config, args.workdir)
+    setup, engine, state, step = pipeline.restore(config, args.workdir)
     params = jax.device_get(state.params)
     result = retrieval_metrics(setup.task, params, setup.eval_set.images, setup.eval_set.labels,
                                args.num_pairs, args.seed)

@@ -23,7 +23,7 @@ import numpy as np
 
 from core.batches import arrays_crc
 from core.config import DataError, check_choice
-from lm.corpora import cache_dir, fetch_package
+from core.packages import cache_dir, fetch_package
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")

@@ -17,6 +17,7 @@ import ml_collections
 
 from core import batches
 from core.config import ConfigError, DataError
+from core.engine import restore_state
 from core.trainer import TaskData
 from vision.data import DatasetInfo, ImageSet, load_image_set
 
@@ -53,7 +54,7 @@ VISION_RULES = (("conv_in", None), ("conv_out", "tensor"), ("classes", None))
 def base_config(task: str, dataset: str, steps: int, batch: int, learning_rate: float,
                 **optim_overrides: Any) -> ml_collections.ConfigDict:
     """The sections every image config shares: data, train, optim, mesh, rules, distributed."""
-    from core.distributed import distributed_config
+    from core.config import distributed_config
     from core.engine import train_config
     from core.mesh import DEFAULT_RULES, mesh_config
     from core.optim import optim_config
@@ -133,3 +134,10 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                     meta={"dataset": config.data.dataset, "train_crc": crc},
                     check_meta=check_data(crc, config.data.dataset))
     return ImageSetup(task=task, info=info, data=data, eval_set=eval_set)
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+    """(setup, engine, state, step) of a run's newest good checkpoint."""
+    setup = build(config, workdir, need_train=False)
+    engine, state, step = restore_state(config, setup.task, workdir, setup.data.check_meta)
+    return setup, engine, state, step

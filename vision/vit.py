@@ -16,7 +16,7 @@ Images are float (B, H, W, C), already normalised, with (H, W) == cfg.image_size
 map (usually with patch=1); use norm="group" there (as the paper's BiT stem) to stay stateless, or
 norm="batch" and pass "batch_stats" as with vision/resnet.py.
 
-The encoder is lm/model.py's `run_blocks` with causal=False, pre-norm LayerNorm, exact GELU and
+The encoder is lm/models/transformer.py's `run_blocks` with causal=False, pre-norm LayerNorm, exact GELU and
 biases: the same attention and MLP code as the language models, scanned over layers. (XLA's
 cost_analysis counts a scanned body once: count FLOPs with scan_layers=False.)
 
@@ -25,7 +25,7 @@ Parameters (logical axis names):
   patch_embed/kernel (p, p, C, D) (None, None, "conv_in", "embed"), bias (D,) ("embed",)
   cls_token  (1, 1, D)       (None, None, "embed")                              pool="cls" only
   pos_embed  (N, D)          ("length", "embed"): one learned vector per grid cell (+ class)
-  layers/... the blocks of lm/model.py (attn/w_q ... mlp/w_down, leading "layers" axis)
+  layers/... the blocks of lm/models/transformer.py (attn/w_q ... mlp/w_down, leading "layers" axis)
   final_norm/{scale, bias}   ("norm",)
   head/kernel (D, classes) ("embed", "classes"), head/bias ("classes",)    zero-initialised
 """
@@ -38,8 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm import layers
-from lm.model import TransformerConfig, count_params, run_blocks
+from lm.models import layers
+from lm.models.transformer import TransformerConfig, count_params, run_blocks
 from vision.resnet import ResNet, ResNetConfig
 
 Array = jax.Array
@@ -60,7 +60,7 @@ class ViTConfig:
     pool: str = "cls"                     # "cls" (class token) | "mean" (average of the patches)
     norm_eps: float = 1e-6
     dropout: float = 0.0                  # on the embeddings and every residual branch
-    init_std: float = 0.02                # block weights ~ N(0, init_std), as lm/model.py
+    init_std: float = 0.02                # block weights ~ N(0, init_std), as lm/models/transformer.py
     hybrid: ResNetConfig | None = None    # a CNN stem whose feature map is patchified
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -113,7 +113,7 @@ class ViTConfig:
         return self.num_patches + (self.pool == "cls")
 
     def transformer(self) -> TransformerConfig:
-        """The encoder blocks as lm/model.py's config: bidirectional, pre-norm, exact GELU."""
+        """The encoder blocks as lm/models/transformer.py's config: bidirectional, pre-norm, exact GELU."""
         return TransformerConfig(
             vocab_size=0, num_layers=self.num_layers, d_model=self.d_model,
             num_heads=self.num_heads, d_ff=self.mlp_dim, max_len=self.num_tokens,

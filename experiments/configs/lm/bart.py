@@ -6,9 +6,9 @@
       --workdir runs/pegasus-demo
   python -m experiments.main sample --workdir runs/bart-demo --temperature 0 \\
       --prompt "It is a truth universally <mask> that a single man in possession of a good fortune."
-(experiments/main.py maps task "denoising" to lm.denoising's train/evaluate/sample.)
+(experiments/main.py maps task "denoising" to lm.objectives.denoising's train/evaluate/sample.)
 
-The objectives are lm/denoising.py's: bart = text infilling (30% of tokens in Poisson(3) spans,
+The objectives are lm/objectives/denoising.py's: bart = text infilling (30% of tokens in Poisson(3) spans,
 one [MASK] each) + sentence permutation, the paper's final choice (token masking, deletion and
 document rotation are off by default: --config.denoising.mask_rate=0.15 etc.); the decoder
 rebuilds the whole original window. pegasus = gap-sentence generation (gsr 0.3, Ind-Orig
@@ -32,7 +32,7 @@ import ml_collections
 
 from core.config import check_choice, parse_arg
 from experiments.configs.lm import t5
-from lm import model as model_lib
+from lm.models import transformer as model_lib
 
 BART_STYLE = dict(pos_emb="learned", norm="layernorm", norm_position="pre", mlp="gelu",
                   use_bias=True, tie_embeddings=True)

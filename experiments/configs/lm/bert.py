@@ -19,7 +19,7 @@ with rope and 5.94 / 5.88 with learned positions; the rope run went on to 3.53 a
 
 sentence_objective=nsp|sop|none (default none, RoBERTa): BERT's next-sentence prediction or
 ALBERT's sentence-order prediction on [CLS] A [SEP] B [SEP] pairs with token types, a pooled
-[CLS] head, loss = MLM + sentence loss (lm/sentence_pairs.py); e.g.
+[CLS] head, loss = MLM + sentence loss (lm/objectives/sentence_pairs.py); e.g.
   python -m experiments.main train \
       --config experiments/configs/lm/bert.py:size=demo,sentence_objective=sop --workdir runs/albert-sop
 Measured 2026-11-24 with rotary positions, size=small (4 layers, width 128, 128-token pairs, batch

@@ -1,5 +1,5 @@
 """Fine-tuning an encoder on the Brown corpus's genres (15 classes, 500 documents) or on SST-2,
-RTE or BoolQ (dataset=...; their validation sets split into train/test; lm/classify.py).
+RTE or BoolQ (dataset=...; their validation sets split into train/test; lm/objectives/classification.py).
 
   # the imported sentence encoder, all layers trained
   python -m experiments.main train --config experiments/configs/lm/classify.py \\
@@ -14,8 +14,7 @@ encoder never saw them. Then `python -m experiments.main evaluate --workdir RUN`
 """
 import ml_collections
 
-from core.config import ConfigError, parse_arg
-from core.distributed import distributed_config
+from core.config import ConfigError, distributed_config, parse_arg
 from core.engine import train_config
 from core.mesh import DEFAULT_RULES, mesh_config
 from core.optim import optim_config

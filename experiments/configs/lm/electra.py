@@ -9,7 +9,7 @@ embeddings. 15% of the tokens are masked (85% [MASK], 15% kept, as ELECTRA's cod
 generator's MLM loss + 50 x the discriminator's binary cross-entropy over every real token (the
 paper's lambda). On the tiny size (Austen only, CPU, tests/test_electra_distill.py,
 positions=learned) the joint loss falls from 41.1 to 23.2 in 30 steps (generator MLM 6.46 -> 5.68,
-discriminator 0.693 -> 0.350). Fine-tune the discriminator as an encoder (see lm/electra.py).
+discriminator 0.693 -> 0.350). Fine-tune the discriminator as an encoder (see lm/objectives/electra.py).
 Override anything, e.g. --config.electra.generator_width_ratio=0.5.
 """
 import ml_collections

@@ -1,4 +1,4 @@
-"""Decoder-only GPT/LLaMA pretraining on the offline corpus (Austen + KJV + Brown).
+"""Transformer-only GPT/LLaMA pretraining on the offline corpus (Austen + KJV + Brown).
 
 Run the demo model (what `make demo` trains):
   python -m experiments.main train --config experiments/configs/lm/gpt.py:size=demo \
@@ -17,13 +17,12 @@ import dataclasses
 
 import ml_collections
 
-from core.config import check_choice, parse_arg
-from core.distributed import distributed_config
+from core.config import check_choice, distributed_config, parse_arg
 from core.engine import train_config
 from core.mesh import DEFAULT_RULES, mesh_config
 from experiments.sweep import axis, product, zipped
 from core.optim import optim_config
-from lm import model as model_lib
+from lm.models import transformer as model_lib
 
 SIZES = {
     # name: (layers, width, heads, seq_len, vocab, batch, steps, learning rate)

@@ -23,7 +23,7 @@ import ml_collections
 
 from core.config import ConfigError, parse_arg
 from experiments.configs.lm import gpt
-from lm import model as model_lib
+from lm.models import transformer as model_lib
 
 SEQ_LEN, BATCH, VOCAB = 128, 16, 512
 WIDTHS = (16, 24, 32, 48, 64, 96, 128, 160, 192)

@@ -4,11 +4,11 @@
       --workdir runs/t5-demo
   python -m experiments.main sample --workdir runs/t5-demo --temperature 0 \
       --prompt "It is a truth universally <extra_id_0>, that a single man in <extra_id_1>."
-The model is T5.1.1's shape at small scale (lm/encoder_decoder.py): an encoder and a decoder of
+The model is T5.1.1's shape at small scale (lm/models/encoder_decoder.py): an encoder and a decoder of
 `layers` pre-norm blocks each, RMSNorm, no biases, a gated MLP (SwiGLU here, GEGLU in T5.1.1),
 untied output, one token embedding for both stacks, and T5's relative position bias (32 buckets,
 max distance 128; bidirectional in the encoder, causal in the decoder). The objective
-(lm/span_corruption.py) is T5's: 15% noise in spans of mean length 3, one sentinel per span, 100
+(lm/objectives/span_corruption.py) is T5's: 15% noise in spans of mean length 3, one sentinel per span, 100
 sentinels at the top of the vocabulary; a 256-token window gives 231 encoder and 52 decoder
 tokens. Sizes: tiny (tests, seconds); demo (below). Override anything, e.g.
 --config.span_corruption.noise_density=0.3 --config.model.pos_emb=rope.
@@ -27,7 +27,7 @@ import ml_collections
 
 from core.config import check_choice, parse_arg
 from experiments.configs.lm import gpt
-from lm import model as model_lib
+from lm.models import transformer as model_lib
 
 SIZES = {
     # name: (layers per stack, width, heads, seq_len, tokenizer vocab, batch, steps, lr)

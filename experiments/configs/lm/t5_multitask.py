@@ -1,4 +1,4 @@
-"""T5's text-to-text multitask mixture on one encoder-decoder (lm/text_to_text.py).
+"""T5's text-to-text multitask mixture on one encoder-decoder (lm/objectives/text_to_text.py).
 
   python -m experiments.main train --config experiments/configs/lm/t5_multitask.py:size=demo \
       --workdir runs/t5-multitask

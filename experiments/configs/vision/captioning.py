@@ -22,7 +22,7 @@ import dataclasses
 import ml_collections
 
 from core.config import check_choice, parse_arg
-from lm.model import TransformerConfig
+from lm.models.transformer import TransformerConfig
 from vision.pipeline import base_config
 from vision.vit import ViTConfig
 
@@ -43,7 +43,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     image = 8 if dataset == "digits" else 28
     vit_cfg = ViTConfig(image_size=(image, image), patch=patch, num_layers=layers, d_model=width,
                         num_heads=heads, mlp_dim=mlp, num_classes=10, pool="mean", dropout=0.0)
-    # The decoder of lm/encoder_decoder.py: causal, pre-norm, learned positions, tied output.
+    # The decoder of lm/models/encoder_decoder.py: causal, pre-norm, learned positions, tied output.
     # vocab_size and max_len are set from the caption vocabulary when the task is built.
     dec_layers, dec_width, dec_heads = decoder
     decoder_cfg = TransformerConfig(vocab_size=0, num_layers=dec_layers, d_model=dec_width,

@@ -24,7 +24,7 @@ import dataclasses
 import ml_collections
 
 from core.config import check_choice, parse_arg
-from lm.model import TransformerConfig
+from lm.models.transformer import TransformerConfig
 from vision.pipeline import base_config
 from vision.vit import ViTConfig
 

@@ -1,0 +1,69 @@
+"""Talk to a packaged or local GGUF chat model, streaming its answer as it is decoded.
+
+    python -m lm.decode.chat --prompt "What is the capital of France?"      # one question
+    python -m lm.decode.chat                                                # a conversation on stdin
+    python -m lm.decode.chat --model path/to/model.gguf --temperature 0.7 --top-p 0.9
+
+The prompt is rendered with the model's own chat template (ChatML for SmolLM2), and the answer
+ends at the template's end-of-turn token. Greedy by default.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from lm.decode import decoding, sampling
+from lm.weights import import_gguf
+from lm.models import transformer as model_lib
+
+
+def load(model: str):
+    path = pathlib.Path(model)
+    if not path.suffix == ".gguf":
+        path = import_gguf.pretrained_path(model)
+    return import_gguf.load_gguf(path)
+
+
+def answer(cfg, params, tokenizer, messages: list[dict[str, str]],
+           settings: decoding.SamplingConfig, stream=print) -> str:
+    prompt_ids = tokenizer.encode([tokenizer.apply_chat_template(messages)])[0]
+    new_ids = sampling.stream_continuation(model_lib.Transformer(cfg), params, tokenizer, prompt_ids,
+                                           settings, stream)
+    if stream is not None:
+        stream("")
+    return tokenizer.decode(new_ids, skip_special=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help=f"a .gguf path or one of {sorted(import_gguf.PRETRAINED)}")
+    parser.add_argument("--prompt", default="", help="ask once and exit; empty: read stdin")
+    parser.add_argument("--system", default="", help="a system message (else the template's)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        cfg, params, tokenizer = load(args.model)
+    except (ValueError, OSError) as error:  # GGUFError, FetchError are ValueErrors
+        sys.exit(f"error: {error}")
+    settings = decoding.SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, stop_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, seed=args.seed)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    questions = [args.prompt] if args.prompt else (line.strip() for line in sys.stdin)
+    for question in questions:
+        if not question:
+            continue
+        messages.append({"role": "user", "content": question})
+        reply = answer(cfg, params, tokenizer, messages, settings)
+        messages.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    main()
