@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import benchmarks
+from core.metrics import emit
 from lm.models import efficient_attention as ea
 
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
     }
     if args.plot:
         plot(result, args.plot)
-    benchmarks.emit(result, args.out)
+    emit(result, args.out)
     return result
 
 

@@ -43,9 +43,11 @@ import numpy as np
 import torch
 import transformers
 
-import benchmarks
+from core.metrics import emit
+from core.batches import padded_length
 from lm.decode import decoding
-from lm.eval import harness, shared_context
+from lm.eval import harness
+from lm.eval import requests as eval_requests
 from lm.weights import hf_checkpoint, import_gguf
 from lm.models import transformer as model_lib
 
@@ -86,7 +88,7 @@ def torch_score(hf_model, tokenizer, requests, batch_size: int) -> list[float]:
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            width = shared_context.padded_length(len(rows[chunk[0]][0]) - 1) + 1
+            width = padded_length(len(rows[chunk[0]][0]) - 1) + 1
             tokens = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, index in enumerate(chunk):
                 tokens[row, :len(rows[index][0])] = torch.tensor(rows[index][0])
@@ -166,7 +168,7 @@ def main(argv=None) -> dict:
         hf_checkpoint.save_pretrained(directory, params, cfg, tokenizer)
         hf_model = transformers.LlamaForCausalLM.from_pretrained(
             directory, torch_dtype=torch.float32).eval()
-    all_requests = harness.load_requests("hellaswag")
+    all_requests = eval_requests.load_requests("hellaswag")
 
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or
@@ -201,7 +203,7 @@ def main(argv=None) -> dict:
     result["eval"] = {}
     for shots in args.eval_shots:
         docs = args.docs if shots == 0 else args.few_shot_docs
-        requests = harness.limit_docs(harness.task_requests("hellaswag", shots)[0], docs)
+        requests = eval_requests.limit_docs(eval_requests.task_requests("hellaswag", shots)[0], docs)
         ours_score = lambda share: [s[0] for s in harness.score_requests(
             model, params, tokenizer, requests, args.eval_batch_size, share_contexts=share)]
         timing, out = compare(
@@ -221,7 +223,7 @@ def main(argv=None) -> dict:
     ratios += [v["ours_over_transformers"] for v in result["eval"].values()]
     result["goal"] = "ours at least 2x transformers on decode (every batch size) and eval"
     result["goal_met"] = bool(min(ratios) >= 2.0)
-    benchmarks.emit(result, args.out)
+    emit(result, args.out)
     return result
 
 

@@ -53,7 +53,7 @@ import time
 import flax
 import jax
 
-import benchmarks
+from core.metrics import emit
 from lm.eval import harness
 from lm.weights import hf_checkpoint, import_gguf
 from lm.models import transformer as model_lib
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "lm_eval": shlex.join(map(str, command))},
         "workdir": str(workdir), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    benchmarks.emit(result, args.out)
+    emit(result, args.out)
     return result
 
 

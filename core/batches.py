@@ -153,3 +153,15 @@ class ArrayRows:
 
     def content_crc(self) -> int:
         return arrays_crc(*(self.fields[name] for name in sorted(self.fields)))
+
+
+# Lengths and batch sizes bucketed so that jit compiles few distinct shapes.
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def padded_length(n: int) -> int:
+    """n rounded up to a multiple of 16, or of a quarter of the power of two below n when that is
+    larger: at most 25% padding (or 15 tokens), and few distinct shapes to compile."""
+    return round_up(max(n, 1), max(16, (1 << (max(n, 1).bit_length() - 1)) // 4))

@@ -18,9 +18,8 @@ from core import trainer
 from core.config import ConfigError
 from core.engine import restore_params
 from lm import pipeline
-from lm.decode import decoding, sampling
+from lm.decode import decoding, sampling, seq2seq
 from lm.eval import evaluate_tasks, harness
-from lm.models import encoder_decoder
 from lm.objectives import registry, saved_run
 
 log = logging.getLogger(__name__)
@@ -113,4 +112,4 @@ def generate(task, params, ids: list[int], args) -> list[int]:
     settings = decoding.SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, stop_ids=(task.eos_id,), seed=args.seed)
-    return encoder_decoder.generate(task.model, params, [ids], settings, task.start_id)[0]
+    return seq2seq.generate(task.model, params, [ids], settings, task.start_id)[0]

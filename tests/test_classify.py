@@ -9,6 +9,7 @@ import pytest
 
 from conftest import QUIET, REPO
 from core.config import ConfigError, load_config
+from core.engine import restore_params
 from lm import commands
 from lm.objectives import classification as classify
 from lm.data import labelled, windows as data_lib
@@ -82,7 +83,7 @@ def _finetune(workdir, encoder, *arg, steps=4):
 
 def _params(workdir, config):
     setup = classify.build_setup(config, workdir, need_train=False)
-    return jax.device_get(classify._restore(config, workdir, setup)[0])
+    return jax.device_get(restore_params(config, setup.task, workdir, setup.data.check_meta)[1])
 
 
 def test_head_only_keeps_the_pretrained_encoder_and_trains_the_head(mlm_run, tmp_path):

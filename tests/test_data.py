@@ -93,7 +93,7 @@ def test_unknown_corpus_names_known_and_closest(cache):
 
 
 def test_missing_tool_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpora.shutil, "which", lambda tool: None)
+    monkeypatch.setattr("shutil.which", lambda tool: None)
     with pytest.raises(FetchError, match=r"r-cran-janeaustenr: `apt-get` is not on PATH.*files:"):
         corpora.prepare("austen", tmp_path)
     # Without npm the registry tarball is fetched over HTTPS; when that fails too, say what to do.

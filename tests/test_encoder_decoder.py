@@ -13,7 +13,8 @@ from conftest import QUIET, REPO, train_losses
 from core.config import load_config
 from core.engine import Engine
 from lm import pipeline
-from lm.decode import decoding
+from lm.data.tokenizer import EOS_ID
+from lm.decode import decoding, seq2seq
 from lm.models import encoder_decoder, layers
 from lm.objectives import span_corruption
 from lm.models import transformer as model_lib
@@ -146,7 +147,7 @@ def reconstruct(pair: dict, row: int, vocab: int, segment: int) -> list[int]:
         np.asarray(pair[segments][row]) == segment].tolist()
     inputs = take("inputs", "input_segment_ids")
     targets = take("targets", "target_segment_ids")
-    if targets and targets[-1] == span_corruption.EOS_ID:
+    if targets and targets[-1] == EOS_ID:
         targets = targets[:-1]
     is_sentinel = lambda t: t >= vocab - 100
     spans, current = {}, "carried"
@@ -286,7 +287,7 @@ def test_cached_decoding_equals_recomputing_the_decoder_each_step():
     model, params = tiny_encdec()
     inputs = [random_tokens(9).tolist(), random_tokens(5, seed=1).tolist()]  # right-padded
     sampling = decoding.SamplingConfig(max_new_tokens=7)
-    tokens_BN, logits_BNV = encoder_decoder.decode_steps(
+    tokens_BN, logits_BNV = seq2seq.decode_steps(
         model, params, *map(jnp.asarray, decoding.pad_prompts(inputs, 0, "right")[:2]),
         sampling, 0)
     full = jax.jit(lambda i, t: model.apply({"params": params}, i, t))
@@ -299,7 +300,7 @@ def test_cached_decoding_equals_recomputing_the_decoder_each_step():
                 decoded[0, step + 1] = int(np.argmax(logits_V))
         assert np.asarray(tokens_BN[row, :6]).tolist() == decoded[0, 1:].tolist()
     stop = int(tokens_BN[0, 3])
-    stopped = encoder_decoder.generate(model, params, inputs[:1], decoding.SamplingConfig(
+    stopped = seq2seq.generate(model, params, inputs[:1], decoding.SamplingConfig(
         max_new_tokens=7, stop_ids=(stop,)), 0)[0]
     assert stopped == np.asarray(tokens_BN[0]).tolist()[:np.asarray(tokens_BN[0]).tolist()
                                                           .index(stop)]

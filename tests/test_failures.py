@@ -12,7 +12,7 @@ from core.engine import Engine
 from core.memory import OutOfMemoryError
 from lm import commands, pipeline
 from core.config import DataError
-from lm.pipeline import TokenizerMismatchError
+from lm.data.tokenizer import TokenizerMismatchError
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 

@@ -10,7 +10,7 @@ the decoder's attention, KV cache and sharding names are the language models' ow
 Training is teacher forcing on the synthetic captions of vision/captions.py, drawn inside the
 jitted loss from the label, the pixels and the step's rng (training templates only). Evaluation
 adds greedy decoding through the KV cache (one decoder step per token, as
-lm/encoder_decoder.decode_steps does; the image is encoded once) and scores the generated
+lm/seq2seq.decode_steps does; the image is encoded once) and scores the generated
 caption: class-word accuracy is the fraction of images whose caption names the right class first
 (any synonym counts; a caption naming no class is wrong). Teacher-forced token accuracy and loss
 use the configured evaluation templates: "train" (default) measures generalisation to new

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from core import mesh
+from core.batches import padded_length
 from lm.eval import shared_context
 from lm.eval.requests import (FEW_SHOT_SEED, GENERATION_TASKS, GenerationRequest, Request,
                               limit_docs, load_generation_requests, task_requests)
@@ -66,7 +67,7 @@ def score_rows(model, params, rows: Sequence[tuple[Sequence[int], int]], batch_s
                ) -> list[tuple[float, bool]]:
     """(summed log-prob, all greedy) of the last n tokens of each (ids, n) row, in order.
 
-    Rows are batched longest first and right-padded to shared_context.padded_length; a batch
+    Rows are batched longest first and right-padded to core.batches.padded_length; a batch
     holds at most `batch_size` rows and at most LOGITS_BUDGET bytes of logits, rounded up to a
     multiple of the device count."""
     rows_sharding, replicated = mesh.data_parallel()
@@ -77,9 +78,9 @@ def score_rows(model, params, rows: Sequence[tuple[Sequence[int], int]], batch_s
     start = 0
     while start < len(order):
         # The model sees ids[:-1]; the last id is only a target.
-        inputs = min(max_len, shared_context.padded_length(len(rows[order[start]][0]) - 1))
+        inputs = min(max_len, padded_length(len(rows[order[start]][0]) - 1))
         most_scored = max(scored for _, scored in (rows[i] for i in order[start:start + batch_size]))
-        K = min(inputs, shared_context.padded_length(most_scored))
+        K = min(inputs, padded_length(most_scored))
         fits = LOGITS_BUDGET // (K * model.cfg.vocab_size * 4)
         chunk = order[start:start + max(1, min(batch_size, fits))]
         batch = -(-len(chunk) // devices) * devices

@@ -18,17 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from core import mesh
+from core.batches import padded_length, round_up
 from lm.decode import decoding
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def padded_length(n: int) -> int:
-    """n rounded up to a multiple of 16, or of a quarter of the power of two below n when that is
-    larger: at most 25% padding (or 15 tokens), and few distinct shapes to compile."""
-    return _round_up(max(n, 1), max(16, (1 << (max(n, 1).bit_length() - 1)) // 4))
-
 
 def summed_logp_and_greedy(logits_BKV, targets_BK, scored_BK) -> tuple[jax.Array, jax.Array]:
     """(summed log-prob [B], all greedy [B]) of the scored targets under float32 logits."""
@@ -88,7 +79,7 @@ def score_groups(model, params, groups: Sequence[tuple[Sequence[int], Sequence[S
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         P = padded_length(len(groups[chunk[0]][0]))
-        B = _round_up(len(chunk), multiple)
+        B = round_up(len(chunk), multiple)
         contexts_BP = np.zeros((B, P), np.int32)
         context_lengths_B = np.ones((B,), np.int32)
         for b, index in enumerate(chunk):
@@ -108,7 +99,7 @@ def score_groups(model, params, groups: Sequence[tuple[Sequence[int], Sequence[S
             C = padded_length(len(continuation(rows[at])))
             fits = max(1, logits_budget // (C * vocab * 4))
             call = rows[at:at + min(batch_size, fits)]
-            R = _round_up(len(call), multiple)
+            R = round_up(len(call), multiple)
             rows_R = np.zeros((R,), np.int32)
             continuations_RC = np.zeros((R, C), np.int32)
             continuation_lengths_R = np.zeros((R,), np.int32)

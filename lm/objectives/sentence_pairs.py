@@ -39,7 +39,7 @@ from core.config import DataError, check_choice
 from core.task import BatchField, LossSums
 from lm.data import windows as data_lib
 from lm.models import layers
-from lm.objectives import masking
+from lm.objectives.masking import MaskedLMTask, choose_positions, corrupt
 from lm.models import transformer as model_lib
 from lm.objectives.window_task import positions_from_segments
 
@@ -189,7 +189,7 @@ def vocab_logits(params, cfg: model_lib.TransformerConfig, hidden_BTD) -> jax.Ar
                       preferred_element_type=jnp.float32)
 
 
-class SentencePairTask(masking.MaskedLMTask):
+class SentencePairTask(MaskedLMTask):
     """Masked LM on [CLS] A [SEP] B [SEP] pairs plus NSP or SOP on the pooled [CLS] state."""
     name = "masked_lm"
 
@@ -239,9 +239,9 @@ class SentencePairTask(masking.MaskedLMTask):
         encoder = {k: v for k, v in params.items() if k != "sentence_head"}
         choose_rng, corrupt_rng, dropout_rng = jax.random.split(rng, 3)
         maskable_BT = (segments_BT > 0) & (tokens_BT != self.cls_id) & (tokens_BT != self.sep_id)
-        chosen_BT = masking.choose_positions(choose_rng, maskable_BT, self.rate, self.span_p,
+        chosen_BT = choose_positions(choose_rng, maskable_BT, self.rate, self.span_p,
                                                self.max_span)
-        inputs_BT = masking.corrupt(corrupt_rng, tokens_BT, chosen_BT, self.mask_id,
+        inputs_BT = corrupt(corrupt_rng, tokens_BT, chosen_BT, self.mask_id,
                                       self.mask_id)
         hidden_BTD = self.model.apply(
             {"params": encoder}, inputs_BT, positions_from_segments(segments_BT), segments_BT,

@@ -30,7 +30,7 @@ of that task, from np.random.default_rng([seed, step]), so the stream is a pure 
 (seed, step) and a resumed run sees the same batches.
 Evaluation: teacher-forced loss on the test folds during training (the first eval_examples of
 each task, the ones exact match scores); after training, greedy
-decoding (encoder_decoder.decode_steps, KV cache) and exact match per task (text equality after
+decoding (seq2seq.decode_steps, KV cache) and exact match per task (text equality after
 stripping; span corruption: equal token ids, sentinels included).
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ from core.task import BatchField, LossSums
 from core.trainer import TaskData
 from lm.data import labelled, windows as data_lib
 from lm.data.tokenizer import EOS_ID, PAD_ID, check_tokenizer, tokenizer_meta
-from lm.decode import decoding
+from lm.decode import decoding, seq2seq
 from lm.models import encoder_decoder
 from lm.models import transformer as model_lib
 from lm.objectives import span_corruption
@@ -332,7 +332,7 @@ def greedy_outputs(task: TextToTextTask, params, encoded: EncodedSet, batch: int
     outputs = []
     for start in range(0, n, batch):
         rows = encoded.rows(np.arange(start, start + batch) % n)  # a full batch: one compile
-        tokens_BN, _ = encoder_decoder.decode_steps(
+        tokens_BN, _ = seq2seq.decode_steps(
             task.model, params, jnp.asarray(rows["inputs"]),
             jnp.asarray(rows["input_segment_ids"]), sampling, task.start_id)
         for row in np.asarray(tokens_BN)[:min(batch, n - start)].tolist():

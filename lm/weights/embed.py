@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from core.batches import padded_length
 from lm.weights import hf_checkpoint
-from lm.eval import shared_context
 from lm.models import transformer as model_lib
 
 # Encoders that ship inside registry packages: name -> (kind, package, directory inside).
@@ -105,7 +105,7 @@ def embed(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int = 32) 
     out = np.zeros((len(texts), encoder.cfg.d_model), np.float32)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        T = min(encoder.cfg.max_len, shared_context.padded_length(len(encodings[chunk[0]].ids)))
+        T = min(encoder.cfg.max_len, padded_length(len(encodings[chunk[0]].ids)))
         tokens, types, real = (np.zeros((len(chunk), T), np.int32) for _ in range(3))
         for row, index in enumerate(chunk):
             ids = encodings[index].ids
