@@ -13,13 +13,13 @@ guidance) with a small U-Net, on 8-bit images.
 Args: size=digits|fashion_mnist|fashion_mnist_cpu, schedule=cosine|linear, prediction=v|eps
 (default v: with the cosine schedule, eps-prediction's x0 = (x - sqrt(1-ab) eps) / sqrt(ab)
 amplifies the network's error ~20,000x at t = 999, which deterministic DDIM never washes out;
-v's x0 = sqrt(ab) x - sqrt(1-ab) v is well conditioned at every t: README),
+v's x0 = sqrt(ab) x - sqrt(1-ab) v is well conditioned at every t: docs/generative.md),
 conditional (class labels + null class, label dropout p_uncond), steps, batch.
 The eval metric is the MSE per pixel of the training target at a random timestep (eps_mse: of
 the noise, whatever the target); sample quality is FID-FMNIST (generative/fid.py), not a loss.
 Sizes: digits (8x8, ~8 min on 2 CPU cores), fashion_mnist_cpu (a small U-Net, 2,000 steps in
 18 min on one CPU core; with steps=8000, 72 min: FID-FMNIST 6.9 with DDPM-1000, 8.9-9.6 with
-deterministic DDIM-50, 8.5 at eta 1; prediction=eps gives 8.2 and 20.6-22.1: README), fashion_mnist
+deterministic DDIM-50, 8.5 at eta 1; prediction=eps gives 8.2 and 20.6-22.1: docs/generative.md), fashion_mnist
 (base width 64, 2 blocks per level, 30k steps of 128: for a GPU). The optimiser keeps a
 parameter EMA (optim.ema_decay: 0.999, about the last 1,000 steps; 0.9999 as in Ho et al. suits
 runs of 100k+ steps); generative.sample draws from it, and the eval loss uses the raw parameters.

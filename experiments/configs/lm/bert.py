@@ -15,7 +15,7 @@ longer. Measured 2026-11-24 on one CPU core each (size=demo, corpus austen+kjv+b
 --config.optim.warmup_steps=150 --config.train.steps=2200 --config.masking.rate=0.3
 --config.data.val_fraction=0.2): eval nats per masked token at steps 275 / 550 were 5.24 / 4.38
 with rope and 5.94 / 5.88 with learned positions; the rope run went on to 3.53 at step 1,650
-(README, transfer learning on Brown genres).
+(docs/encoders.md, transfer learning on Brown genres).
 
 sentence_objective=nsp|sop|none (default none, RoBERTa): BERT's next-sentence prediction or
 ALBERT's sentence-order prediction on [CLS] A [SEP] B [SEP] pairs with token types, a pooled

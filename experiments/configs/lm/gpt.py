@@ -9,7 +9,7 @@ against the xz baseline), small (the ablation sweep's model, ~2-3 min each), ben
 style=llama (rotary, RMSNorm, SwiGLU, grouped-query attention, untied).
 Override anything, e.g. --config.train.steps=100 --config.mesh.ici.fsdp=2.
 
-The ablation sweep (get_sweep below: positions x norm x MLP, 8 members, README "Experiments"):
+The ablation sweep (get_sweep below: positions x norm x MLP, 8 members, docs/experiments.md):
   python -m experiments.sweep --config experiments/configs/lm/gpt.py:size=small \
       --workdir runs/ablation
 """

@@ -11,7 +11,7 @@ Size rule (width is the knob, a multiple of 8): d_model = width, layers = max(1,
 heads = max(1, width // 16), SwiGLU width 8/3 d rounded up to a multiple of 16; a 512-piece BPE
 keeps the vocabulary tables from dominating the smallest models. Parameters run from 20 k (width
 16; 3.4 k without the embedding tables) to 2.9 M (width 192; 2.7 M). The study's grid uses widths
-16 to 128: README "Scaling laws" has its fit. The token budget sets the steps at 16 x 128 tokens a step, and the
+16 to 128: docs/scaling.md has its fit. The token budget sets the steps at 16 x 128 tokens a step, and the
 cosine schedule decays over exactly that horizon (Chinchilla's point: a schedule longer than the
 run overstates the loss of short runs). Learning rate 3e-3 at width 128, scaled by
 sqrt(128 / width). The loss is the validation loss in nats per token (whole validation split).

@@ -9,7 +9,7 @@
 Args: model=resnet|vit, dataset=fashion_mnist|digits, epochs, batch, steps (0: from epochs),
 size=default|deep (ResNet)|preset|tiny.
 Every model field is a key: --config.model.width=64, --config.model.pool=cls, ...
-Fashion-MNIST test accuracy on 2 CPU cores (README): ResNet size=deep, 30 epochs 94.67%, 15 epochs
+Fashion-MNIST test accuracy on 2 CPU cores (docs/vision.md): ResNet size=deep, 30 epochs 94.67%, 15 epochs
 93.69%; ViT, 25 epochs 91.84%, 20 epochs 90.87% (issue 5's targets: 94% and 91%).
 """
 import ml_collections
