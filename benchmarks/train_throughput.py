@@ -77,6 +77,7 @@ class JaxTrainer:
 class TorchTrainer:
     def __init__(self, cfg, args):
         import torch
+
         from benchmarks.torch_gpt import TorchDecoder
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() and args.torch_device != "cpu" else "cpu"

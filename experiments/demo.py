@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     from core.config import load_config
     from core.trainer import train
     from lm import pipeline
-    from lm.eval import compressors as baseline
     from lm.decode import sampling
+    from lm.eval import compressors as baseline
 
     config = load_config(CONFIG, overrides)
     started = time.perf_counter()
@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
     compressors = {name: baseline.compressor_bits_per_byte(train_text, val_text, name)
                    for name in ("xz", "bzip2", "gzip")}
 
+    import jax
+
     from core.checkpoint import Checkpointer
     from core.engine import Engine
-    import jax
     engine = Engine(config, setup.task)
     state, _, _ = Checkpointer(pathlib.Path(args.workdir) / "checkpoints",
                                async_save=False).restore_latest_good(engine.abstract_state)

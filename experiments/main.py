@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 
+
 def parse(argv: list[str]):
     parser = argparse.ArgumentParser(prog="python -m experiments.main", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -35,8 +35,7 @@ from lm.decode import decoding
 from lm.models import transformer as model_lib
 from lm.models.encoder_decoder import EncoderDecoder
 from lm.models.transformer import TransformerConfig
-from vision import captions
-from vision import augment
+from vision import augment, captions
 from vision.classify import image_fields
 from vision.clip import image_inputs, padded_vocab, tower_configs, vit_flops_per_example
 from vision.vit import ViT, ViTConfig
@@ -220,6 +219,7 @@ def build_task(config, info) -> CaptioningTask:
 def main(argv=None) -> int:
     import argparse
     import json
+
     from core.config import load_run_config
     from vision import pipeline
     parser = argparse.ArgumentParser(prog="python -m vision.captioning", description=__doc__,

@@ -355,6 +355,7 @@ def evaluation_extras(setup, state, workdir) -> dict:
 def main(argv=None) -> int:
     import argparse
     import json
+
     from core.config import load_run_config
     from vision import pipeline
     parser = argparse.ArgumentParser(prog="python -m vision.clip", description=__doc__,

@@ -15,7 +15,8 @@ import numpy as np
 
 from core.config import DataError
 from core.packages import cache_dir, fetch_package
-from lm.data import corpora, windows as data_lib
+from lm.data import corpora
+from lm.data import windows as data_lib
 
 IGNORE = -1
 

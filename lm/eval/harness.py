@@ -28,6 +28,7 @@ import numpy as np
 
 from core import mesh
 from core.batches import padded_length
+from lm.decode import decoding
 from lm.eval import shared_context
 from lm.eval.requests import (FEW_SHOT_SEED, GENERATION_TASKS, GenerationRequest, Request,
                               limit_docs, load_generation_requests, task_requests)
@@ -228,7 +229,6 @@ def evaluate_generation(model, params, tokenizer, requests: Sequence[GenerationR
                         stop: Sequence[str] = ("\n\n", "Question:"), prefix_ids: Sequence[int] = (),
                         progress: Callable[[int], None] | None = None) -> dict:
     """Greedy generation until a stop string, then exact match of the extracted answer."""
-    from lm.decode import decoding
     # Any token whose text contains a stop string ends a row early; the text is cut there too.
     stop_ids = tuple(i for i in range(model.cfg.vocab_size)
                      if any(s in tokenizer.decode([i]) for s in stop)) + (tokenizer.eos_id,)

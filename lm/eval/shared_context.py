@@ -9,9 +9,8 @@ forward pass (tests/test_harness.py checks), for a fraction of the work when con
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import math
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 from core import mesh
 from core.batches import padded_length, round_up
 from lm.decode import decoding
+
 
 def summed_logp_and_greedy(logits_BKV, targets_BK, scored_BK) -> tuple[jax.Array, jax.Array]:
     """(summed log-prob [B], all greedy [B]) of the scored targets under float32 logits."""

@@ -31,11 +31,13 @@ from core import trainer
 from core.batches import BatchIterator
 from core.config import ConfigError, check_choice, load_run_config
 from core.task import BatchField, LossSums
+from lm.data import brown_pos
 from lm.data import windows as data_lib
 from lm.data.labelled import brown_genres, document_split, eval_package_task, labelled_windows
 from lm.models import layers
 from lm.models import transformer as model_lib
 from lm.objectives import saved_run
+from lm.weights import embed
 
 log = logging.getLogger(__name__)
 POOLINGS = ("mean", "first")
@@ -176,7 +178,6 @@ class Encoder:
 def load_encoder(spec: str, init: str, cache: str = "") -> Encoder:
     """A packaged / Hugging Face encoder, or a masked-LM run's workdir; init="scratch" keeps its
     architecture and tokenizer and drops its weights (the no-transfer baseline)."""
-    from lm.weights import embed
     if spec in embed.PRETRAINED or (pathlib.Path(spec) / "config.json").is_file() and not (
             pathlib.Path(spec) / "checkpoints").exists():
         sentence = embed.load_sentence_encoder(spec, cache)
@@ -233,7 +234,6 @@ def build_setup(config, workdir=None, need_train: bool = True) -> Classification
     seq_len = config.data.seq_len
     baseline = None
     if cc.dataset == "brown_pos":
-        from lm.data import brown_pos
         tagged = brown_pos.tagged_documents(config.data.cache_dir)
         doc_ids = sorted(tagged)
         names = sorted({tag for words in tagged.values() for _, tag in words})

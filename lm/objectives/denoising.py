@@ -30,11 +30,11 @@ from __future__ import annotations
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import flax.linen as nn
 
 from core.task import LossSums
 from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID

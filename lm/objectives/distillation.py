@@ -28,8 +28,8 @@ import optax
 from core.config import ConfigError, load_run_config
 from core.task import LossSums
 from lm.models import transformer as model_lib
-from lm.objectives.masking import MaskedLMTask, choose_positions, corrupt
 from lm.objectives import saved_run
+from lm.objectives.masking import MaskedLMTask, choose_positions, corrupt
 from lm.objectives.window_task import positions_from_segments
 
 

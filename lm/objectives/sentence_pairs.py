@@ -39,8 +39,8 @@ from core.config import DataError, check_choice
 from core.task import BatchField, LossSums
 from lm.data import windows as data_lib
 from lm.models import layers
-from lm.objectives.masking import MaskedLMTask, choose_positions, corrupt
 from lm.models import transformer as model_lib
+from lm.objectives.masking import MaskedLMTask, choose_positions, corrupt
 from lm.objectives.window_task import positions_from_segments
 
 OBJECTIVES = ("nsp", "sop")

@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import optax
 
 from core.task import LossSums
+from lm.data.tokenizer import EOS_ID, PAD_ID
 from lm.models import encoder_decoder
 from lm.models import transformer as model_lib
 from lm.objectives.window_task import WindowTask, positions_from_segments, prediction_metrics
-from lm.data.tokenizer import EOS_ID, PAD_ID
 
 
 def noise_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:

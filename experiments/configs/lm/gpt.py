@@ -20,8 +20,8 @@ import ml_collections
 from core.config import check_choice, distributed_config, parse_arg
 from core.engine import train_config
 from core.mesh import DEFAULT_RULES, mesh_config
-from experiments.sweep import axis, product, zipped
 from core.optim import optim_config
+from experiments.sweep import axis, product, zipped
 from lm.models import transformer as model_lib
 
 SIZES = {
