@@ -74,16 +74,28 @@ def test_cache_round_trip_keeps_parameters(tmp_path, monkeypatch):
     assert fid.config_hash(fid.CLASSIFIER) != fid.config_hash(dict(fid.CLASSIFIER, seed=1))
 
 
+# The real recipe (all 60k training images, Adam, the same architecture) at a quarter of the width
+# for one epoch: ensure_classifier trains and caches it in under a minute on an empty cache, where
+# CLASSIFIER takes several. Deterministic: 83.9% test accuracy.
+SMALL = dict(fid.CLASSIFIER, conv_channels=(8, 16), features=32, epochs=1)
+
+
 @pytest.mark.slow
 def test_fid_fmnist_separates_real_from_corrupted_images():
-    """With the real (cached, else trained: minutes) classifier: it reaches ~91% test accuracy,
-    real test images score far below the same images blurred and noised."""
-    classifier = fid.ensure_classifier()
-    assert classifier.meta["test_accuracy"] > 0.89
+    """The whole FID-FMNIST path (ensure_classifier training on the full training set and caching,
+    the training set's reference statistics, fid_fmnist, conditional_accuracy) with the SMALL
+    classifier: it is well trained, and real test images score far below the same images noised
+    (about 0.9 against 34). CLASSIFIER itself is not trained here; where it is already cached,
+    the same facts are checked with it (its ~91% test accuracy included)."""
     images, labels = fid.load_fashion_mnist("test")
     real = images[:1000]
     noisy = np.clip(real.astype(np.int32) + np.random.RandomState(0).randint(-60, 60, real.shape),
                     0, 255).astype(np.uint8)
-    real_fid, noisy_fid = fid.fid_fmnist(real), fid.fid_fmnist(noisy)
-    assert real_fid * 3 < noisy_fid
-    assert fid.conditional_accuracy(real, labels[:1000]) > 0.88
+    assert fid.ensure_classifier(SMALL).meta["test_accuracy"] > 0.8
+    assert fid.classifier_path(SMALL).exists()
+    assert fid.fid_fmnist(real, config=SMALL) * 3 < fid.fid_fmnist(noisy, config=SMALL)
+    assert fid.conditional_accuracy(real, labels[:1000], config=SMALL) > 0.8
+    if fid.classifier_path().exists():  # the full classifier, cached by an earlier experiment
+        assert fid.ensure_classifier().meta["test_accuracy"] > 0.89
+        assert fid.fid_fmnist(real) * 3 < fid.fid_fmnist(noisy)
+        assert fid.conditional_accuracy(real, labels[:1000]) > 0.88
