@@ -181,11 +181,14 @@ def load_teacher(workdir: str):
     """(teacher's TransformerConfig, its parameters as host arrays, its tokenizer path) from the
     newest good checkpoint of a masked-LM run; clear errors for anything missing."""
     path = pathlib.Path(workdir or "")
-    if workdir and (path / "config.json").is_file():
-        task = load_run_config(path).task
-        if task != "masked_lm":
-            raise ConfigError(f"distill.teacher {workdir} is a {task!r} run; the teacher "
-                              "must be a masked_lm run (experiments/configs/lm/bert.py)")
+    if not workdir or not (path / "config.json").is_file():
+        raise ConfigError(f"distill.teacher {workdir!r} is not a run directory with config.json; "
+                          "train a teacher first (experiments/configs/lm/bert.py) and pass its "
+                          "--workdir as teacher=WORKDIR")
+    task = load_run_config(path).task
+    if task != "masked_lm":
+        raise ConfigError(f"distill.teacher {workdir} is a {task!r} run; the teacher "
+                          "must be a masked_lm run (experiments/configs/lm/bert.py)")
     teacher = saved_run.load_run(workdir, what="distill.teacher")
     return teacher.task.model_cfg, teacher.params, path / "tokenizer.model"
 
