@@ -47,9 +47,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             "the run's own, or start a new --workdir")
     splits = data_lib.load_splits(config.data)
     tokenizer = data_lib.get_tokenizer(config.data, splits["train"]["text"], workdir)
-    task = registry.make_task(config, tokenizer.vocab_size)
-    if hasattr(task, "use_tokenizer"):  # tasks that read token pieces (BART/PEGASUS sentences)
-        task.use_tokenizer(tokenizer)
+    task = registry.make_task_for(config, tokenizer)
     # Tasks with their own rows (sentence pairs) build them; the rest take packed windows.
     make_windows = getattr(task, "make_windows", None) or (
         lambda split, texts: data_lib.tokenized_windows(config.data, tokenizer, split, texts))

@@ -185,11 +185,11 @@ def load_teacher(workdir: str):
         raise ConfigError(f"distill.teacher {workdir!r} is not a run directory with config.json; "
                           "train a teacher first (experiments/configs/lm/bert.py) and pass its "
                           "--workdir as teacher=WORKDIR")
-    task = load_run_config(path).task
-    if task != "masked_lm":
-        raise ConfigError(f"distill.teacher {workdir} is a {task!r} run; the teacher "
+    run_config = load_run_config(path)
+    if run_config.task != "masked_lm":
+        raise ConfigError(f"distill.teacher {workdir} is a {run_config.task!r} run; the teacher "
                           "must be a masked_lm run (experiments/configs/lm/bert.py)")
-    teacher = saved_run.load_run(workdir, what="distill.teacher")
+    teacher = saved_run.load_run(workdir, run_config, what="distill.teacher")
     return teacher.task.model_cfg, teacher.params, path / "tokenizer.model"
 
 

@@ -54,3 +54,12 @@ def make_task(config, vocab_size: int):
         raise ConfigError(f"task {config.task!r} builds its task from its data "
                           f"({module.__name__}.build_setup), not from a tokenizer")
     return module.build_task(config, vocab_size)
+
+
+def make_task_for(config, tokenizer):
+    """The config's task for this tokenizer: sized by its vocabulary, and handed the tokenizer
+    itself where the task reads token pieces (BART/PEGASUS sentence ends, NSP/SOP pairs)."""
+    task = make_task(config, tokenizer.vocab_size)
+    if hasattr(task, "use_tokenizer"):
+        task.use_tokenizer(tokenizer)
+    return task

@@ -42,9 +42,7 @@ def load_run(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | No
         raise ConfigError(f"{what} {workdir} has no tokenizer.model: it is not a run of a "
                           "tokenized-text objective, or it has not started")
     tokenizer = Tokenizer.load(tokenizer_path)
-    task = registry.make_task(config, tokenizer.vocab_size)
-    if hasattr(task, "use_tokenizer"):  # tasks that read token pieces (BART/PEGASUS sentences)
-        task.use_tokenizer(tokenizer)
+    task = registry.make_task_for(config, tokenizer)
     try:
         _, params, step = restore_params(config, task, path, check_tokenizer(tokenizer))
     except CheckpointError as error:
