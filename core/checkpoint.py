@@ -15,14 +15,16 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from core.config import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No checkpoint could be restored where one was required."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A readable checkpoint that belongs to another configuration (kept untouched)."""
 
 

@@ -11,16 +11,22 @@ import ast
 import difflib
 import importlib.util
 import pathlib
+import re
 from typing import Any, Iterable, Sequence
 
 import ml_collections
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake the user can fix: every command prints it as one line `error: ...` and exits 2
+    (core/cli.py); anything else is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A config that cannot be what the user meant."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem the user can fix (missing file, unknown corpus, empty split, ...)."""
 
 
@@ -33,6 +39,40 @@ def check_choice(name: str, value: Any, choices: Iterable, error: type[ValueErro
     valid = list(choices) if isinstance(choices, (list, tuple)) else sorted(choices)
     near = _did_you_mean(str(value), [str(v) for v in valid], cutoff=0.6)
     raise error(f"{name} {value!r} is not one of {valid}{hint}{near}")
+
+
+_RANGE = re.compile(r"^([\[(])\s*(\S+?)\s*,\s*(\S+?)\s*([\])])$|^(>=|>|<=|<)\s*(\S+)$")
+
+
+def in_range(value: float, rule: str) -> bool:
+    """Whether `value` satisfies `rule`: an interval like "[0, 1)" or "(0, inf)", or a bound
+    like "> 0" or ">= 1"."""
+    match = _RANGE.match(rule.strip())
+    if not match:
+        raise ValueError(f"range rule {rule!r} is neither an interval nor a bound")
+    if match.group(5):
+        bound = float(match.group(6))
+        return {">": value > bound, ">=": value >= bound,
+                "<": value < bound, "<=": value <= bound}[match.group(5)]
+    low, high = float(match.group(2)), float(match.group(3))
+    above = value >= low if match.group(1) == "[" else value > low
+    below = value <= high if match.group(4) == "]" else value < high
+    return above and below
+
+
+def check_ranges(section: str, cfg: ml_collections.ConfigDict, ranges: dict[str, str]) -> None:
+    """Refuses any number of `cfg` outside its rule (see `in_range`), naming `section.key`; keys
+    the section does not have are skipped (config files differ in what they carry)."""
+    for key, rule in ranges.items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{section}.{key} must be a number in {rule}, got {value!r}")
+        if not in_range(value, rule):
+            within = f"in {rule}" if rule.strip()[0] in "[(" else rule
+            raise ConfigError(f"{section}.{key} must be {within}, got {value!r}; change it with "
+                              f"--config.{section}.{key}=...")
 
 
 def parse_arg(arg: str, **defaults: Any) -> ml_collections.ConfigDict:

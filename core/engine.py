@@ -10,13 +10,14 @@ import logging
 import math
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
 from core import distributed, memory, mesh as mesh_lib, optim, step as step_lib, train_state
 from core.checkpoint import Checkpointer
-from core.config import ConfigError
+from core.config import ConfigError, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,43 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
+# The numbers a train setting may take (core.config.in_range rules).
+TRAIN_RANGES = {"steps": ">= 1", "global_batch_size": ">= 1", "microbatches": ">= 1",
+                "log_every": ">= 0", "eval_every": ">= 0", "eval_batches": ">= 0",
+                "checkpoint_every": ">= 0", "keep_checkpoints": ">= 1",
+                "memory_limit_bytes": ">= 0", "peak_flops": ">= 0", "max_wallclock_s": ">= 0"}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Everything about the train, optim, mesh and sharding sections that can be refused from
+    the config and the device count alone: commands call it before reading data or compiling."""
+    check_ranges("train", config.train, TRAIN_RANGES)
+    optim.check_config(config.optim, config.train.steps)
+    mesh = mesh_lib.build_mesh(config.mesh)
+    rules = mesh_lib.rules_from_config(config.sharding_rules)
+    axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    names = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
+    check_batch(config.train.global_batch_size, config.train.microbatches,
+                math.prod(mesh.shape[n] for n in names), mesh)
+
+
+def check_batch(global_batch: int, microbatches: int, ways: int, mesh) -> None:
+    """The batch splits into microbatches, each over the `ways` devices that shard it."""
+    if global_batch % microbatches:
+        raise ConfigError(f"train.global_batch_size {global_batch} is not a multiple of "
+                          f"train.microbatches {microbatches}")
+    per_micro = global_batch // microbatches
+    if per_micro % ways:
+        raise ConfigError(
+            f"the batch of {per_micro} examples per microbatch (train.global_batch_size "
+            f"{global_batch} / train.microbatches {microbatches}) does not divide over the "
+            f"{ways} devices that shard the batch (mesh {mesh_lib.describe(mesh)}); use a "
+            f"multiple of {ways * microbatches} or change the mesh")
+    if global_batch % jax.process_count():
+        raise ConfigError(f"train.global_batch_size {global_batch} does not split over "
+                          f"{jax.process_count()} processes")
+
+
 class Engine:
     """Everything about a run that depends on the config and the task but not on the data."""
 
@@ -58,7 +96,8 @@ class Engine:
         self.batch_shardings = {
             name: mesh_lib.logical_sharding(self.mesh, self.rules, field.logical_axes)
             for name, field in task.batch_fields().items()}
-        self._check_batch(config.train.global_batch_size, config.train.microbatches)
+        check_batch(config.train.global_batch_size, config.train.microbatches, self.batch_ways(),
+                    self.mesh)
 
     def scope(self):
         """Mesh and logical rules in effect (see core.mesh.activate): trace and run inside it."""
@@ -70,22 +109,6 @@ class Engine:
         axes = sharding.spec[0] if sharding.spec else None
         names = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
         return math.prod(self.mesh.shape[n] for n in names)
-
-    def _check_batch(self, global_batch: int, microbatches: int) -> None:
-        ways = self.batch_ways()
-        if global_batch % microbatches:
-            raise ConfigError(f"train.global_batch_size {global_batch} is not a multiple of "
-                              f"train.microbatches {microbatches}")
-        per_micro = global_batch // microbatches
-        if per_micro % ways:
-            raise ConfigError(
-                f"the batch of {per_micro} examples per microbatch (train.global_batch_size "
-                f"{global_batch} / train.microbatches {microbatches}) does not divide over the "
-                f"{ways} devices that shard the batch (mesh {mesh_lib.describe(self.mesh)}); use a "
-                f"multiple of {ways * microbatches} or change the mesh")
-        if global_batch % jax.process_count():
-            raise ConfigError(f"train.global_batch_size {global_batch} does not split over "
-                              f"{jax.process_count()} processes")
 
     def abstract_batch(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
         return {name: jax.ShapeDtypeStruct((global_batch, *field.shape), field.dtype,
@@ -160,7 +183,7 @@ class Engine:
     def eval_runner(self, global_batch: int) -> Callable[..., dict[str, float]]:
         """`run(params, local_batch, model_state={}) -> summed metrics as floats`, jitted once
         per batch size."""
-        self._check_batch(global_batch, 1)
+        check_batch(global_batch, 1, self.batch_ways(), self.mesh)
         jitted = jax.jit(step_lib.make_eval_step(self.task),
                          in_shardings=(self.state_shardings.params,
                                        self.state_shardings.model_state, self.batch_shardings),

@@ -11,12 +11,14 @@ import os
 
 import jax
 
+from core.config import UserError
+
 log = logging.getLogger(__name__)
 
 GIB = 1024 ** 3
 
 
-class OutOfMemoryError(RuntimeError):
+class OutOfMemoryError(UserError, RuntimeError):
     """The compiled step needs more memory per device than the device has."""
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from core.config import ConfigError
+from core.config import ConfigError, check_choice, check_ranges
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
@@ -47,6 +47,28 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     })
     cfg.update(overrides)
     return cfg
+
+
+# The numbers an optimiser setting may take (core.config.in_range rules).
+RANGES = {"learning_rate": "> 0", "warmup_steps": ">= 0", "decay_steps": ">= 0",
+          "min_lr_ratio": "[0, 1]", "b1": "[0, 1)", "b2": "[0, 1)", "eps": "> 0",
+          "momentum": "[0, 1)", "weight_decay": ">= 0", "clip_norm": ">= 0",
+          "ema_decay": "[0, 1)"}
+
+
+def check_config(cfg: ml_collections.ConfigDict, total_steps: int) -> None:
+    """Everything about the optim section that needs no parameters: names, ranges, the warmup
+    against the decay horizon, regexes, and the same for every group's settings."""
+    settings = [("optim", cfg)] + [(f"optim.groups.{name}", _group_settings(cfg, name, group))
+                                   for name, group in cfg.get("groups", {}).items()]
+    for section, each in settings:
+        check_choice(f"{section}.name", each.name, ("adamw", "sgd"))
+        check_ranges(section, each, RANGES)
+        learning_rate_schedule(each, total_steps)
+    if cfg.get("freeze"):
+        _regex(cfg.freeze, "optim.freeze")
+    for name, group in cfg.get("groups", {}).items():
+        _regex(group["match"], f"optim.groups.{name}.match")
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

@@ -7,6 +7,7 @@ SIGTERM (preemption) saves a checkpoint at the next step boundary and stops clea
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import pathlib
@@ -21,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from core import flops as flops_lib
 from core.checkpoint import Checkpointer
+from core.config import ConfigError
 from core.engine import Engine
 from core.metrics import MetricsWriter
 
@@ -67,6 +69,47 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+# What a resumed run may change: how long it trains, how it logs, evaluates and checkpoints, and
+# how the same computation is laid out (mesh, sharding, accumulation, rematerialisation).
+# fnmatch patterns on dotted keys; data.tokenizer.path is compared by content (lm/pipeline.py).
+RESUME_SAFE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+               "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
+               "train.memory_limit_bytes", "train.peak_flops", "train.max_wallclock_s",
+               "train.microbatches", "mesh.*", "sharding_rules", "distributed.*",
+               "data.cache_dir", "data.tokenizer.path", "model.remat", "model.attention_impl")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_resume(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a run whose saved config.json differs from `config` in a key outside
+    RESUME_SAFE, listing the keys. Keys the saved config lacks (options added since) pass."""
+    saved_path = pathlib.Path(workdir) / "config.json"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = _flat(json.loads(saved_path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{saved_path} is not readable JSON ({error}); restore it from a backup "
+                          "or train in a new --workdir") from None
+    wanted = _flat(json.loads(config.to_json_best_effort()))
+    differing = sorted((key for key in saved
+                        if saved[key] != wanted.get(key)
+                        and not any(fnmatch.fnmatchcase(key, safe) for safe in RESUME_SAFE)),
+                       key=lambda key: (key != "task", key))  # another objective: say so first
+    if differing:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k, '(absent)')!r}"
+                          for k in differing[:8])
+        raise ConfigError(f"{workdir} is a run trained with another config ({shown}"
+                          f"{'; ...' if len(differing) > 8 else ''}); resuming may change only "
+                          f"steps, logging, evaluation, checkpointing and layout: use its own "
+                          f"values or a new --workdir")
+
+
 def write_run_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
           data: TaskData) -> dict[str, Any]:
     """Runs (or resumes) training to config.train.steps; returns the last metrics."""
     workdir = pathlib.Path(workdir)
+    check_resume(workdir, config)
     cfg = config.train
     engine = Engine(config, task)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints,

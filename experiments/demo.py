@@ -7,7 +7,6 @@ validation text conditioned on the training text, and a sample.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -15,13 +14,15 @@ import pathlib
 import sys
 import time
 
+from core import cli
+
 CONFIG = "experiments/configs/lm/gpt.py:size=demo"
 
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     parser.add_argument("--workdir", default=f"runs/demo/{stamp}")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -78,4 +79,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_entry(main)

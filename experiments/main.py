@@ -10,16 +10,16 @@ evaluate and sample read the config saved in DIR, so they need no --config.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 
+from core import cli
+
 
 def parse(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="python -m experiments.main", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m experiments.main", description=__doc__)
     parser.add_argument("command", choices=("train", "evaluate", "sample"))
     parser.add_argument("--config", help="config file, e.g. experiments/configs/lm/gpt.py:size=tiny")
     parser.add_argument("--workdir", required=True)
@@ -54,31 +54,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
+    logging.getLogger("datasets").setLevel(logging.WARNING)  # "JAX version ... available"
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    from core.checkpoint import CheckpointError, CheckpointMismatchError
-    from core.config import ConfigError, DataError, check_choice
+    from core.config import check_choice
     from core.distributed import maybe_initialize
-    from core.memory import OutOfMemoryError
     from lm.objectives.registry import OBJECTIVES
     from vision.pipeline import IMAGE_TASKS
-    try:
-        config = load(args, overrides)
-        maybe_initialize(config.distributed)
-        # The two task tables: language objectives (lm/objectives/registry.py), image tasks.
-        check_choice("task", config.task, {**OBJECTIVES, **IMAGE_TASKS})
-        if config.task in OBJECTIVES:
-            from lm import commands
-        else:
-            from vision import commands
-        result = getattr(commands, args.command)(config, args)
-    except (ConfigError, DataError, CheckpointError, CheckpointMismatchError,
-            OutOfMemoryError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load(args, overrides)
+    maybe_initialize(config.distributed)
+    # The two task tables: language objectives (lm/objectives/registry.py), image tasks.
+    check_choice("task", config.task, {**OBJECTIVES, **IMAGE_TASKS})
+    if config.task in OBJECTIVES:
+        from lm import commands
+    else:
+        from vision import commands
+    result = getattr(commands, args.command)(config, args)
     if result is not None:
         print(json.dumps(result, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main_entry(main)

@@ -22,7 +22,6 @@ The table (sweep.csv, sweep.json) and one plot per swept axis (PNG) are written 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
@@ -37,6 +36,7 @@ import sys
 import time
 from typing import Any, Iterable, Sequence
 
+from core import cli
 from core.config import ConfigError, load_config, load_config_module
 
 log = logging.getLogger(__name__)
@@ -271,8 +271,7 @@ def run(members: Sequence[Member], root: pathlib.Path, parallel: int = 1, proces
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m experiments.sweep", description=__doc__)
     parser.add_argument("--config", required=True, help="a config file with get_sweep(), [:arg]")
     parser.add_argument("--workdir", required=True, help="members train in WORKDIR/<name>")
     parser.add_argument("--parallel", type=int, default=1, help="members run at once")
@@ -293,14 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     from experiments import sweep_table
     root = pathlib.Path(args.workdir)
     try:
-        members = [m for m in load_sweep(args.config, rest) if re.search(args.only, m.name)]
-        if not members:
-            raise ConfigError(f"--only {args.only!r} matches no member of the sweep")
-        outcomes = {} if args.collect_only else run(
-            members, root, args.parallel, args.processes, args.devices_per_process, args.dry_run)
-    except (ConfigError, re.error) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        only = re.compile(args.only)
+    except re.error as error:
+        raise ConfigError(f"--only {args.only!r} is not a regular expression ({error})") from None
+    members = [m for m in load_sweep(args.config, rest) if only.search(m.name)]
+    if not members:
+        raise ConfigError(f"--only {args.only!r} matches no member of the sweep")
+    outcomes = {} if args.collect_only else run(
+        members, root, args.parallel, args.processes, args.devices_per_process, args.dry_run)
     if args.dry_run:
         return 0
     rows = sweep_table.collect(members, root, outcomes)
@@ -310,4 +309,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main_entry(main)

@@ -18,7 +18,6 @@ collected, not retrained, so an interrupted study resumes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
@@ -27,6 +26,7 @@ import types
 
 import scipy.stats
 
+from core import cli
 from core.config import load_config
 from core.metrics import emit
 from lm import commands
@@ -72,8 +72,7 @@ def pretraining_gains(results: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", default="brown_genres",
                         choices=[d for d in classify.DATASETS if d not in classify.TOKEN_DATASETS])
     parser.add_argument("--encoder", default="", help="workdir of a masked-LM run of ours")
@@ -124,4 +123,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_entry(main)

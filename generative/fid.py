@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from core import packages
+from core import cli, packages
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,16 @@ def floor(num: int = 0, seed: int = 0) -> dict[str, float]:
             "classifier_accuracy": conditional_accuracy(images, labels)}
 
 
-if __name__ == "__main__":
+def main(argv=None) -> dict:
+    """`python -m generative.fid`: trains (once) the classifier FID-FMNIST uses and prints the
+    floor: real test images against the train set."""
+    cli.ArgumentParser(prog="python -m generative.fid", description=main.__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     classifier = ensure_classifier()
-    print(json.dumps({"classifier": classifier.meta, "floor_10000": floor(),
-                      "floor_1000": floor(1000)}, indent=2))
+    result = {"classifier": classifier.meta, "floor_10000": floor(), "floor_1000": floor(1000)}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    cli.main_entry(main)

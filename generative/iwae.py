@@ -7,12 +7,13 @@ draws (their mean), so the gap between the two is measured on the same images.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
 import jax
 import numpy as np
+
+from core import cli
 
 
 def estimate(task, params, images_NHWC: np.ndarray, k: int, seed: int = 0,
@@ -33,24 +34,21 @@ def estimate(task, params, images_NHWC: np.ndarray, k: int, seed: int = 0,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m generative.iwae", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m generative.iwae", description=__doc__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--k", type=int, default=100, help="importance samples per image")
     parser.add_argument("--num", type=int, default=1000, help="eval images (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from core.config import ConfigError, load_run_config
     if args.k < 1 or args.num < 0:
-        print("error: --k must be positive and --num non-negative", file=sys.stderr)
-        return 2
-    from core.config import load_run_config
+        raise ConfigError("--k must be positive and --num non-negative")
     from core.metrics import emit
     from vision.pipeline import restore
     config = load_run_config(args.workdir, [])
     if config.task != "vae" or config.vae.kind != "vae":
-        print(f"error: {args.workdir} is not a VAE run (task {config.task!r}); the IWAE bound "
-              "needs a Gaussian posterior", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{args.workdir} is not a VAE run (task {config.task!r}); the IWAE "
+                          "bound needs a Gaussian posterior")
     setup, _, state, step = restore(config, args.workdir)
     images = setup.eval_set.images[:args.num or None]
     emit({"workdir": args.workdir, "step": step,
@@ -59,4 +57,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main_entry(main)

@@ -17,7 +17,6 @@ not Inception FID; it is computed for 28x28x1 samples only.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import pathlib
@@ -28,14 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core import cli
+
 # sampler -> the task a run must have trained; the diffusion samplers need labels and steps
 RUN_TASK = {"ddpm": "diffusion", "ddim": "diffusion", "gan": "gan", "vae": "vae", "flow": "flow"}
 SAMPLERS = tuple(RUN_TASK)
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m generative.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m generative.sample", description=__doc__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
@@ -111,17 +111,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     args = parse(sys.argv[1:] if argv is None else argv)
-    from core.config import load_run_config
+    from core.config import ConfigError, load_run_config
     from vision.pipeline import restore
+    if args.num < 1 or args.batch < 1:
+        raise ConfigError("--num and --batch must be positive")
     config = load_run_config(args.workdir, [])
     wanted = RUN_TASK[args.sampler]
     if config.task != wanted:
-        print(f"error: --sampler {args.sampler} needs a {wanted} run; {args.workdir} trained "
-              f"task {config.task!r}", file=sys.stderr)
-        return 2
-    if args.num < 1 or args.batch < 1:
-        print("error: --num and --batch must be positive", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--sampler {args.sampler} needs a {wanted} run; {args.workdir} "
+                          f"trained task {config.task!r}")
     args.batch = min(args.batch, args.num)
     setup, _, state, step = restore(config, args.workdir)
     from core.optim import ema_params
@@ -156,4 +154,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main_entry(main)

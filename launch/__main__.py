@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from core import cli
+
 COMMANDS = {"local": "launch.local", "tpu": "launch.tpu", "slurm": "launch.slurm",
             "aot": "launch.aot"}
 
@@ -23,11 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
-        print(f"error: unknown launcher {argv[0]!r}; choose one of {', '.join(COMMANDS)} "
-              "(python -m launch --help)", file=sys.stderr)
-        return 2
+        raise cli.UsageError(f"unknown launcher {argv[0]!r}; choose one of "
+                             f"{', '.join(COMMANDS)} (python -m launch --help)")
     return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main_entry(main)

@@ -17,7 +17,6 @@ default) takes `target` when its compiler is installed, else says so and estimat
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -25,11 +24,11 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 
 import jax
 
+from core import cli
 from core import mesh as mesh_lib
 from core.config import ConfigError, check_choice, load_config
 from core.engine import Engine
@@ -316,8 +315,7 @@ def mesh_overrides(spec: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch aot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m launch aot", description=__doc__)
     parser.add_argument("--config", required=True,
                         help="e.g. experiments/configs/lm/gpt.py:size=gpt2_124m")
     parser.add_argument("--topology", required=True, help=KNOWN)
@@ -339,19 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         # Compiling needs no accelerator, and a CUDA plugin on a machine without a GPU only
         # loads (for its compiler) when jax is not asked to run on it.
         jax.config.update("jax_platforms", "cpu")
-    try:
-        target = parse_target(args.topology, args.num_slices)
-        if args.method != "target":
-            use_cpu_devices(target.num_devices)
-        config = load_config(args.config, [*mesh_overrides(args.mesh), *rest])
-        result = run(config, target, args.method, args.memory_fraction)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    target = parse_target(args.topology, args.num_slices)
+    if args.method != "target":
+        use_cpu_devices(target.num_devices)
+    config = load_config(args.config, [*mesh_overrides(args.mesh), *rest])
+    result = run(config, target, args.method, args.memory_fraction)
     from core.metrics import emit
     emit(result, args.out)
     return 0 if result["fits"] else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main_entry(main)

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 
+from core import cli
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -84,8 +86,7 @@ def launch(entry_args: list[str], processes: int = 1, devices_per_process: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch local", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m launch local", description=__doc__)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--devices-per-process", type=int, default=1)
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
@@ -109,4 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main_entry(main)

@@ -13,7 +13,6 @@ The repository and the workdir must be on a file system every node sees.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import re
@@ -21,6 +20,8 @@ import shlex
 import subprocess
 import sys
 
+from core import cli
+from core.config import UserError
 from launch.local import NO_COMMAND, split_command
 
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")
@@ -71,9 +72,8 @@ def sbatch_command(script_path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch slurm [options] -- ENTRY_ARGS",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m launch slurm [options] -- ENTRY_ARGS",
+                                     description=__doc__)
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True)
     parser.add_argument("--tasks-per-node", type=int, default=1)
@@ -113,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return subprocess.call(sbatch_command(path))
     except FileNotFoundError:
-        print(f"error: sbatch was not found on this machine; the script is in {path}",
-              file=sys.stderr)
-        return 2
+        raise UserError(f"sbatch was not found on this machine; the script is in {path}") from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main_entry(main)

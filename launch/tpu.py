@@ -21,7 +21,6 @@ NAME-N-1); the queued resource puts the MEGASCALE_* variables jax needs into eac
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shlex
 import subprocess
@@ -29,6 +28,8 @@ import sys
 import threading
 import time
 
+from core import cli
+from core.config import UserError
 from launch.local import NO_COMMAND, split_command
 
 JAX_TPU = "jax[tpu]==0.10.2"  # the jax this project pins, with the libtpu built for it
@@ -247,9 +248,8 @@ def execute(steps: list[Step], poll_seconds: float = 30.0) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch tpu ACTION [options] -- ENTRY_ARGS",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m launch tpu ACTION [options] -- ENTRY_ARGS",
+                                     description=__doc__)
     parser.add_argument("action", choices=ACTIONS)
     parser.add_argument("--name", required=True, help="TPU VM name (node prefix for multislice)")
     parser.add_argument("--accelerator-type", required=True, help="e.g. v5e-16, v4-32, v6e-64")
@@ -283,10 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return execute(steps)
     except FileNotFoundError as error:
-        print(f"error: {error.filename} was not found: install the Google Cloud CLI (gcloud)",
-              file=sys.stderr)
-        return 2
+        raise UserError(f"{error.filename} was not found: install the Google Cloud CLI "
+                        "(gcloud)") from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main_entry(main)

@@ -35,6 +35,8 @@ def train(config, args) -> dict:
     """Trains (or resumes); an objective with `scores` is then scored on its newest checkpoint
     and the result written to <workdir>/SCORES_FILE."""
     objective = registry.objective(config.task)
+    pipeline.check_config(config)
+    trainer.check_resume(args.workdir, config)
     setup = build(config, args.workdir)
     final = trainer.train(config, args.workdir, setup.task, setup.data)
     if not hasattr(objective, "scores"):
@@ -51,6 +53,7 @@ def evaluate(config, args) -> dict:
     """The objective's scores (validation loss, perplexity and bits per byte by default) of a
     run's newest good checkpoint, or with --tasks its zero-/few-shot accuracy."""
     objective = registry.objective(config.task)
+    pipeline.check_config(config)
     if getattr(args, "tasks", ""):
         return evaluate_harness(config, args, objective)
     setup = build(config, args.workdir, need_train=False)
@@ -84,6 +87,7 @@ def sample(config, args) -> None:
     output after "(step N)", or a decoder's continuation (one streamed token by token; several
     printed one after another, separated by a rule)."""
     objective = registry.objective(config.task)
+    pipeline.check_config(config)
     run = saved_run.load_run(args.workdir, config)
     log.info("sampling from the checkpoint of step %d", run.step)
     try:

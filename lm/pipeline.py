@@ -15,10 +15,12 @@ from typing import Any
 import jax
 import ml_collections
 
+from core import engine as engine_lib
 from core.batches import BatchIterator
 from core.trainer import TaskData
 from lm.data import windows as data_lib
 from lm.data.tokenizer import Tokenizer, TokenizerMismatchError, check_tokenizer, tokenizer_meta
+from lm.models import transformer as model_lib
 from lm.objectives import registry
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,17 @@ class LMSetup:
     task: Any
     tokenizer: Tokenizer
     data: TaskData
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Every check an LM config allows before data or compile work, one place per section:
+    train/optim/mesh (core/engine.py), data, model, and the objective's own sections."""
+    engine_lib.check_config(config)
+    if "data" in config:
+        data_lib.check_config(config.data)
+    if "model" in config:
+        model_lib.check_config(config.model)
+    registry.check_config(config)
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from conftest import tiny_config
+from core import cli
 from core.config import ConfigError
 from core.engine import Engine
 from launch import aot
@@ -69,8 +70,8 @@ def test_unknown_or_impossible_topologies_are_clear_errors(name, message):
 
 
 def test_cli_unknown_topology_exits_2_with_the_known_forms(capsys):
-    code = aot.main(["--config", "experiments/configs/lm/gpt.py:size=tiny", "--topology",
-                     "tpu-9000"])
+    code = cli.run(aot.main, ["--config", "experiments/configs/lm/gpt.py:size=tiny",
+                              "--topology", "tpu-9000"])
     err = capsys.readouterr().err
     assert code == 2 and "unknown topology 'tpu-9000'" in err and "8xH100" in err
 

@@ -211,3 +211,26 @@ def test_every_documented_command_runs_at_its_path(module):
         path = path.with_name("__main__.py")
     assert "__main__" in path.read_text(), f"python -m {module} has no __main__ block"
     importlib.import_module(module)
+
+
+def entry_points() -> list[pathlib.Path]:
+    """Modules with a `__main__` block (benchmarks print JSON for people, not commands)."""
+    return [p for p in project_files() if 'if __name__ == "__main__":' in p.read_text()
+            and not module_name(p).startswith("benchmarks.")]
+
+
+def test_the_entry_point_collector_finds_the_commands():
+    names = {module_name(p) for p in entry_points()}
+    assert {"experiments.main", "lm.eval.evaluate_tasks", "launch.__main__"} <= names
+
+
+@pytest.mark.parametrize("path", entry_points(), ids=module_name)
+def test_every_entry_point_follows_the_error_convention(path):
+    """core/cli.py: user errors end as one `error:` line and exit 2 only if every command ends in
+    cli.main_entry(main) and parses with cli.ArgumentParser (argparse's own prints usage too)."""
+    text = path.read_text()
+    assert text.rstrip().endswith('if __name__ == "__main__":\n    cli.main_entry(main)'), (
+        f"{path}: end with `cli.main_entry(main)`")
+    assert "argparse.ArgumentParser(" not in text, f"{path}: use cli.ArgumentParser"
+    assert not re.search(r"(sys\.exit|SystemExit)\(f?[\"']error", text), (
+        f"{path}: raise a core.config.UserError instead of exiting with a message")

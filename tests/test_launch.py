@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from core import cli
 from conftest import REPO
 from core.config import ConfigError, distributed_config
 from core.distributed import ProcessLogFilter, expand_nodelist, initialize_kwargs
@@ -105,8 +106,8 @@ def test_tpu_dry_run_prints_shell_quoted_commands_that_split_back(capsys):
 
 
 def test_tpu_run_without_a_command_is_an_error(capsys):
-    with pytest.raises(SystemExit):
-        tpu.main(["run", "--name", "x", "--accelerator-type", "v5e-8", "--dry-run"])
+    assert cli.run(tpu.main, ["run", "--name", "x", "--accelerator-type", "v5e-8",
+                              "--dry-run"]) == 2
     assert "give the command to run after --" in capsys.readouterr().err
 
 
@@ -167,7 +168,7 @@ def test_entry_point_dispatches_and_rejects_unknown_launchers(capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[1].endswith(
         "--config.distributed.process_id=1 --config.distributed.local_device_count=1")
-    assert launch_main.main(["gke"]) == 2
+    assert cli.run(launch_main.main, ["gke"]) == 2
     assert "unknown launcher 'gke'" in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from core.config import DataError
 from experiments.scaling import fit, isoflop, points
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def test_cli_writes_fit_and_plots(tmp_path, capsys):
     assert [row["flops"] for row in printed["approach3"]["compute_optimal"]] == [1e21, 1e23]
     for name in ("loss_vs_compute.png", "loss_surface.png", "isoflop.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         fit.main(["--points", str(tmp_path / "absent.csv")])
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from core import cli
 from conftest import QUIET, REPO, TINY, train_losses
 from core.config import ConfigError, load_config
 from experiments import sweep
@@ -130,8 +131,8 @@ def test_sweep_runs_skips_resumes_and_tabulates(tmp_path):
     assert sweep.main(["--config", spec, "--workdir", str(root), "--only", "seed=1$",
                        "--collect-only", *common, "--config.train.steps=3"]) == 0
     assert [r["name"] for r in json.loads((root / "sweep.json").read_text())] == ["seed=1"]
-    assert sweep.main(["--config", spec, "--workdir", str(root), "--only", "seed=7",
-                       *common]) == 2
+    assert cli.run(sweep.main, ["--config", spec, "--workdir", str(root), "--only", "seed=7",
+                                *common]) == 2
 
 
 @pytest.mark.slow

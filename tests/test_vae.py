@@ -9,6 +9,7 @@ import pytest
 import scipy.integrate
 import scipy.stats
 
+from core import cli
 from generative.vae import (VAEConfig, VAETask, binarize, discretized_logistic_log_prob,
                             gaussian_kl, reconstruction_log_prob)
 from test_flow import load_digits
@@ -216,10 +217,10 @@ def test_sample_command_draws_from_vae_and_flow_runs(tmp_path, kind):
     first = setup.task.sample(jax.device_get(params),
                               jax.random.fold_in(jax.random.key(0), 0), *args)
     np.testing.assert_array_equal(drawn["images"][:4], np.asarray(first))
-    assert sample.main(["--workdir", str(tmp_path), "--out", str(out), "--sampler", "gan",
-                        "--num", "2", "--no-fid"]) == 2  # not a GAN run: refused, nothing drawn
+    assert cli.run(sample.main, ["--workdir", str(tmp_path), "--out", str(out), "--sampler",
+                                 "gan", "--num", "2", "--no-fid"]) == 2  # not a GAN run: refused
     from generative import iwae  # the IWAE command: a VAE run only
-    assert iwae.main(["--workdir", str(tmp_path), "--k", "4", "--num", "8"]) == (
+    assert cli.run(iwae.main, ["--workdir", str(tmp_path), "--k", "4", "--num", "8"]) == (
         0 if kind == "vae" else 2)
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from core import cli
 from core.task import LossSums
 from lm.decode import decoding
 from lm.models import transformer as model_lib
@@ -217,13 +218,11 @@ def build_task(config, info) -> CaptioningTask:
 
 
 def main(argv=None) -> int:
-    import argparse
     import json
 
     from core.config import load_run_config
     from vision import pipeline
-    parser = argparse.ArgumentParser(prog="python -m vision.captioning", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m vision.captioning", description=__doc__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--num", type=int, default=10, help="evaluation images to caption")
     args = parser.parse_args(argv)
@@ -239,4 +238,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.main_entry(main)

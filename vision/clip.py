@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from core import cli
 from core.task import LossSums
 from lm.models import transformer as model_lib
 from lm.models.transformer import TransformerConfig
@@ -353,13 +354,11 @@ def evaluation_extras(setup, state, workdir) -> dict:
 
 
 def main(argv=None) -> int:
-    import argparse
     import json
 
     from core.config import load_run_config
     from vision import pipeline
-    parser = argparse.ArgumentParser(prog="python -m vision.clip", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m vision.clip", description=__doc__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--num-pairs", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -374,4 +373,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.main_entry(main)

@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import importlib
 
-from core import trainer
+from core import engine, trainer
 from core.config import ConfigError
 from vision import pipeline
 
 
 def train(config, args) -> dict:
+    """Trains (or resumes); everything the config alone can refuse is refused before the
+    images are read."""
+    engine.check_config(config)
+    trainer.check_resume(args.workdir, config)
     setup = pipeline.build(config, args.workdir)
     return trainer.train(config, args.workdir, setup.task, setup.data)
 
 
 def evaluate(config, args) -> dict:
     """The eval split's metrics from the newest checkpoint, plus the task's own extras."""
-    setup, engine, state, step = pipeline.restore(config, args.workdir)
-    run = engine.eval_runner(setup.data.eval_batch_size)
+    engine.check_config(config)
+    setup, run_engine, state, step = pipeline.restore(config, args.workdir)
+    run = run_engine.eval_runner(setup.data.eval_batch_size)
     metrics = setup.data.evaluate(lambda b: run(state.params, b, state.model_state), 0)
     result = {"step": step, **metrics}
     extras = getattr(importlib.import_module(pipeline.IMAGE_TASKS[config.task]),

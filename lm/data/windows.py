@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import logging
 import math
 import os
 import pathlib
@@ -23,7 +24,8 @@ import datasets
 import numpy as np
 
 from core.batches import arrays_crc, digest, sum_batches
-from core.config import DataError
+from core.config import DataError, check_ranges
+from core import textfiles
 from core.packages import atomic_write, cache_dir
 from lm.data import corpora
 from lm.data.tokenizer import Tokenizer
@@ -95,21 +97,43 @@ def _normalize(ds: datasets.Dataset, text_column: str, source: str, where: str) 
 
 def _load_files(spec: str, text_column: str, cache: pathlib.Path) -> datasets.Dataset:
     files = _expand_files(spec)
+    for path in files:
+        textfiles.refuse_blank(path)
+        if not path.endswith(".parquet"):
+            textfiles.check_utf8(path)  # Arrow's JSON reader lets bad bytes through to later
     parts = []
     txt = [f for f in files if f.endswith(".txt")]
     if txt:
-        texts = [pathlib.Path(f).read_text(encoding="utf-8") for f in txt]
+        texts = [textfiles.read_text(f) for f in txt]
         base = os.path.commonpath([os.path.dirname(f) for f in txt])
         parts.append(datasets.Dataset.from_dict({"id": [os.path.relpath(f, base) for f in txt],
                                                  "source": ["files"] * len(txt), "text": texts}))
     for builder, exts in (("json", (".jsonl", ".json")), ("parquet", (".parquet",))):
         group = [f for f in files if f.endswith(exts)]
         if group:
-            ds = datasets.load_dataset(builder, data_files=group, split="train",
-                                       cache_dir=str(cache / "hf"))
+            ds = _read_rows(builder, group, cache)
             parts.append(_normalize(ds, text_column, "files", f"files {group[:3]}"))
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return _normalize(ds, "text", "files", f"files:{spec}")
+
+
+def _read_rows(builder: str, files: list[str], cache: pathlib.Path) -> datasets.Dataset:
+    """The files' rows through datasets' Arrow reader; when it fails, the file (and line) at
+    fault, found by reading the JSON-lines files again line by line."""
+    reader_log = logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}")
+    level = reader_log.level
+    reader_log.setLevel(logging.CRITICAL)  # its failure is reported below, naming the line
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train",
+                                     cache_dir=str(cache / "hf"))
+    except Exception as error:  # pyarrow's and datasets' many error types: one user error here
+        for path in files:
+            if path.endswith(".jsonl"):
+                textfiles.check_jsonl(path)
+        raise DataError(f"datasets could not read {files[:3]} as {builder}: "
+                        f"{' '.join(str(error).split())[:300]}") from error
+    finally:
+        reader_log.setLevel(level)
 
 
 def _load_hub(spec: str, text_column: str) -> dict[str, datasets.Dataset]:
@@ -128,6 +152,25 @@ def _load_hub(spec: str, text_column: str) -> dict[str, datasets.Dataset]:
 def _is_validation(seed: int, source: str, doc_id: str, fraction: float) -> bool:
     h = hashlib.sha256(f"{seed}\x00{source}\x00{doc_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") < fraction * 2.0 ** 64
+
+
+# The numbers a data setting may take (core.config.in_range rules).
+RANGES = {"val_fraction": "[0, 1)", "seq_len": ">= 1", "test_fraction": "[0, 1)"}
+TOKENIZER_RANGES = {"vocab_size": ">= 1", "max_train_chars": ">= 1"}
+
+
+def check_config(data_cfg) -> None:
+    """The data section, before anything is read: ranges, the corpus names, and that the files
+    a 'files:' corpus names exist."""
+    check_ranges("data", data_cfg, RANGES)
+    if "tokenizer" in data_cfg:
+        check_ranges("data.tokenizer", data_cfg.tokenizer, TOKENIZER_RANGES)
+    spec = data_cfg.get("corpus", "").strip()
+    if spec.startswith("files:"):
+        _expand_files(spec[6:])
+    elif spec and not spec.startswith("hub:"):
+        for name in spec.split("+"):
+            corpora.check_name(name.strip())
 
 
 def load_splits(data_cfg) -> dict[str, datasets.Dataset]:

@@ -9,10 +9,10 @@ ends at the template's end-of-turn token. Greedy by default.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
+from core import cli
 from lm.decode import decoding, sampling
 from lm.models import transformer as model_lib
 from lm.weights import import_gguf
@@ -36,8 +36,7 @@ def answer(cfg, params, tokenizer, messages: list[dict[str, str]],
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help=f"a .gguf path or one of {sorted(import_gguf.PRETRAINED)}")
     parser.add_argument("--prompt", default="", help="ask once and exit; empty: read stdin")
@@ -48,10 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        cfg, params, tokenizer = load(args.model)
-    except (ValueError, OSError) as error:  # GGUFError, FetchError are ValueErrors
-        sys.exit(f"error: {error}")
+    cfg, params, tokenizer = load(args.model)
     settings = decoding.SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, stop_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, seed=args.seed)
@@ -66,4 +62,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_entry(main)

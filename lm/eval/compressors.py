@@ -10,13 +10,13 @@ is in reach; gzip only sees the last 32 KiB and bzip2 900 kB blocks, so they say
 """
 from __future__ import annotations
 
-import argparse
 import bz2
 import concurrent.futures
 import gzip
 import json
 import lzma
 
+from core import cli
 from lm.data import windows as data
 from lm.data.corpora import austen_novels
 
@@ -66,8 +66,7 @@ def doc_split(corpus: str, val_fraction: float = 0.1, split_seed: int = 0,
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m lm.eval.compressors", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m lm.eval.compressors", description=__doc__)
     p.add_argument("--corpus", default="austen", help="a data.corpus spec (default: austen)")
     p.add_argument("--split", choices=("doc", "austen_tail"), default="doc")
     p.add_argument("--val_fraction", type=float, default=0.1)
@@ -90,4 +89,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_entry(main)

@@ -14,14 +14,14 @@ same shape. k-shot prompts are built as lm/eval/requests.py describes.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import pathlib
-import sys
 
 import jax
 
+from core import cli, textfiles
+from core.config import ConfigError, DataError, UserError
 from lm.data import bpe_tokenizer, corpora, labelled
 from lm.eval import harness
 from lm.eval import requests as eval_requests
@@ -35,12 +35,17 @@ def read_documents(spec: str, limit: int) -> list[str]:
     file with a "text" field per line."""
     path = pathlib.Path(spec)
     if path.suffix == ".txt":
-        texts = [path.read_text(encoding="utf-8")]
+        textfiles.refuse_blank(path)
+        texts = [textfiles.read_text(path)]
     else:
         if path.suffix != ".jsonl":
             path = corpora.prepare(spec)
-        with open(path, encoding="utf-8") as f:
-            texts = [json.loads(line)["text"] for line in f if line.strip()]
+        texts = []
+        for number, row in enumerate(textfiles.iter_jsonl(path), 1):
+            if "text" not in row:
+                raise DataError(f"{path}: row {number} has no \"text\" field (its keys: "
+                                f"{sorted(row)})")
+            texts.append(row["text"])
     return texts[:limit] if limit else texts
 
 
@@ -76,8 +81,7 @@ def settings(tasks: list[str], shots: list[int], limit: int, batch_size: int,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="a packaged model name, a .gguf file or a Hugging Face directory")
     parser.add_argument("--workdir", default="", help="evaluate one of our runs instead")
@@ -95,9 +99,13 @@ def main(argv: list[str] | None = None) -> dict:
         known = {**eval_requests.available(), **{t: ["8shot-cot"] for t in eval_requests.GENERATION_TASKS}}
         print(json.dumps(known, indent=1))
         return known
+    tasks = args.tasks.split(",")
     try:
-        tasks, shots = args.tasks.split(","), [int(k) for k in args.shots.split(",")]
-        model, params, tokenizer, prefix, description = load_model(args)
+        shots = [int(k) for k in args.shots.split(",")]
+    except ValueError:
+        raise ConfigError(f"--shots {args.shots!r} is not comma-separated integers like 0,5") from None
+    model, params, tokenizer, prefix, description = load_model(args)
+    try:
         if args.documents:
             tasks = [f"documents:{args.documents}"]
             scores = {tasks[0]: harness.document_perplexity(
@@ -106,8 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             scores = harness.evaluate_tasks(model, params, tokenizer, tasks, shots, args.limit,
                                             args.batch_size, prefix_ids=prefix)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    except ValueError as error:  # an unknown task or shot count, a context that cannot fit
+        if isinstance(error, UserError):
+            raise
+        raise ConfigError(str(error)) from error
     result = {"results": scores,
               "settings": settings(tasks, shots, args.limit, args.batch_size, description)}
     text = json.dumps(result, indent=2)
@@ -118,4 +128,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_entry(main)

@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from core.config import ConfigError
+from core.config import ConfigError, check_ranges
 from lm.models import layers
 
 Array = jax.Array
@@ -453,6 +453,26 @@ def padded_vocab(vocab_size: int, added_ids: int = 0) -> int:
     """The model's vocabulary: the tokenizer's plus the objective's own ids ([MASK], sentinels),
     padded to a multiple of 128 so that it shards."""
     return -(-(vocab_size + added_ids) // 128) * 128
+
+
+# The numbers a model setting may take (core.config.in_range rules).
+RANGES = {"vocab_size": ">= 0", "num_layers": ">= 1", "d_model": ">= 1", "num_heads": ">= 1",
+          "max_len": ">= 1", "rope_base": "> 0", "norm_eps": "> 0", "dropout": "[0, 1)",
+          "init_std": "> 0"}
+
+
+def check_config(model_section) -> None:
+    """The model section as the run will build it, before any data or compile: unknown fields,
+    values out of range, and the choices and combinations TransformerConfig refuses."""
+    check_ranges("model", model_section, RANGES)
+    fields = dict(model_section)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(TransformerConfig)})
+    if unknown:
+        raise ConfigError(f"model section has fields {unknown} that TransformerConfig does not")
+    try:
+        TransformerConfig(**fields)
+    except ValueError as error:
+        raise ConfigError(f"model.{error}") from None
 
 
 def config_from(config, vocab_size: int) -> TransformerConfig:

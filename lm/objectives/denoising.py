@@ -230,6 +230,11 @@ class DenoisingTask(WindowTask):
     metrics = staticmethod(SpanCorruptionTask.metrics)
 
 
+CONFIG_RANGES = {"denoising": {"mask_rate": "[0, 1)", "delete_rate": "[0, 1)",
+                               "infill_ratio": "[0, 1)", "poisson_lambda": "> 0", "gsr": "(0, 1)",
+                               "mlm_rate": "[0, 1)"}}
+
+
 def build_task(config, vocab_size: int) -> DenoisingTask:
     """The task of a config's `denoising` block: [MASK] (BART; PEGASUS's [MASK1]) and [MASK2]
     take the two ids past the tokenizer's vocabulary."""

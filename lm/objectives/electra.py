@@ -182,6 +182,11 @@ class ElectraTask(MaskedLMTask):
         return out
 
 
+CONFIG_RANGES = {"electra": {"rate": "(0, 1)", "mask_token_prob": "[0, 1]",
+                             "generator_width_ratio": "(0, 1]", "disc_weight": ">= 0"},
+                 "sentence": {"dupe_factor": ">= 1", "short_seq_prob": "[0, 1]"}}
+
+
 def build_task(config, vocab_size: int) -> ElectraTask:
     """The task of a config with an `electra` section (experiments/configs/lm/electra.py);
     [MASK] is the first id past the tokenizer's vocabulary."""

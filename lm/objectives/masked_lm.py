@@ -7,6 +7,9 @@ from lm.models import transformer as model_lib
 from lm.objectives import sentence_pairs
 from lm.objectives.masking import MaskedLMTask
 
+CONFIG_RANGES = {"masking": {"rate": "(0, 1)", "span_p": "[0, 1)", "max_span": ">= 1"},
+                 "sentence": {"dupe_factor": ">= 1", "short_seq_prob": "[0, 1]"}}
+
 
 def build_task(config, vocab_size: int):
     """[MASK] is the first id past the tokenizer's vocabulary; with `sentence.objective` nsp or

@@ -17,6 +17,8 @@ Optional hooks, read by lm/commands.py (train / evaluate / sample, written once)
   render_output(task, tokenizer, ids)       encoder's input, the decoder's output as text
   generate(task, params, encoded, args)     (default: lm/commands.py samples with --temperature)
   HARNESS = True                            `evaluate --tasks` scores it with lm/eval/harness.py
+  CONFIG_RANGES = {section: {key: rule}}    its own sections' numbers (core.config.in_range
+                                            rules), refused before any data is read
 A decoder-only objective without encode_prompt samples by streaming a continuation.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from core.config import ConfigError, check_choice
+from core.config import ConfigError, check_choice, check_ranges
 
 OBJECTIVES = {
     "causal_lm": "lm.objectives.causal_lm",
@@ -38,13 +40,20 @@ OBJECTIVES = {
 }
 BUILDERS = ("build_task", "build_setup")  # at least one
 HOOKS = ("build_setup", "scores", "SCORES_FILE", "encode_prompt", "render_output", "generate",
-         "HARNESS")
+         "HARNESS", "CONFIG_RANGES")
 
 
 def objective(task: str) -> ModuleType:
     """The module of `config.task` (a ConfigError with the closest name if there is none)."""
     check_choice("task", task, OBJECTIVES)
     return importlib.import_module(OBJECTIVES[task])
+
+
+def check_config(config) -> None:
+    """The objective's own sections (its CONFIG_RANGES), before any data is read."""
+    for section, ranges in getattr(objective(config.task), "CONFIG_RANGES", {}).items():
+        if section in config:
+            check_ranges(section, config[section], ranges)
 
 
 def make_task(config, vocab_size: int):

@@ -212,6 +212,10 @@ class SpanCorruptionTask(WindowTask):
         return prediction_metrics(sums, "target_tokens")
 
 
+CONFIG_RANGES = {"span_corruption": {"noise_density": "(0, 1)", "mean_span_length": ">= 1",
+                                     "num_sentinels": ">= 1"}}
+
+
 def build_task(config, vocab_size: int) -> SpanCorruptionTask:
     """The sentinels take the top ids of the model's vocabulary, above the tokenizer's."""
     spans = config.span_corruption

