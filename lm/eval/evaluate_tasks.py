@@ -103,18 +103,21 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         shots = [int(k) for k in args.shots.split(",")]
     except ValueError:
-        raise ConfigError(f"--shots {args.shots!r} is not comma-separated integers like 0,5") from None
-    model, params, tokenizer, prefix, description = load_model(args)
+        raise ConfigError(f"--shots {args.shots!r} is not comma-separated integers like "
+                          "0,5") from None
+    # The user's documents are checked before a model is loaded.
+    documents = read_documents(args.documents, args.limit) if args.documents else None
     try:
-        if args.documents:
+        model, params, tokenizer, prefix, description = load_model(args)
+        if documents is not None:
             tasks = [f"documents:{args.documents}"]
             scores = {tasks[0]: harness.document_perplexity(
-                model, params, tokenizer, read_documents(args.documents, args.limit),
-                stride=args.stride, batch_size=args.batch_size, prefix_ids=prefix)}
+                model, params, tokenizer, documents, stride=args.stride,
+                batch_size=args.batch_size, prefix_ids=prefix)}
         else:
             scores = harness.evaluate_tasks(model, params, tokenizer, tasks, shots, args.limit,
                                             args.batch_size, prefix_ids=prefix)
-    except ValueError as error:  # an unknown task or shot count, a context that cannot fit
+    except ValueError as error:  # a model, task or shot count it cannot use; a context too long
         if isinstance(error, UserError):
             raise
         raise ConfigError(str(error)) from error
