@@ -301,12 +301,13 @@ def test_sample_command_draws_from_the_parameter_ema(tmp_path):
     records, images = {}, {}
     for name, extra in (("ema", []), ("raw", ["--raw-params"])):
         out = tmp_path / name
-        assert sample.main(["--workdir", str(tmp_path), "--out", str(out), "--num", "12",
+        # Two full batches of one shape: several batches, one compiled sampler.
+        assert sample.main(["--workdir", str(tmp_path), "--out", str(out), "--num", "16",
                             "--batch", "8", "--steps", "4", "--no-fid", *extra]) == 0
         records[name] = json.loads((out / "metrics.json").read_text())
         drawn = np.load(out / "samples.npz")
-        assert drawn["images"].shape == (12, 8, 8, 1) and drawn["images"].dtype == np.uint8
-        np.testing.assert_array_equal(drawn["labels"], np.arange(12) % 10)
+        assert drawn["images"].shape == (16, 8, 8, 1) and drawn["images"].dtype == np.uint8
+        np.testing.assert_array_equal(drawn["labels"], np.arange(16) % 10)
         assert (out / "grid.png").stat().st_size > 100
         images[name] = drawn["images"]
     assert records["ema"]["params"] == "ema" and records["raw"]["params"] == "raw"
