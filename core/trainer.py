@@ -80,8 +80,10 @@ RESUME_SAFE = ("train.steps", "train.log_every", "train.eval_every", "train.eval
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    """Dotted key -> leaf; an empty section is a leaf too, so filling it is a difference."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items()
+                for k, v in _flat(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: tree}
 
 
@@ -102,8 +104,11 @@ def check_resume(workdir: str | pathlib.Path, config: ml_collections.ConfigDict)
                         and not any(fnmatch.fnmatchcase(key, safe) for safe in RESUME_SAFE)),
                        key=lambda key: (key != "task", key))  # another objective: say so first
     if differing:
-        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k, '(absent)')!r}"
-                          for k in differing[:8])
+        def now(key: str) -> str:
+            if key in wanted:
+                return repr(wanted[key])
+            return "(filled in)" if any(w.startswith(key + ".") for w in wanted) else "(absent)"
+        shown = "; ".join(f"{k}: {saved[k]!r} -> {now(k)}" for k in differing[:8])
         raise ConfigError(f"{workdir} is a run trained with another config ({shown}"
                           f"{'; ...' if len(differing) > 8 else ''}); resuming may change only "
                           f"steps, logging, evaluation, checkpointing and layout: use its own "

@@ -323,3 +323,21 @@ def test_a_bug_keeps_its_traceback():
         raise KeyError("a bug, not a user error")
     with pytest.raises(KeyError):
         cli.run(broken, [])
+
+
+def test_resume_compares_every_key_and_an_empty_section_filled_in(tmp_path):
+    """The saved config against the new one: equal passes; filling an empty section (optimiser
+    groups) is a difference like any other, though keys an older config.json lacks pass."""
+    import ml_collections
+
+    from conftest import tiny_config
+    from core import trainer
+    from core.config import ConfigError
+    config = tiny_config()
+    trainer.write_run_config(tmp_path, config)
+    trainer.check_resume(tmp_path, tiny_config("--config.train.steps=99"))
+    changed = tiny_config()
+    changed.optim.groups = ml_collections.ConfigDict({"head": {"match": "^head",
+                                                               "learning_rate": 1.0}})
+    with pytest.raises(ConfigError, match=r"optim.groups: \{\} -> \(filled in\)"):
+        trainer.check_resume(tmp_path, changed)
