@@ -56,10 +56,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     optim.check_config(config.optim, config.train.steps)
     mesh = mesh_lib.build_mesh(config.mesh)
     rules = mesh_lib.rules_from_config(config.sharding_rules)
-    axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
-    names = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
     check_batch(config.train.global_batch_size, config.train.microbatches,
-                math.prod(mesh.shape[n] for n in names), mesh)
+                ways(mesh, nn.logical_to_mesh_axes(("batch",), rules)[0]), mesh)
+
+
+def ways(mesh, axes) -> int:
+    """How many devices a dimension mapped to `axes` (one mesh axis, a tuple, or None) spans."""
+    names = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
+    return math.prod(mesh.shape[n] for n in names)
 
 
 def check_batch(global_batch: int, microbatches: int, ways: int, mesh) -> None:
@@ -106,9 +110,7 @@ class Engine:
     # --- batches -------------------------------------------------------------------------
     def batch_ways(self) -> int:
         sharding = next(iter(self.batch_shardings.values()))
-        axes = sharding.spec[0] if sharding.spec else None
-        names = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
-        return math.prod(self.mesh.shape[n] for n in names)
+        return ways(self.mesh, sharding.spec[0] if sharding.spec else None)
 
     def abstract_batch(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
         return {name: jax.ShapeDtypeStruct((global_batch, *field.shape), field.dtype,

@@ -23,18 +23,17 @@ def _existing(path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-def is_blank(path: str | pathlib.Path) -> bool:
-    """True when the file holds nothing but whitespace (reads until the first other byte)."""
-    with open(_existing(path), "rb") as f:
-        while chunk := f.read(_CHUNK):
-            if chunk.strip():
-                return False
-    return True
+def _empty(path: pathlib.Path) -> DataError:
+    return DataError(f"{path} is empty; remove it from the input or give it content")
 
 
 def refuse_blank(path: str | pathlib.Path) -> None:
-    if is_blank(path):
-        raise DataError(f"{path} is empty; remove it from the input or give it content")
+    """Refuses a file that holds nothing but whitespace (reads until the first other byte)."""
+    with open(_existing(path), "rb") as f:
+        while chunk := f.read(_CHUNK):
+            if chunk.strip():
+                return
+    raise _empty(path)
 
 
 def _not_utf8(path: pathlib.Path, error: UnicodeDecodeError, offset: int = 0) -> DataError:
@@ -63,13 +62,16 @@ def check_utf8(path: str | pathlib.Path) -> None:
 
 
 def read_text(path: str | pathlib.Path) -> str:
-    """A whole UTF-8 text file."""
+    """A whole UTF-8 text file; refuses a blank one."""
     path = _existing(path)
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise _not_utf8(path, error) from None
+    if not text.strip():
+        raise _empty(path)
+    return text
 
 
 def iter_jsonl(path: str | pathlib.Path) -> Iterator[dict]:
@@ -96,11 +98,7 @@ def iter_jsonl(path: str | pathlib.Path) -> Iterator[dict]:
             seen = True
             yield row
     if not seen:
-        raise DataError(f"{path} is empty; remove it from the input or give it content")
-
-
-def read_jsonl(path: str | pathlib.Path) -> list[dict]:
-    return list(iter_jsonl(path))
+        raise _empty(path)
 
 
 def check_jsonl(path: str | pathlib.Path) -> None:

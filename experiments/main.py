@@ -19,7 +19,7 @@ from core import cli
 
 
 def parse(argv: list[str]):
-    parser = cli.ArgumentParser(prog="python -m experiments.main", description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("command", choices=("train", "evaluate", "sample"))
     parser.add_argument("--config", help="config file, e.g. experiments/configs/lm/gpt.py:size=tiny")
     parser.add_argument("--workdir", required=True)

@@ -271,7 +271,7 @@ def run(members: Sequence[Member], root: pathlib.Path, parallel: int = 1, proces
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = cli.ArgumentParser(prog="python -m experiments.sweep", description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="a config file with get_sweep(), [:arg]")
     parser.add_argument("--workdir", required=True, help="members train in WORKDIR/<name>")
     parser.add_argument("--parallel", type=int, default=1, help="members run at once")

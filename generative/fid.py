@@ -267,7 +267,7 @@ def floor(num: int = 0, seed: int = 0) -> dict[str, float]:
 def main(argv=None) -> dict:
     """`python -m generative.fid`: trains (once) the classifier FID-FMNIST uses and prints the
     floor: real test images against the train set."""
-    cli.ArgumentParser(prog="python -m generative.fid", description=main.__doc__).parse_args(argv)
+    cli.ArgumentParser(description=main.__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     classifier = ensure_classifier()
     result = {"classifier": classifier.meta, "floor_10000": floor(), "floor_1000": floor(1000)}

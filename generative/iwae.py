@@ -34,7 +34,7 @@ def estimate(task, params, images_NHWC: np.ndarray, k: int, seed: int = 0,
 
 
 def main(argv=None) -> int:
-    parser = cli.ArgumentParser(prog="python -m generative.iwae", description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--k", type=int, default=100, help="importance samples per image")
     parser.add_argument("--num", type=int, default=1000, help="eval images (0: all)")

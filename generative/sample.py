@@ -35,7 +35,7 @@ SAMPLERS = tuple(RUN_TASK)
 
 
 def parse(argv):
-    parser = cli.ArgumentParser(prog="python -m generative.sample", description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")

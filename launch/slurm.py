@@ -73,7 +73,7 @@ def sbatch_command(script_path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="python -m launch slurm [options] -- ENTRY_ARGS",
-                                     description=__doc__)
+                                description=__doc__)
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True)
     parser.add_argument("--tasks-per-node", type=int, default=1)

@@ -249,7 +249,7 @@ def execute(steps: list[Step], poll_seconds: float = 30.0) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="python -m launch tpu ACTION [options] -- ENTRY_ARGS",
-                                     description=__doc__)
+                                description=__doc__)
     parser.add_argument("action", choices=ACTIONS)
     parser.add_argument("--name", required=True, help="TPU VM name (node prefix for multislice)")
     parser.add_argument("--accelerator-type", required=True, help="e.g. v5e-16, v4-32, v6e-64")

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
 
     from core.config import load_run_config
     from vision import pipeline
-    parser = cli.ArgumentParser(prog="python -m vision.captioning", description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--num", type=int, default=10, help="evaluation images to caption")
     args = parser.parse_args(argv)

@@ -358,7 +358,7 @@ def main(argv=None) -> int:
 
     from core.config import load_run_config
     from vision import pipeline
-    parser = cli.ArgumentParser(prog="python -m vision.clip", description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--num-pairs", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)

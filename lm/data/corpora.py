@@ -263,7 +263,7 @@ def prepare(name: str, cache: str | pathlib.Path = "") -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m lm.data.corpora prepare austen kjv brown` (what `make corpora` runs), or `list`."""
-    p = cli.ArgumentParser(prog="python -m lm.data.corpora", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("command", choices=("prepare", "list"))
     p.add_argument("names", nargs="*", help="corpora to prepare (default: austen kjv brown)")
     p.add_argument("--cache_dir", default="", help="default: $GENLAB_CACHE or ~/.cache/genlab")

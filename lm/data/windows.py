@@ -24,8 +24,8 @@ import datasets
 import numpy as np
 
 from core.batches import arrays_crc, digest, sum_batches
-from core.config import DataError, check_ranges
 from core import textfiles
+from core.config import DataError, check_ranges
 from core.packages import atomic_write, cache_dir
 from lm.data import corpora
 from lm.data.tokenizer import Tokenizer
@@ -98,8 +98,9 @@ def _normalize(ds: datasets.Dataset, text_column: str, source: str, where: str) 
 def _load_files(spec: str, text_column: str, cache: pathlib.Path) -> datasets.Dataset:
     files = _expand_files(spec)
     for path in files:
-        textfiles.refuse_blank(path)
-        if not path.endswith(".parquet"):
+        if not path.endswith(".txt"):  # .txt files are checked by read_text as they are read
+            textfiles.refuse_blank(path)
+        if path.endswith((".jsonl", ".json")):
             textfiles.check_utf8(path)  # Arrow's JSON reader lets bad bytes through to later
     parts = []
     txt = [f for f in files if f.endswith(".txt")]

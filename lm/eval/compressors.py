@@ -66,7 +66,7 @@ def doc_split(corpus: str, val_fraction: float = 0.1, split_seed: int = 0,
 
 
 def main(argv=None) -> dict:
-    p = cli.ArgumentParser(prog="python -m lm.eval.compressors", description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--corpus", default="austen", help="a data.corpus spec (default: austen)")
     p.add_argument("--split", choices=("doc", "austen_tail"), default="doc")
     p.add_argument("--val_fraction", type=float, default=0.1)

@@ -183,8 +183,7 @@ class ElectraTask(MaskedLMTask):
 
 
 CONFIG_RANGES = {"electra": {"rate": "(0, 1)", "mask_token_prob": "[0, 1]",
-                             "generator_width_ratio": "(0, 1]", "disc_weight": ">= 0"},
-                 "sentence": {"dupe_factor": ">= 1", "short_seq_prob": "[0, 1]"}}
+                             "generator_width_ratio": "(0, 1]", "disc_weight": ">= 0"}}
 
 
 def build_task(config, vocab_size: int) -> ElectraTask:

@@ -131,7 +131,6 @@ def main(argv: Sequence[str] | None = None) -> np.ndarray:
     args = parser.parse_args(argv)
     texts = list(args.texts)
     if args.file:
-        textfiles.refuse_blank(args.file)
         texts += [line for line in textfiles.read_text(args.file).splitlines() if line.strip()]
     if not texts:
         parser.error("give texts as arguments or --file")
