@@ -70,6 +70,12 @@ def train(*args):
             *args]
 
 
+def train_on(name: str):
+    """argv for training the tiny config on one of the bad input files."""
+    return lambda i, r, t: train("--workdir", str(t / "w"),
+                                 f"--config.data.corpus=files:{i}/{name}")
+
+
 # (id, entry point module, argv(inputs, run, tmp_path), text the error line must contain)
 CASES = [
     # experiments.main: train
@@ -100,29 +106,19 @@ CASES = [
      lambda i, r, t: train("--workdir", str(t / "w"), f"--config.data.corpus=files:{t}/no.jsonl"),
      "no such file"),
     ("main-empty-file", "experiments.main",
-     lambda i, r, t: train("--workdir", str(t / "w"), f"--config.data.corpus=files:{i}/empty.jsonl"),
-     "empty.jsonl is empty"),
+     train_on("empty.jsonl"), "empty.jsonl is empty"),
     ("main-blank-text-file", "experiments.main",
-     lambda i, r, t: train("--workdir", str(t / "w"), f"--config.data.corpus=files:{i}/blank.txt"),
-     "blank.txt is empty"),
+     train_on("blank.txt"), "blank.txt is empty"),
     ("main-malformed-line", "experiments.main",
-     lambda i, r, t: train("--workdir", str(t / "w"),
-                           f"--config.data.corpus=files:{i}/broken.jsonl"),
-     "broken.jsonl:2: not a JSON line"),
+     train_on("broken.jsonl"), "broken.jsonl:2: not a JSON line"),
     ("main-line-not-an-object", "experiments.main",
-     lambda i, r, t: train("--workdir", str(t / "w"), f"--config.data.corpus=files:{i}/list.jsonl"),
-     "list.jsonl:2: expected a JSON object"),
+     train_on("list.jsonl"), "list.jsonl:2: expected a JSON object"),
     ("main-wrong-encoding-txt", "experiments.main",
-     lambda i, r, t: train("--workdir", str(t / "w"), f"--config.data.corpus=files:{i}/latin1.txt"),
-     "latin1.txt is not UTF-8 text: byte 3"),
+     train_on("latin1.txt"), "latin1.txt is not UTF-8 text: byte 3"),
     ("main-wrong-encoding-jsonl", "experiments.main",
-     lambda i, r, t: train("--workdir", str(t / "w"),
-                           f"--config.data.corpus=files:{i}/latin1.jsonl"),
-     "latin1.jsonl is not UTF-8 text: byte 28"),
+     train_on("latin1.jsonl"), "latin1.jsonl is not UTF-8 text: byte 28"),
     ("main-wrong-column", "experiments.main",
-     lambda i, r, t: train("--workdir", str(t / "w"),
-                           f"--config.data.corpus=files:{i}/columns.jsonl"),
-     "has no column 'text'"),
+     train_on("columns.jsonl"), "has no column 'text'"),
     ("main-unknown-corpus", "experiments.main",
      lambda i, r, t: train("--workdir", str(t / "w"), "--config.data.corpus=austin"),
      "Did you mean 'austen'"),
