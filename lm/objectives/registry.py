@@ -19,6 +19,9 @@ Optional hooks, read by lm/commands.py (train / evaluate / sample, written once)
   HARNESS = True                            `evaluate --tasks` scores it with lm/eval/harness.py
   CONFIG_RANGES = {section: {key: rule}}    its own sections' numbers (core.config.in_range
                                             rules), refused before any data is read
+  LORA = True                               may train through LoRA adapters (`lora.rank > 0`:
+                                            lm/objectives/lora_task.py); its loss reads params
+                                            only through task.model
 A decoder-only objective without encode_prompt samples by streaming a continuation.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import importlib
 from types import ModuleType
 
 from core.config import ConfigError, check_choice, check_ranges
+from lm.models import lora
 
 OBJECTIVES = {
     "causal_lm": "lm.objectives.causal_lm",
@@ -37,10 +41,11 @@ OBJECTIVES = {
     "denoising": "lm.objectives.denoising",
     "text_to_text": "lm.objectives.text_to_text",
     "classification": "lm.objectives.classification",
+    "sft": "lm.objectives.sft",
 }
 BUILDERS = ("build_task", "build_setup")  # at least one
 HOOKS = ("build_setup", "scores", "SCORES_FILE", "encode_prompt", "render_output", "generate",
-         "HARNESS", "CONFIG_RANGES")
+         "HARNESS", "CONFIG_RANGES", "LORA")
 
 
 def objective(task: str) -> ModuleType:
@@ -50,10 +55,26 @@ def objective(task: str) -> ModuleType:
 
 
 def check_config(config) -> None:
-    """The objective's own sections (its CONFIG_RANGES), before any data is read."""
-    for section, ranges in getattr(objective(config.task), "CONFIG_RANGES", {}).items():
+    """The objective's own sections (its CONFIG_RANGES) and LoRA, before any data is read."""
+    module = objective(config.task)
+    for section, ranges in getattr(module, "CONFIG_RANGES", {}).items():
         if section in config:
             check_ranges(section, config[section], ranges)
+    if uses_lora(config):
+        check_ranges("lora", config.lora, lora.RANGES)
+        if not getattr(module, "LORA", False):
+            raise ConfigError(f"task {config.task!r} does not train through LoRA adapters "
+                              f"(those that do: {', '.join(sorted(lora_tasks()))}); set "
+                              "--config.lora.rank=0")
+        lora.LoraConfig.from_config(config.lora)
+
+
+def uses_lora(config) -> bool:
+    return "lora" in config and config.lora.rank > 0
+
+
+def lora_tasks() -> list[str]:
+    return [name for name in OBJECTIVES if getattr(objective(name), "LORA", False)]
 
 
 def make_task(config, vocab_size: int):
@@ -62,7 +83,15 @@ def make_task(config, vocab_size: int):
     if not hasattr(module, "build_task"):
         raise ConfigError(f"task {config.task!r} builds its task from its data "
                           f"({module.__name__}.build_setup), not from a tokenizer")
-    return module.build_task(config, vocab_size)
+    return with_lora(config, module.build_task(config, vocab_size))
+
+
+def with_lora(config, task):
+    """The task itself, or trained through LoRA adapters when config.lora.rank > 0."""
+    if not uses_lora(config):
+        return task
+    from lm.objectives.lora_task import LoraTask
+    return LoraTask(task, lora.LoraConfig.from_config(config.lora))
 
 
 def make_task_for(config, tokenizer):

@@ -1,0 +1,60 @@
+"""Supervised fine-tuning on conversations, loss on assistant tokens only (lm/objectives/sft.py,
+docs/sft.md).
+
+Full fine-tune of SmolLM2-135M-Instruct (its packaged GGUF) on the generated chain-of-thought tasks
+(last-letter concatenation and coin flip, Wei et al. 2022), then greedy accuracy in domain and
+out of domain:
+  python -m experiments.main train --config experiments/configs/lm/sft.py \\
+      --workdir runs/sft-smollm2
+Time and result: not yet measured here (docs/sft.md says what was run). Other data:
+dataset=sharegpt (17,671 recovered ShareGPT conversations), dataset=files:/path/chats.jsonl
+(`messages` or `prompt`/`completion` per line), dataset=hub:<name>.
+A model of ours from scratch: model=,tokenizer=runs/gpt-demo/tokenizer.model (ChatML markers
+are added to its vocabulary), size=tiny for tests.
+"""
+import dataclasses
+
+import ml_collections
+
+from core.config import distributed_config, parse_arg
+from core.engine import train_config
+from core.mesh import DEFAULT_RULES, mesh_config
+from core.optim import optim_config
+from lm.models import transformer as model_lib
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    args = parse_arg(arg, model="smollm2-135m-instruct", dataset="cot", tokenizer="",
+                     size="smollm2", examples=2000, eval_examples=100, seq_len=256, batch=16,
+                     steps=300, lr=5e-5, seed=0)
+    config = ml_collections.ConfigDict()
+    config.task = "sft"
+    config.sft = ml_collections.ConfigDict({
+        "model": args.model,          # packaged name or .gguf path; "" = the model section
+        "dataset": args.dataset,      # cot | last_letters | coin_flip | sharegpt | files: | hub:
+        "max_examples": args.examples,  # generated: per task; else the first N (0: all)
+        "eval_examples": args.eval_examples,  # per task and length (generated tasks)
+        "val_fraction": 0.05,         # held-out conversations of files:/hub:/sharegpt
+        "seed": args.seed,
+        "end_of_turn": "<|im_end|>",  # what ends an assistant turn in the template
+        "max_new_tokens": 96,         # greedy reply length when scoring generated tasks
+    })
+    if args.size == "tiny":
+        model = model_lib.preset("tiny-llama", vocab_size=0, max_len=args.seq_len,
+                                 scan_layers=True)
+    else:  # the architecture comes from the GGUF; only the runtime fields are read
+        model = model_lib.preset("smollm2-135m", scan_layers=False)
+    config.model = dataclasses.asdict(model)
+    config.data = ml_collections.ConfigDict({
+        "seq_len": args.seq_len, "cache_dir": "",
+        "tokenizer": ml_collections.ConfigDict({"path": args.tokenizer})})
+    config.train = train_config(steps=args.steps, global_batch_size=args.batch, seed=args.seed,
+                                log_every=max(1, min(25, args.steps // 10)),
+                                eval_every=max(1, args.steps // 3), eval_batches=0,
+                                checkpoint_every=args.steps)
+    config.optim = optim_config(learning_rate=args.lr, warmup_steps=max(1, args.steps // 10),
+                                weight_decay=0.0)
+    config.mesh = mesh_config()
+    config.sharding_rules = DEFAULT_RULES
+    config.distributed = distributed_config()
+    return config

@@ -1,0 +1,265 @@
+"""Supervised fine-tuning (`config.task = "sft"`): a causal LM trained on assistant tokens only.
+
+Conversations (lm/data/instructions.py) are rendered with the model's chat template and masked
+by rendering prefixes (lm/data/chat.py): each assistant turn's content and its end-of-turn token
+are trained, nothing else. Whole conversations, cut to seq_len+1 tokens, are packed best-fit
+into windows with segment ids, so attention and positions restart at every conversation as in
+pretraining (lm/objectives/window_task.py). The loss is the causal LM's summed cross-entropy with
+the mask as a per-token weight: the engine divides by the trained-token count of the whole
+accumulated batch, so 4 microbatches give the same step as 1 batch.
+
+The model starts from
+  sft.model = "smollm2-135m-instruct" (or a .gguf path)  the imported weights, tokenizer and chat
+               template (ChatML from the GGUF metadata); the run's model section gives only how it
+               computes (RUNTIME_FIELDS: dtype, remat, scan_layers ...)
+  sft.model = ""  the config's model section from scratch, with data.tokenizer.path (one of our
+               sentencepiece models) and ChatML, whose two markers become ids V and V+1
+The task's parameters are the model's parameters, so a parameter transform (LoRA) can wrap it.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import hashlib
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from core import trainer
+from core.batches import ArrayRows, BatchIterator, sum_batches
+from core.config import ConfigError, DataError
+from core.task import BatchField, LossSums
+from lm.data import chat, instructions
+from lm.data.bpe_tokenizer import ByteLevelBPE
+from lm.data.tokenizer import Tokenizer
+from lm.decode import decoding
+from lm.models import transformer as model_lib
+from lm.objectives.causal_lm import CausalLMTask, target_mask
+from lm.objectives.window_task import prediction_metrics
+from lm.weights import import_gguf
+from lm.weights.gguf import GGUFFile
+
+log = logging.getLogger(__name__)
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "dropout")
+CONFIG_RANGES = {"sft": {"max_examples": ">= 0", "eval_examples": ">= 1",
+                         "val_fraction": "[0, 1)"}}
+
+
+class SFTTask(CausalLMTask):
+    """The causal LM with a per-token weight: `loss_mask` marks the trained tokens."""
+    name = "sft"
+
+    def __init__(self, model_cfg, seq_len: int, pretrained=None):
+        super().__init__(model_cfg, seq_len)
+        self._pretrained = pretrained  # host arrays of the whole model, or None (scratch)
+
+    def pretrained_params(self) -> dict:
+        return {} if self._pretrained is None else dict(self._pretrained)
+
+    def batch_fields(self):
+        return {**super().batch_fields(),
+                "loss_mask": BatchField((self.seq_len + 1,), jnp.int32, ("batch", "length"))}
+
+    def loss(self, params, batch, rng, train: bool) -> LossSums:
+        tokens_BT1, segments_BT1 = batch["tokens"], batch["segment_ids"]
+        inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+        logits_BTV = self.logits(params, inputs_BT, segments_BT1[:, :-1], rng, train)
+        mask_BT = (target_mask(segments_BT1) & (batch["loss_mask"][:, 1:] > 0)).astype(
+            jnp.float32)
+        nll_BT = optax.softmax_cross_entropy_with_integer_labels(
+            logits_BTV.astype(jnp.float32), targets_BT)
+        correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+        return LossSums(loss=jnp.sum(nll_BT * mask_BT), weight=jnp.sum(mask_BT),
+                        extra={"accuracy": jnp.sum(correct_BT * mask_BT)})
+
+    @staticmethod
+    def metrics(sums: dict[str, float], num_bytes: float = 0.0) -> dict[str, float]:
+        return prediction_metrics(sums, "trained_tokens")
+
+
+# ------------------------------------------------------------------------------ packing
+
+
+def pack_conversations(encoded: list[tuple[np.ndarray, np.ndarray]], seq_len: int,
+                       pad_id: int) -> ArrayRows:
+    """Whole conversations (each at most seq_len+1 tokens) packed best-fit decreasing into
+    windows of seq_len+1: tokens, segment ids (1-based within a window, 0 = padding) and the
+    loss mask. A conversation never spans two windows."""
+    width = seq_len + 1
+    order = sorted(range(len(encoded)), key=lambda k: (-len(encoded[k][0]), k))
+    windows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, window index), sorted
+    for k in order:
+        need = len(encoded[k][0])
+        if need > width:
+            raise DataError(f"conversation {k} has {need} tokens; cut it to {width} first")
+        at = bisect.bisect_left(free, (need, -1))
+        if at == len(free):
+            windows.append([k])
+            room, index = width - need, len(windows) - 1
+        else:
+            room, index = free.pop(at)
+            windows[index].append(k)
+            room -= need
+        bisect.insort(free, (room, index))
+    tokens = np.full((len(windows), width), pad_id, np.int32)
+    segments, mask = np.zeros_like(tokens), np.zeros_like(tokens)
+    for row, members in enumerate(windows):
+        at = 0
+        for segment, k in enumerate(members, 1):
+            ids, trained = encoded[k]
+            tokens[row, at:at + len(ids)], mask[row, at:at + len(ids)] = ids, trained
+            segments[row, at:at + len(ids)] = segment
+            at += len(ids)
+    return ArrayRows({"tokens": tokens, "segment_ids": segments, "loss_mask": mask})
+
+
+# ------------------------------------------------------------------------ model and data
+
+
+@dataclasses.dataclass
+class SFTSetup:
+    task: SFTTask
+    tokenizer: object
+    template: chat.ChatTemplate
+    data: trainer.TaskData
+    validation: list  # the validation conversations (scores decode their prompts)
+
+
+def load_model(config):
+    """(model config, host parameters or None, tokenizer, chat template) of sft.model."""
+    spec = config.sft.model
+    if spec:
+        path = pathlib.Path(spec)
+        if path.suffix != ".gguf":
+            path = import_gguf.pretrained_path(spec, config.data.cache_dir)
+        elif not path.is_file():
+            raise ConfigError(f"sft.model {spec}: no such GGUF file")
+        gguf = GGUFFile(path)
+        runtime = {k: config.model[k] for k in RUNTIME_FIELDS if "model" in config and k in
+                   config.model}
+        cfg = import_gguf.config_from_gguf(gguf.metadata, gguf.tensors, **runtime)
+        tokenizer = ByteLevelBPE.from_gguf_metadata(gguf.metadata)
+        if not tokenizer.chat_template:
+            raise ConfigError(f"sft.model {spec} has no chat template in its metadata")
+        template = chat.ChatTemplate(tokenizer.chat_template, config.sft.end_of_turn,
+                                     tokenizer.decode([tokenizer.bos_id]),
+                                     tokenizer.decode([tokenizer.eos_id]))
+        return cfg, import_gguf.params_from_gguf(gguf, cfg), tokenizer, template
+    if not config.data.tokenizer.path:
+        raise ConfigError("sft.model is empty (a model of ours from scratch): set "
+                          "data.tokenizer.path to a sentencepiece tokenizer.model, e.g. a "
+                          "pretraining run's, or set sft.model=smollm2-135m-instruct")
+    tokenizer = chat.ChatTokenizer(Tokenizer.load(config.data.tokenizer.path))
+    cfg = model_lib.config_from(config, model_lib.padded_vocab(tokenizer.vocab_size))
+    return cfg, None, tokenizer, chat.ChatTemplate()
+
+
+def encode_all(conversations, template, tokenizer, seq_len: int) -> list:
+    return [chat.encode_conversation(template, tokenizer.encode, c.messages, seq_len + 1,
+                                     c.where) for c in conversations]
+
+
+def split(config, conversations):
+    """(train, validation): generated tasks get a validation set of their own seed (seed + 1);
+    other sources are split by a hash of each record's place."""
+    s = config.sft
+    if s.dataset in instructions.TASKS or s.dataset == "cot":
+        seen = {c.messages[0]["content"] for c in conversations}
+        fresh = [c for c in instructions.load(s.dataset, s.eval_examples * 2, s.seed + 1,
+                                              config.data.cache_dir)
+                 if c.messages[0]["content"] not in seen]
+        return conversations, fresh[:s.eval_examples * (2 if s.dataset == "cot" else 1)]
+    is_val = [int.from_bytes(hashlib.sha256(f"{s.seed}:{c.where}".encode()).digest()[:8], "big")
+              < s.val_fraction * 2.0 ** 64 for c in conversations]
+    train = [c for c, v in zip(conversations, is_val) if not v]
+    validation = [c for c, v in zip(conversations, is_val) if v]
+    if not train or not validation:
+        raise DataError(f"sft.dataset {s.dataset!r}: {len(conversations)} conversations leave "
+                        f"one split empty at sft.val_fraction={s.val_fraction}")
+    return train, validation
+
+
+def build_setup(config, workdir=None, need_train: bool = True) -> SFTSetup:
+    """The model, tokenizer and template, the conversations packed into windows, the task."""
+    cfg, params, tokenizer, template = load_model(config)
+    seq_len = config.data.seq_len
+    conversations = instructions.load(config.sft.dataset, config.sft.max_examples,
+                                      config.sft.seed, config.data.cache_dir)
+    train, validation = split(config, conversations)
+    task = SFTTask(cfg, seq_len, params)
+    val_rows = pack_conversations(encode_all(validation, template, tokenizer, seq_len), seq_len,
+                                  tokenizer.pad_id)
+    train_iter = None
+    if need_train:
+        train_rows = pack_conversations(encode_all(train, template, tokenizer, seq_len),
+                                        seq_len, tokenizer.pad_id)
+        train_iter = BatchIterator(train_rows, config.train.global_batch_size,
+                                   config.train.seed, jax.process_index(), jax.process_count())
+        log.info("sft: %d train conversations in %d windows of %d tokens, %d trained tokens; "
+                 "%d validation conversations", len(train), len(train_rows), seq_len,
+                 int(train_rows.fields["loss_mask"].sum()), len(validation))
+    eval_batch = config.train.global_batch_size // max(1, config.train.microbatches)
+
+    def evaluate(run_batch, max_batches: int = 0) -> dict[str, float]:
+        return task.metrics(sum_batches(val_rows, eval_batch, run_batch, max_batches)[0])
+
+    meta = {"tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
+
+    def check_meta(saved: dict) -> None:
+        if saved.get("tokenizer_fingerprint", tokenizer.fingerprint) != tokenizer.fingerprint:
+            raise ConfigError("the checkpoint was trained with another tokenizer than sft.model "
+                              "/ data.tokenizer.path give; use the run's own settings")
+
+    data = trainer.TaskData(train=train_iter, evaluate=evaluate, eval_batch_size=eval_batch,
+                            meta=meta, check_meta=check_meta)
+    return SFTSetup(task, tokenizer, template, data, validation)
+
+
+# ------------------------------------------------------------------------------ scores
+
+
+def replies(setup: SFTSetup, params, conversations, max_new_tokens: int,
+            batch_size: int = 32) -> list[str]:
+    """Greedy replies to each conversation's first user turn, stopped at the end-of-turn."""
+    tokenizer, template = setup.tokenizer, setup.template
+    stop = tokenizer.encode([template.end_of_turn])[0]
+    settings = decoding.SamplingConfig(max_new_tokens=max_new_tokens, stop_ids=tuple(stop[-1:]),
+                                       pad_id=tokenizer.pad_id)
+    prompts = tokenizer.encode([template.render(c.messages[:-1], add_generation_prompt=True)
+                                for c in conversations])
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        for ids in decoding.generate(setup.task.model, params, prompts[start:start + batch_size],
+                                     settings):
+            out.append(tokenizer.decode(ids, skip_special=True))
+    return out
+
+
+SCORES_FILE = "sft_scores.json"  # lm/commands.py writes scores() here after training
+
+
+def scores(config, setup: SFTSetup, params, step: int) -> dict:
+    """Validation loss on trained tokens; for generated tasks, greedy answer accuracy per task
+    in domain (held-out seed) and out of domain (longer names / more flips)."""
+    result = {"step": step}
+    s = config.sft
+    if not (s.dataset in instructions.TASKS or s.dataset == "cot"):
+        return result
+    params = jax.device_get(params)
+    tasks = instructions.TASKS if s.dataset == "cot" else (s.dataset,)
+    for task in tasks:
+        for name, lengths in (("in_domain", instructions.IN_DOMAIN),
+                              *((f"length_{n}", (n,)) for n in instructions.OUT_OF_DOMAIN)):
+            examples = ([c for c in setup.validation if c.where.startswith(task)]
+                        if name == "in_domain" else
+                        instructions.generate(task, s.eval_examples, lengths, s.seed + 2,
+                                              config.data.cache_dir))
+            texts = replies(setup, params, examples, s.max_new_tokens)
+            result[f"{task}/{name}"] = instructions.score(texts, examples)
+            result[f"{task}/{name}/example"] = texts[0]
+    return result

