@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from core import distributed, memory, mesh as mesh_lib, optim, step as step_lib, train_state
-from core.checkpoint import Checkpointer
+from core.checkpoint import CheckpointMismatchError, Checkpointer
 from core.config import ConfigError, check_ranges
 
 log = logging.getLogger(__name__)
@@ -123,14 +123,22 @@ class Engine:
     # --- state ---------------------------------------------------------------------------
     def init_state(self) -> train_state.TrainState:
         """A fresh state; subtrees the task supplies (`task.pretrained_params()`: top-level key
-        -> host arrays, e.g. a fine-tuned model's encoder) replace the initialised ones."""
+        -> host arrays, e.g. a fine-tuned model's encoder; `task.pretrained_frozen()` likewise
+        for frozen parameters, e.g. a LoRA run's base) replace the initialised ones."""
         with self.scope():
             state = train_state.init_state(self.task, self.optimizer, self.state_shardings,
                                            self.config.train.seed)
-        pretrained = getattr(self.task, "pretrained_params", lambda: {})()
+        return state.replace(
+            params=self._pretrained(state.params, self.state_shardings.params,
+                                    getattr(self.task, "pretrained_params", dict)()),
+            frozen=self._pretrained(state.frozen, self.state_shardings.frozen,
+                                    getattr(self.task, "pretrained_frozen", dict)()))
+
+    @staticmethod
+    def _pretrained(params, shardings, pretrained: dict):
         if not pretrained:
-            return state
-        params = dict(state.params)
+            return params
+        params = dict(params)
         for key, tree in pretrained.items():
             if key not in params:
                 raise ConfigError(f"pretrained parameters for {key!r}, which the model lacks "
@@ -141,18 +149,45 @@ class Engine:
                 raise ConfigError(f"pretrained parameters for {key!r} do not fit the model: "
                                   f"structure, shapes or dtypes differ (model {want}, "
                                   f"given {have})")
-            params[key] = jax.device_put(tree, self.state_shardings.params[key])
-        return state.replace(params=params)
+            params[key] = jax.device_put(tree, shardings[key])
+        return params
+
+    # --- checkpoints: frozen parameters are pointed to, not saved ---------------------------
+    def frozen_meta(self) -> dict:
+        """What a checkpoint records about the frozen parameters (a LoRA base) so that a restore
+        onto another base is refused."""
+        if not train_state.has_frozen(self.task):
+            return {}
+        return {"frozen": self.task.describe_frozen()}
+
+    def saved_state(self, state: train_state.TrainState) -> train_state.TrainState:
+        return state.replace(frozen={})
 
     def restore_or_init(self, checkpointer: Checkpointer,
                         check_meta: Callable[[dict], None] | None = None):
         """(state, meta of the restored checkpoint or None)."""
-        restored = checkpointer.restore_latest_good(self.abstract_state, check_meta)
+        def check(meta: dict) -> None:
+            if meta.get("frozen", {}) != self.frozen_meta().get("frozen", {}):
+                raise CheckpointMismatchError(
+                    f"the checkpoints in {checkpointer.directory} were trained on frozen "
+                    f"parameters {meta.get('frozen')}, but this run has "
+                    f"{self.frozen_meta().get('frozen')}; use the run's own base model or a "
+                    "new --workdir")
+            if check_meta is not None:
+                check_meta(meta)
+
+        restored = checkpointer.restore_latest_good(self.saved_state(self.abstract_state), check)
         if restored is None:
             return self.init_state(), None
         state, meta, step = restored
         log.info("restored step %d from %s", step, checkpointer.directory)
+        if train_state.has_frozen(self.task):
+            state = state.replace(frozen=self.init_state().frozen)
         return state, meta
+
+    def loss_params(self, state: train_state.TrainState):
+        """What the task's loss (and evaluation) reads from a state."""
+        return train_state.loss_params(self.task, state.params, state.frozen)
 
     # --- steps ---------------------------------------------------------------------------
     def jitted_train_step(self):
@@ -184,10 +219,10 @@ class Engine:
 
     def eval_runner(self, global_batch: int) -> Callable[..., dict[str, float]]:
         """`run(params, local_batch, model_state={}) -> summed metrics as floats`, jitted once
-        per batch size."""
+        per batch size; `params` as the loss reads them (`loss_params`)."""
         check_batch(global_batch, 1, self.batch_ways(), self.mesh)
         jitted = jax.jit(step_lib.make_eval_step(self.task),
-                         in_shardings=(self.state_shardings.params,
+                         in_shardings=(self.loss_params(self.state_shardings),
                                        self.state_shardings.model_state, self.batch_shardings),
                          out_shardings=mesh_lib.replicated(self.mesh))
 
@@ -209,16 +244,17 @@ def restore_state(config: ml_collections.ConfigDict, task, workdir,
     from core.checkpoint import CheckpointError
     engine = Engine(config, task)
     checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
-    restored = checkpointer.restore_latest_good(engine.abstract_state, check_meta)
+    restored = engine.restore_or_init(checkpointer, check_meta) if checkpointer.steps() else None
     checkpointer.close()
     if restored is None:
         raise CheckpointError(f"no checkpoint to restore in {workdir}/checkpoints")
-    state, _, step = restored
-    return engine, state, step
+    state, _ = restored
+    return engine, state, int(jax.device_get(state.step))
 
 
 def restore_params(config: ml_collections.ConfigDict, task, workdir,
                    check_meta: Callable[[dict], None] | None = None):
-    """(engine, params, step) of the newest good checkpoint of a run, for evaluation."""
+    """(engine, params, step) of the newest good checkpoint of a run, for evaluation: the params
+    as the task's loss reads them (with a LoRA run's base)."""
     engine, state, step = restore_state(config, task, workdir, check_meta)
-    return engine, state.params, step
+    return engine, engine.loss_params(state), step

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from core.task import LossSums
-from core.train_state import TrainState, has_model_state
+from core.train_state import TrainState, has_model_state, loss_params
 
 
 def _split_microbatches(batch, microbatches: int):
@@ -37,13 +37,15 @@ def task_loss(task, params, model_state, batch, rng, train: bool) -> tuple[LossS
 
 
 def summed_loss_and_grads(task, params, batch, rng, microbatches: int,
-                          model_state: Any = None) -> tuple[LossSums, Any, Any]:
+                          model_state: Any = None, frozen: Any = None
+                          ) -> tuple[LossSums, Any, Any]:
     """Loss sums, gradient of the summed loss (accumulated over microbatches) and the model
-    state after the batch; microbatches update the state one after another."""
+    state after the batch; microbatches update the state one after another. Gradients are taken
+    with respect to `params` only, never the frozen parameters."""
     model_state = {} if model_state is None else model_state
 
     def loss_fn(p, mb, r, ms):
-        sums, new_ms = task_loss(task, p, ms, mb, r, train=True)
+        sums, new_ms = task_loss(task, loss_params(task, p, frozen), ms, mb, r, train=True)
         return sums.loss, (sums, new_ms)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -82,7 +84,8 @@ def make_train_step(task, optimizer: optax.GradientTransformation,
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(base_rng, state.step)
         sums, grads, model_state = summed_loss_and_grads(task, state.params, batch, rng,
-                                                          microbatches, state.model_state)
+                                                          microbatches, state.model_state,
+                                                          state.frozen)
         weight = jnp.maximum(sums.weight, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -95,14 +98,15 @@ def make_train_step(task, optimizer: optax.GradientTransformation,
             "learning_rate": schedule(state.step),
         })
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               model_state=model_state)
+                               model_state=model_state, frozen=state.frozen)
         return new_state, metrics
 
     return train_step
 
 
 def make_eval_step(task):
-    """Summed loss and metrics of one batch; the caller adds them up over the eval set."""
+    """Summed loss and metrics of one batch; the caller adds them up over the eval set. `params`
+    are what the loss reads (core.train_state.loss_params)."""
     def eval_step(params, model_state, batch) -> LossSums:
         return task_loss(task, params, model_state, batch, jax.random.key(0), train=False)[0]
     return eval_step

@@ -150,12 +150,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
     eval_run = engine.eval_runner(data.eval_batch_size) if data.evaluate else None
 
     def save(at_step: int) -> None:
-        checkpointer.save(at_step, state, {**data.meta, "data": data.train.get_state(),
-                                           "step": at_step})
+        checkpointer.save(at_step, engine.saved_state(state),
+                          {**data.meta, **engine.frozen_meta(), "data": data.train.get_state(),
+                           "step": at_step})
 
     def evaluate(at_step: int, whole: bool = False) -> dict[str, float]:
         """Periodic evals may look at train.eval_batches batches; the final one sees them all."""
-        metrics = data.evaluate(lambda b: eval_run(state.params, b, state.model_state),
+        metrics = data.evaluate(lambda b: eval_run(engine.loss_params(state), b,
+                                                   state.model_state),
                                 0 if whole else cfg.eval_batches)
         writer.write(at_step, metrics, prefix="eval")
         return metrics

@@ -27,16 +27,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.models import efficient_attention as efficient
+from lm.models import efficient_attention as efficient, lora
 from lm.models.attention import attention_mask, cross_attention_mask, dot_product_attention
 
 Array = jax.Array
 
 def logical_param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
                   axes: tuple[str, ...], dtype: Any) -> Array:
-    """Creates a parameter boxed with logical axis names (one name per dimension)."""
+    """Creates a parameter boxed with logical axis names (one name per dimension). A LoRA
+    adapter of that name in the "lora" collection (lm/models/lora.py) is added to it here, so
+    each layer's adapted kernel exists only while that layer runs."""
     assert len(shape) == len(axes), (name, shape, axes)
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    value = module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    if module.has_variable("lora", name):
+        adapter = module.get_variable("lora", name)
+        value = value + lora.delta(adapter["a"], adapter["b"]).astype(value.dtype)
+    return value
 
 
 def _constrain(x: Array, axes: tuple[str, ...]) -> Array:

@@ -354,7 +354,7 @@ def run_blocks(cfg: TransformerConfig, x_BTD: Array, positions_BT: Array,
         for _ in range(cfg.num_layers):
             x_BTD, _ = shared(x_BTD, *args)
     elif cfg.scan_layers:
-        block = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+        block = nn.scan(block, variable_axes={"params": 0, "cache": 0, "lora": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast,) * len(args), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})

@@ -65,3 +65,4 @@ def build_task(config, vocab_size: int) -> CausalLMTask:
                         config.data.get("document_masking", True))
 
 HARNESS = True  # `evaluate --tasks` scores it with lm/eval/harness.py
+LORA = True     # trains through LoRA adapters when config.lora.rank > 0

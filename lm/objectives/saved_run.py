@@ -16,6 +16,7 @@ from core.checkpoint import CheckpointError
 from core.config import ConfigError, load_run_config
 from core.engine import restore_params
 from lm.data.tokenizer import Tokenizer, check_tokenizer
+from lm.models import lora
 from lm.objectives import registry
 
 
@@ -47,4 +48,6 @@ def load_run(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | No
         _, params, step = restore_params(config, task, path, check_tokenizer(tokenizer))
     except CheckpointError as error:
         raise ConfigError(f"{what} {workdir}: {error}; let its run save a checkpoint first") from error
+    if isinstance(params, lora.LoraParams):  # a LoRA run reopens as its merged model
+        task, params = task.inner, params.merged()
     return SavedRun(config, tokenizer, task, jax.device_get(params), step)

@@ -23,6 +23,7 @@ from core.mesh import DEFAULT_RULES, mesh_config
 from core.optim import optim_config
 from experiments.sweep import axis, product, zipped
 from lm.models import transformer as model_lib
+from lm.models.lora import lora_config
 
 SIZES = {
     # name: (layers, width, heads, seq_len, vocab, batch, steps, learning rate)
@@ -63,6 +64,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                 checkpoint_every=max(1, steps // 5))
     config.optim = optim_config(learning_rate=lr, warmup_steps=max(1, min(200, steps // 10)))
     config.mesh = mesh_config()
+    # rank > 0: train LoRA adapters on the frozen model (docs/post-training.md)
+    config.lora = lora_config()
     config.sharding_rules = DEFAULT_RULES
     config.distributed = distributed_config()
     return config
