@@ -5,8 +5,11 @@
               [--tasks hellaswag,piqa --shots 0,5 --limit N]      or zero-/few-shot task accuracy
     sample    --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T
               --top-k K --top-p P --seed S]   (KV-cache decoding, streamed; temperature 0: greedy)
+    export    --workdir DIR --out OUT          a decoder as a Hugging Face checkpoint (OUT/model;
+                                               a LoRA run: merged, and its PEFT adapter in
+                                               OUT/adapter)
 
-evaluate and sample read the config saved in DIR, so they need no --config.
+evaluate, sample and export read the config saved in DIR, so they need no --config.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from core import cli
 
 def parse(argv: list[str]):
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("command", choices=("train", "evaluate", "sample"))
+    parser.add_argument("command", choices=("train", "evaluate", "sample", "export"))
     parser.add_argument("--config", help="config file, e.g. experiments/configs/lm/gpt.py:size=tiny")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--prompt", default="")
@@ -30,6 +33,7 @@ def parse(argv: list[str]):
     parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--out", default="", help="export: the directory to write")
     parser.add_argument("--tasks", default="",
                         help="evaluate: zero-/few-shot tasks instead of validation loss, e.g. "
                              "hellaswag,piqa,arc_easy (see python -m lm.eval.evaluate_tasks --list)")
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
     logging.getLogger("datasets").setLevel(logging.WARNING)  # "JAX version ... available"
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    from core.config import check_choice
+    from core.config import ConfigError, check_choice
     from core.distributed import maybe_initialize
     from lm.objectives.registry import OBJECTIVES
     from vision.pipeline import IMAGE_TASKS
@@ -68,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         from lm import commands
     else:
         from vision import commands
+    if not hasattr(commands, args.command):
+        raise ConfigError(f"a {config.task} run has no {args.command} command")
     result = getattr(commands, args.command)(config, args)
     if result is not None:
         print(json.dumps(result, indent=2))

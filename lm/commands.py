@@ -15,12 +15,14 @@ import pathlib
 import jax
 
 from core import trainer
-from core.config import ConfigError
+from core.config import ConfigError, DataError
 from core.engine import restore_params
 from lm import pipeline
 from lm.decode import decoding, sampling, seq2seq
 from lm.eval import evaluate_tasks, harness
+from lm.models import lora
 from lm.objectives import registry, saved_run
+from lm.weights import hf_checkpoint, peft_adapter
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,35 @@ def sample(config, args) -> None:
                 print(text)
     except ValueError as error:  # a prompt the objective cannot read, a length that cannot fit
         raise ConfigError(str(error)) from error
+
+
+def export(config, args) -> dict:
+    """The run's newest good checkpoint as a Hugging Face checkpoint in OUT/model, which
+    `transformers` loads; a LoRA run's model is merged, and its adapter is also written in PEFT's
+    format to OUT/adapter (`peft.PeftModel.from_pretrained` on the base's own export)."""
+    pipeline.check_config(config)
+    if not args.out:
+        raise ConfigError("export needs --out DIR, the directory to write")
+    setup = build(config, args.workdir, need_train=False)
+    _, params, step = restore_params(config, setup.task, args.workdir, setup.data.check_meta)
+    out, written = pathlib.Path(args.out), {"step": step}
+    model_cfg = getattr(setup.task, "model_cfg", None)
+    if model_cfg is None or not model_cfg.causal:
+        raise ConfigError(f"a {config.task} run is not a decoder-only model: export writes "
+                          "GPT-2 and LLaMA checkpoints")
+    if isinstance(params, lora.LoraParams):
+        try:
+            written["adapter"] = str(peft_adapter.export_adapter(
+                out / "adapter", jax.device_get(params.adapters), params.config, model_cfg,
+                base_model=setup.task.describe_frozen()["base"]))
+        except DataError as error:  # the merged model still exports
+            written["adapter"] = f"not written: {error}"
+    try:
+        written["model"] = str(hf_checkpoint.save_pretrained(
+            out / "model", jax.device_get(lora.plain(params)), model_cfg, setup.tokenizer))
+    except ValueError as error:  # a shape neither GPT-2 nor LLaMA can express
+        raise ConfigError(str(error)) from error
+    return written
 
 
 def generate(task, params, ids: list[int], args) -> list[int]:

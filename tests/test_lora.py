@@ -1,16 +1,19 @@
 """LoRA against PEFT (counts, logits unmerged and merged, adapter files both ways) and on the
 engine (frozen base, adapters only in the optimiser and checkpoints, resumption, a 2x2x2 mesh)."""
+import argparse
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config, train_losses, train_tiny
+from conftest import QUIET, REPO, TINY, train_losses
+from core import trainer
 from core.checkpoint import CheckpointMismatchError, Checkpointer
-from core.config import ConfigError
+from core.config import ConfigError, load_config
 from core.engine import Engine, restore_state
-from lm import pipeline
+from lm import commands, pipeline
 from lm.models import lora, transformer as model_lib
 from lm.weights import hf_checkpoint, hf_llama, peft_adapter
 
@@ -83,7 +86,7 @@ def test_logits_equal_peft_unmerged_and_merged_and_adapters_travel_both_ways(tmp
     np.testing.assert_allclose(ours, _torch_logits(peft_model, tokens), atol=1e-5)
 
     # Our export loads into PEFT on a fresh copy of the base and gives the same logits.
-    peft_adapter.export_adapter(tmp_path / "ours", adapters, lora_cfg)
+    peft_adapter.export_adapter(tmp_path / "ours", adapters, lora_cfg, cfg)
     fresh, _, _ = _tiny_pair(scan)
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
     np.testing.assert_allclose(_torch_logits(reloaded, tokens), ours, atol=1e-5)
@@ -139,18 +142,30 @@ LORA = ["--config.lora.rank=4", "--config.lora.alpha=8", "--config.optim.learnin
 STEPS = ["--config.train.checkpoint_every=2", "--config.train.eval_every=0"]
 
 
+def _config(*overrides: str):
+    """The tests' tiny config in LLaMA style (what PEFT's adapter files describe)."""
+    return load_config(str(REPO / TINY.split(":")[0]) + ":" + TINY.split(":")[1] + ",style=llama",
+                       [*QUIET, *STEPS, *LORA, *overrides])
+
+
+def _train(workdir, *overrides: str) -> dict:
+    config = _config(*overrides)
+    setup = pipeline.build(config, workdir)
+    return trainer.train(config, workdir, setup.task, setup.data)
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A tiny LoRA run of 4 steps and the same run stopped at 2 and resumed to 4."""
     root = tmp_path_factory.mktemp("lora")
-    train_tiny(root / "straight", "--config.train.steps=4", *STEPS, *LORA)
-    train_tiny(root / "resumed", "--config.train.steps=2", *STEPS, *LORA)
-    train_tiny(root / "resumed", "--config.train.steps=4", *STEPS, *LORA)
+    _train(root / "straight", "--config.train.steps=4")
+    _train(root / "resumed", "--config.train.steps=2")
+    _train(root / "resumed", "--config.train.steps=4")
     return root
 
 
 def _state(workdir):
-    config = tiny_config("--config.train.steps=4", *STEPS, *LORA)
+    config = _config("--config.train.steps=4")
     task = pipeline.build(config, workdir, need_train=False).task
     return restore_state(config, task, workdir)
 
@@ -186,13 +201,30 @@ def test_resume_is_bitwise_and_another_base_is_refused(lora_run, monkeypatch):
         _state(lora_run / "straight")
 
 
+def test_export_writes_a_peft_adapter_and_a_merged_model_that_agree(lora_run, tmp_path):
+    engine, state, _ = _state(lora_run / "straight")
+    config = _config("--config.train.steps=4")
+    written = commands.export(config, argparse.Namespace(workdir=str(lora_run / "straight"),
+                                                         out=str(tmp_path / "out")))
+    hf_checkpoint.save_pretrained(tmp_path / "base", jax.device_get(state.frozen),
+                                  engine.task.model_cfg)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    adapted = peft.PeftModel.from_pretrained(base, written["adapter"]).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(written["model"]).eval()
+    tokens = np.random.default_rng(1).integers(0, engine.task.model_cfg.vocab_size, (2, 16))
+    ours = np.asarray(engine.task.model.apply({"params": engine.loss_params(state)},
+                                              jnp.asarray(tokens)))
+    np.testing.assert_allclose(_torch_logits(adapted, tokens), ours, atol=1e-4)
+    np.testing.assert_allclose(_torch_logits(merged, tokens), ours, atol=1e-4)
+
+
 def test_a_2x2x2_mesh_trains_the_same_adapters(lora_run, tmp_path):
     mesh = ["--config.mesh.ici.data=2", "--config.mesh.ici.fsdp=2", "--config.mesh.ici.tensor=2"]
-    train_tiny(tmp_path, "--config.train.steps=4", *STEPS, *LORA, *mesh)
+    _train(tmp_path, "--config.train.steps=4", *mesh)
     one, sharded = train_losses(lora_run / "straight"), train_losses(tmp_path)
     np.testing.assert_allclose([sharded[s] for s in range(1, 5)], [one[s] for s in range(1, 5)],
                                rtol=2e-5)
-    config = tiny_config("--config.train.steps=4", *STEPS, *LORA, *mesh)
+    config = _config("--config.train.steps=4", *mesh)
     engine = Engine(config, pipeline.build(config, tmp_path, need_train=False).task)
     specs = {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(engine.init_state().frozen)}
     assert any("tensor" in s for s in specs) and any("fsdp" in s for s in specs)
@@ -204,14 +236,14 @@ def test_a_2x2x2_mesh_trains_the_same_adapters(lora_run, tmp_path):
     ("--config.lora.alpha=0", "lora.alpha"),
 ])
 def test_bad_lora_settings_are_one_line_errors(override, message, tmp_path):
-    config = tiny_config("--config.lora.rank=4", override)
+    config = _config(override)
     with pytest.raises(ConfigError, match=message):
         pipeline.check_config(config)
         Engine(config, pipeline.build(config, tmp_path, need_train=False).task)
 
 
 def test_lora_on_a_task_that_cannot_take_it_is_refused():
-    config = tiny_config("--config.lora.rank=4")
+    config = _config()
     config.task = "masked_lm"
     with pytest.raises(ConfigError, match="does not train through LoRA"):
         pipeline.check_config(config)

@@ -16,6 +16,7 @@ import numpy as np
 
 from core.config import DataError
 from lm.models import lora, transformer as model_lib
+from lm.weights import hf_llama
 
 # Our kernel -> (Hugging Face module under a decoder layer), as lm/weights/hf_llama.py maps them.
 MODULES = {"attn/w_q": "self_attn.q_proj", "attn/w_k": "self_attn.k_proj",
@@ -44,10 +45,16 @@ def _per_layer(adapters: dict) -> dict[int, dict]:
 
 
 def export_adapter(directory: str | pathlib.Path, adapters: dict, cfg: lora.LoraConfig,
-                   base_model: str = "") -> pathlib.Path:
+                   model_cfg: model_lib.TransformerConfig, base_model: str = "") -> pathlib.Path:
     """Writes a PEFT LoRA directory that `peft.PeftModel.from_pretrained` loads onto the Hugging
     Face export of the same base (lm/weights/hf_checkpoint.py)."""
     from safetensors.numpy import save_file
+    try:
+        hf_llama.hf_config(model_cfg)
+    except ValueError:
+        raise DataError("PEFT adapters are written for LLaMA-shaped models (rope, rmsnorm, "
+                        "swiglu); GPT-2 fuses q, k and v into one c_attn that our separate "
+                        "adapters cannot express: export the merged model instead") from None
     directory = pathlib.Path(directory)
     tensors, modules = {}, set()
     for index, kernels in _per_layer(adapters).items():
