@@ -121,6 +121,29 @@ def test_chat_command_streams_the_answer(smollm2):
     assert "Paris" in done.stdout and "<|im_end|>" not in done.stdout
 
 
+def test_chat_merges_a_peft_adapter_into_smollm2(smollm2, tmp_path):
+    """`lm.decode.chat --adapter DIR`: the merged model computes what base + adapter compute."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from lm.decode import chat
+    from lm.models import lora
+    from lm.weights import peft_adapter
+    path, cfg, params, _ = smollm2
+    lora_cfg = lora.LoraConfig(rank=2, alpha=4, targets="qv")
+    adapters = jax.tree_util.tree_map(  # B random too, so the adapter changes the logits
+        lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.01,
+        nn.unbox(lora.init_adapters(jax.random.key(0), params, lora_cfg)))
+    peft_adapter.export_adapter(tmp_path, adapters, lora_cfg, cfg)
+    _, merged, _ = chat.load(str(path), str(tmp_path))
+    tokens = jnp.arange(1, 17)[None]
+    model = model_lib.Transformer(cfg)
+    adapted = lora.LoraModel(model).apply(
+        {"params": lora.LoraParams(params, adapters, lora_cfg)}, tokens)
+    np.testing.assert_allclose(model.apply({"params": merged}, tokens), adapted, atol=2e-4)
+    assert np.abs(adapted - model.apply({"params": params}, tokens)).max() > 1e-2
+
+
 def test_gpt2_checkpoints_load_and_export_against_transformers(tmp_path):
     """A randomly initialised GPT2LMHeadModel (transformers' own code and naming) read by us,
     and our GPT-2-style model written for transformers: the logits agree both ways."""

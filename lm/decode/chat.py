@@ -3,6 +3,7 @@
     python -m lm.decode.chat --prompt "What is the capital of France?"      # one question
     python -m lm.decode.chat                                                # a conversation on stdin
     python -m lm.decode.chat --model path/to/model.gguf --temperature 0.7 --top-p 0.9
+    python -m lm.decode.chat --adapter runs/sft-lora/export/adapter     # base + a LoRA adapter
 
 The prompt is rendered with the model's own chat template (ChatML for SmolLM2), and the answer
 ends at the template's end-of-turn token. Greedy by default.
@@ -14,15 +15,21 @@ import sys
 
 from core import cli
 from lm.decode import decoding, sampling
-from lm.models import transformer as model_lib
-from lm.weights import import_gguf
+from lm.models import lora, transformer as model_lib
+from lm.weights import import_gguf, peft_adapter
 
 
-def load(model: str):
+def load(model: str, adapter: str = ""):
+    """(config, params, tokenizer) of a GGUF model, with a PEFT LoRA adapter merged if given
+    (`python -m experiments.main export` writes one for a LoRA run)."""
     path = pathlib.Path(model)
     if not path.suffix == ".gguf":
         path = import_gguf.pretrained_path(model)
-    return import_gguf.load_gguf(path)
+    cfg, params, tokenizer = import_gguf.load_gguf(path)
+    if adapter:
+        adapters, lora_cfg = peft_adapter.import_adapter(adapter, cfg)
+        params = lora.merge(params, adapters, lora_cfg)
+    return cfg, params, tokenizer
 
 
 def answer(cfg, params, tokenizer, messages: list[dict[str, str]],
@@ -39,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help=f"a .gguf path or one of {sorted(import_gguf.PRETRAINED)}")
+    parser.add_argument("--adapter", default="",
+                        help="a PEFT LoRA adapter directory to merge into the model")
     parser.add_argument("--prompt", default="", help="ask once and exit; empty: read stdin")
     parser.add_argument("--system", default="", help="a system message (else the template's)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -47,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cfg, params, tokenizer = load(args.model)
+    cfg, params, tokenizer = load(args.model, args.adapter)
     settings = decoding.SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, stop_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, seed=args.seed)
