@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from core.config import ConfigError, DataError
+from core.config import ConfigError, DataError, load_config
 from core.step import summed_loss_and_grads
 from lm.data import chat, instructions
 from lm.data.bpe_tokenizer import ByteLevelBPE
@@ -125,6 +125,30 @@ def tiny_chat(tmp_path_factory):
     return chat.ChatTokenizer(Tokenizer.train(texts, path, "bpe", 512))
 
 
+def test_build_setup_trains_every_assistant_token_once(tiny_chat, tmp_path):
+    """The config's path: a model of ours from scratch on a jsonl file, split, packed, batched."""
+    conversations = instructions.load("cot", 30, seed=9)
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": list(c.messages)}) + "\n"
+                            for c in conversations))
+    config = load_config(
+        f"experiments/configs/lm/sft.py:model=,size=tiny,tokenizer={tiny_chat.base.path},"
+        f"dataset=files:{path},batch=4,seq_len=128", ["sft.val_fraction=0.3"])
+    setup = sft.build_setup(config, tmp_path, need_train=True)
+    assert setup.task.model_cfg.vocab_size >= tiny_chat.vocab_size
+    want = sum(int(mask.sum()) for _, mask in sft.encode_all(
+        instructions.load_jsonl(str(path)), chat.ChatTemplate(), tiny_chat, 128))
+    train_rows = setup.data.train.source.fields
+    val_rows = sft.pack_conversations(sft.encode_all(setup.validation, chat.ChatTemplate(),
+                                                     tiny_chat, 128), 128, 0).fields
+    assert int(train_rows["loss_mask"].sum() + val_rows["loss_mask"].sum()) == want
+    batch = next(setup.data.train)
+    for name, field in setup.task.batch_fields().items():
+        assert batch[name].shape == (4, *field.shape)
+    with pytest.raises(DataError, match="sft.dataset 'sharegtp'"):
+        instructions.load("sharegtp")
+
+
 def test_packing_keeps_conversations_whole(tiny_chat):
     conversations = instructions.load("cot", 20, seed=5)
     encoded = sft.encode_all(conversations, chat.ChatTemplate(), tiny_chat, 400)
@@ -176,10 +200,11 @@ def test_sharegpt_recovers_the_complete_conversations():
     last_start = text.rindex('\n  {\n    "id"')
     reference = json.loads(text[:last_start].rstrip().rstrip(",") + "]")
     assert recovered == reference
-    conversations = instructions.load_sharegpt()
-    assert 0.6 * len(recovered) < len(conversations) < len(recovered)
-    for c in conversations[:200]:
-        roles = [m["role"] for m in c.messages if m["role"] != "system"]
+    kept = [m for m in map(instructions.sharegpt_messages,
+                           (r["conversations"] for r in recovered)) if m is not None]
+    assert 0.6 * len(recovered) < len(kept) < len(recovered)
+    for messages in kept:
+        roles = [m["role"] for m in messages if m["role"] != "system"]
         assert roles == ["user", "assistant"] * (len(roles) // 2)
 
 

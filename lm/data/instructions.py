@@ -214,21 +214,26 @@ def score(replies: list[str], conversations: list[Conversation]) -> float:
                for r, c in zip(replies, conversations)) / len(replies)
 
 
+def check_spec(spec: str) -> None:
+    """Refuses an sft.dataset that names no source, before anything is read."""
+    if not (spec.startswith(("files:", "hub:")) or spec in (*TASKS, "cot", "sharegpt")):
+        raise DataError(f"sft.dataset {spec!r}: use 'files:<path.jsonl>', 'hub:<name>', "
+                        f"'sharegpt', 'cot' or one of {TASKS}")
+
+
 def load(spec: str, count: int = 0, seed: int = 0, cache: str = "") -> list[Conversation]:
     """The conversations of sft.dataset (see the module docstring); count > 0 keeps the first
     `count` (generated tasks: makes that many in-domain examples of each task)."""
+    check_spec(spec)
     if spec.startswith("files:"):
         conversations = load_jsonl(spec[6:])
     elif spec.startswith("hub:"):
         conversations = load_hub(spec[4:])
     elif spec == "sharegpt":
         conversations = load_sharegpt(cache)
-    elif spec in TASKS or spec == "cot":
+    else:
         tasks = TASKS if spec == "cot" else (spec,)
         per_task = count or 1000
         made = [generate(t, per_task, IN_DOMAIN, seed, cache) for t in tasks]
         return [c for group in zip(*made) for c in group]  # interleaved
-    else:
-        raise DataError(f"sft.dataset {spec!r}: use 'files:<path.jsonl>', 'hub:<name>', "
-                        f"'sharegpt', 'cot' or one of {TASKS}")
     return conversations[:count] if count else conversations

@@ -186,6 +186,7 @@ def split(config, conversations):
 
 def build_setup(config, workdir=None, need_train: bool = True) -> SFTSetup:
     """The model, tokenizer and template, the conversations packed into windows, the task."""
+    instructions.check_spec(config.sft.dataset)
     cfg, params, tokenizer, template = load_model(config)
     seq_len = config.data.seq_len
     conversations = instructions.load(config.sft.dataset, config.sft.max_examples,
@@ -246,7 +247,14 @@ SCORES_FILE = "sft_scores.json"  # lm/commands.py writes scores() here after tra
 def scores(config, setup: SFTSetup, params, step: int) -> dict:
     """Validation loss on trained tokens; for generated tasks, greedy answer accuracy per task
     in domain (held-out seed) and out of domain (longer names / more flips)."""
-    result = {"step": step}
+    loss = jax.jit(lambda p, batch: setup.task.loss(p, batch, jax.random.key(0), train=False))
+
+    def run_batch(batch) -> dict[str, float]:
+        sums = jax.device_get(loss(params, batch))
+        return {"loss": float(sums.loss), "weight": float(sums.weight),
+                **{k: float(v) for k, v in sums.extra.items()}}
+
+    result = {"step": step, "validation": setup.data.evaluate(run_batch, 0)}
     s = config.sft
     if not (s.dataset in instructions.TASKS or s.dataset == "cot"):
         return result
