@@ -107,6 +107,10 @@ class ChatTokenizer:
         return f"{self.base.fingerprint}+chatml"
 
 
+class UntrainableError(DataError):
+    """A conversation with no trained token left (its replies lie beyond the length cut)."""
+
+
 def check_messages(messages, where: str) -> list[dict]:
     """Role/content dicts with known roles and string contents, at least one assistant turn."""
     if not isinstance(messages, (list, tuple)) or not messages:
@@ -176,6 +180,7 @@ def encode_conversation(template: ChatTemplate, encode: Callable[[list[str]], li
     if max_len:
         ids, mask = ids[:max_len], mask[:max_len]
     if not mask.any():
-        raise DataError(f"{where}: no assistant token is left to train on after cutting the "
-                        f"conversation to {max_len} tokens; raise data.seq_len or drop it")
+        raise UntrainableError(f"{where}: no assistant token is left to train on after cutting "
+                               f"the conversation to {max_len} tokens; raise data.seq_len, drop "
+                               "it, or set sft.drop_untrainable=true")
     return ids, mask

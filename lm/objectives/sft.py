@@ -159,9 +159,26 @@ def load_model(config):
     return cfg, None, tokenizer, chat.ChatTemplate()
 
 
-def encode_all(conversations, template, tokenizer, seq_len: int) -> list:
-    return [chat.encode_conversation(template, tokenizer.encode, c.messages, seq_len + 1,
-                                     c.where) for c in conversations]
+def encode_all(conversations, template, tokenizer, seq_len: int,
+               drop_untrainable: bool = False) -> list:
+    """(ids, mask) of each conversation cut to seq_len+1 tokens. One left with no trained token
+    is an error naming it, or with drop_untrainable (opted into, e.g. for ShareGPT's long
+    prompts) dropped and counted in the log."""
+    encoded = []
+    for c in conversations:
+        try:
+            encoded.append(chat.encode_conversation(template, tokenizer.encode, c.messages,
+                                                    seq_len + 1, c.where))
+        except chat.UntrainableError:
+            if not drop_untrainable:
+                raise
+    if len(encoded) < len(conversations):
+        log.warning("sft: dropped %d of %d conversations with no assistant token in the first "
+                    "%d tokens (sft.drop_untrainable)", len(conversations) - len(encoded),
+                    len(conversations), seq_len + 1)
+    if not encoded:
+        raise DataError(f"no conversation has an assistant token within {seq_len + 1} tokens")
+    return encoded
 
 
 def split(config, conversations):
@@ -193,11 +210,12 @@ def build_setup(config, workdir=None, need_train: bool = True) -> SFTSetup:
                                       config.sft.seed, config.data.cache_dir)
     train, validation = split(config, conversations)
     task = SFTTask(cfg, seq_len, params)
-    val_rows = pack_conversations(encode_all(validation, template, tokenizer, seq_len), seq_len,
-                                  tokenizer.pad_id)
+    drop = config.sft.get("drop_untrainable", False)
+    val_rows = pack_conversations(encode_all(validation, template, tokenizer, seq_len, drop),
+                                  seq_len, tokenizer.pad_id)
     train_iter = None
     if need_train:
-        train_rows = pack_conversations(encode_all(train, template, tokenizer, seq_len),
+        train_rows = pack_conversations(encode_all(train, template, tokenizer, seq_len, drop),
                                         seq_len, tokenizer.pad_id)
         train_iter = BatchIterator(train_rows, config.train.global_batch_size,
                                    config.train.seed, jax.process_index(), jax.process_count())

@@ -7,8 +7,8 @@ out of domain:
   python -m experiments.main train --config experiments/configs/lm/sft.py \\
       --workdir runs/sft-smollm2
 Time and result: not yet measured here (docs/sft.md says what was run). Other data:
-dataset=sharegpt (17,671 recovered ShareGPT conversations), dataset=files:/path/chats.jsonl
-(`messages` or `prompt`/`completion` per line), dataset=hub:<name>.
+dataset=sharegpt --config.sft.drop_untrainable=true (ShareGPT: 17,671 recovered conversations),
+dataset=files:/path/chats.jsonl (`messages` or `prompt`/`completion` per line), dataset=hub:<name>.
 A model of ours from scratch: model=,tokenizer=runs/gpt-demo/tokenizer.model (ChatML markers
 are added to its vocabulary), size=tiny for tests.
 """
@@ -37,6 +37,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "val_fraction": 0.05,         # held-out conversations of files:/hub:/sharegpt
         "seed": args.seed,
         "end_of_turn": "<|im_end|>",  # what ends an assistant turn in the template
+        # A conversation with no reply token within seq_len+1 tokens is an error naming it;
+        # true drops such conversations instead (ShareGPT's long prompts), counted in the log.
+        "drop_untrainable": False,
         "max_new_tokens": 96,         # greedy reply length when scoring generated tasks
     })
     if args.size == "tiny":
