@@ -47,7 +47,7 @@ def smollm2():
     return tokenizer, chat.ChatTemplate(tokenizer.chat_template)
 
 
-def trl_labels(tokenizer, conversations, max_length):
+def trl_labels(tokenizer, conversations, max_length, out_dir):
     """TRL 1.16's SFTTrainer (assistant_only_loss) prepared rows and its collator's labels."""
     datasets = pytest.importorskip("datasets")
     transformers = pytest.importorskip("transformers")
@@ -59,7 +59,7 @@ def trl_labels(tokenizer, conversations, max_length):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    args = trl.SFTConfig(output_dir="/tmp/trl-sft-test", assistant_only_loss=True,
+    args = trl.SFTConfig(output_dir=str(out_dir), assistant_only_loss=True,
                          max_length=max_length, report_to=[], use_cpu=True,
                          per_device_train_batch_size=len(conversations))
     trainer = trl.SFTTrainer(model=model, args=args, processing_class=hf,
@@ -71,9 +71,9 @@ def trl_labels(tokenizer, conversations, max_length):
 
 
 @pytest.mark.parametrize("max_length", [512, 40])  # whole, and cut inside a reply
-def test_labels_equal_trl(smollm2, max_length):
+def test_labels_equal_trl(smollm2, max_length, tmp_path):
     tokenizer, template = smollm2
-    expected = trl_labels(tokenizer, CONVERSATIONS, max_length)
+    expected = trl_labels(tokenizer, CONVERSATIONS, max_length, tmp_path)
     end_id = tokenizer.token_id("<|im_end|>")
     for messages, want in zip(CONVERSATIONS, expected):
         ids, mask = chat.encode_conversation(template, tokenizer.encode, messages, max_length)
