@@ -1,9 +1,10 @@
 """How much memory a training step needs per device, estimated from the config alone.
 
     python -m launch memory --config experiments/configs/lm/gpt.py:size=gpt2_124m --devices 8
-    python -m launch memory --config ... --devices 8 --lora-rank 16 --base-format nf4 --compare
+    python -m launch memory --config ...:size=gpt2_124m --devices 8 --compare
+    python -m launch memory --config ... --config.lora.rank=16 --base-format nf4 --topology v5e-8
 
-prints a table (bytes per device, line by line) and, with --json, the same as JSON. Lines:
+prints the estimate as JSON, then as a table (bytes per device, line by line). Lines:
 parameters (sharded by the rules table over the mesh), gradients, optimiser state (AdamW: two
 moments, SGD: one momentum trace, EMA: a float32 copy), the batch, activations saved for the
 backward pass (per layer x layers, by model.remat), logits (B x T x V float32 and the softmax
@@ -15,11 +16,13 @@ The per-layer activation terms count what JAX saves for the backward pass of thi
 (lm/models/transformer.py) at the jaxpr level, which is what a scanned stack keeps per layer:
  remat none  8 D (residual stream, norm inputs, outputs and float32 statistics), q, k, v and
              the attention output, 2 N x S float32 (masked scores and softmax), 6 F (MLP)
- remat dots  the block input and the outputs of matmuls without batch dimensions (q, k, v)
+ remat dots  the block input, q, k, v and the attention output projection: the matmuls
+             without batch dimensions that XLA keeps (JAX also marks the MLP's up projection
+             saveable, but the compiled scan does not keep it)
  remat full  the block input only; the backward recomputes one layer at a time
-LoRA (what-if until the step trains adapters): the base weights are frozen (stored in
---base-format, no gradients or moments) and each target kernel gets r x (in + out) trainable
-float32 parameters with gradients and moments.
+LoRA (config.lora.rank > 0, lm/models/lora.py): the base is frozen (weights only, in
+model.param_dtype or, as a what-if, --base-format: bf16, int8, nf4 at 4.126 bits), and the
+adapters, r x (in + out) per target kernel, have gradients and moments.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -37,35 +41,16 @@ from core import mesh as mesh_lib
 from core.config import ConfigError, load_config
 from core.engine import ways
 from core.memory import GIB, OutOfMemoryError
+from core.train_state import has_frozen
+from lm.models import transformer as model_lib
 
-log = logging.getLogger(__name__)
-
-# Bits per parameter of a frozen base weight. nf4: 4-bit codes, a bf16... scale per block of
-# 64 and a float32 scale per 256 scales (torchao to_nf4: 4.126 bits, DESIGN.md); int8: one byte
-# and a float32 scale per output channel (counted as one byte).
+# Bits per parameter of a frozen base weight. nf4: 4-bit codes, an 8-bit scale per block of 64
+# and a float32 scale per 256 scales (torchao to_nf4: 4.126 bits, DESIGN.md); int8: one byte
+# (and a scale per output channel, not counted).
 BASE_FORMATS = {"float32": 32.0, "bfloat16": 16.0, "int8": 8.0, "nf4": 4.126}
-# LoRA targets: the block kernels by their parameter names (peft's q_proj ... down_proj).
-LORA_TARGETS = ("w_q", "w_k", "w_v", "w_o", "w_up", "w_gate", "w_down")
 STATE_LINES = ("parameters", "frozen base weights", "LoRA adapters", "optimizer state",
                "batch")
 MOMENT_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
-
-
-@dataclasses.dataclass(frozen=True)
-class Lora:
-    rank: int
-    targets: tuple[str, ...] = ("w_q", "w_v")
-    base_format: str = "float32"
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ConfigError(f"--lora-rank {self.rank} must be at least 1")
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        if unknown or not self.targets:
-            raise ConfigError(f"LoRA targets {unknown or 'none'}: choose from {LORA_TARGETS}")
-        if self.base_format not in BASE_FORMATS:
-            raise ConfigError(f"--base-format {self.base_format!r}: choose one of "
-                              f"{', '.join(BASE_FORMATS)}")
 
 
 def abstract_mesh(config: ml_collections.ConfigDict, num_devices: int):
@@ -77,55 +62,43 @@ def abstract_mesh(config: ml_collections.ConfigDict, num_devices: int):
     return jax.sharding.AbstractMesh(sizes, mesh_lib.MESH_AXES)
 
 
-def _shard_elements(shape, logical_axes, mesh, rules) -> int:
+def _shard_elements(shape, logical_axes, mesh, rules, whole=()) -> int:
+    """Elements of one device's shard; dimensions mapped to mesh axes in `whole` stay whole."""
+    def split(axes):
+        names = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
+        return ways(mesh, tuple(n for n in names if n not in whole))
     mesh_axes = nn.logical_to_mesh_axes(logical_axes, rules)
-    return math.prod(dim // ways(mesh, axes) for dim, axes in zip(shape, mesh_axes))
+    return math.prod(dim // split(axes) for dim, axes in zip(shape, mesh_axes))
 
 
-def parameter_shards(task, mesh, rules) -> list[tuple[str, int, int, str]]:
-    """(path, global elements, elements on one device, dtype) of every parameter."""
-    boxed = jax.eval_shape(task.init_params, jax.random.key(0))
-    specs = nn.get_partition_spec(boxed)
-    out = []
-    leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(boxed))
-    spec_leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    path: str
+    shape: tuple[int, ...]
+    logical_axes: tuple
+    dtype: str
+    local: int      # elements on one device
+    gathered: int   # elements on one device once FSDP gathers it (tensor sharding kept)
+
+
+def parameter_shards(init, mesh, rules, fsdp_axes=()) -> list[Shard]:
+    """Every parameter `init(rng)` makes, with its per-device size, from the logical names the
+    model gives it."""
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    specs = jax.tree_util.tree_leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(
         x, jax.sharding.PartitionSpec))
-    for (path, leaf), spec in zip(leaves, spec_leaves):
+    out = []
+    for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)), specs):
         names = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
         axes = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
-        out.append((names, math.prod(leaf.shape),
-                    _shard_elements(leaf.shape, axes, mesh, rules), str(leaf.dtype)))
+        out.append(Shard(names, tuple(leaf.shape), axes, str(leaf.dtype),
+                         _shard_elements(leaf.shape, axes, mesh, rules),
+                         _shard_elements(leaf.shape, axes, mesh, rules, fsdp_axes)))
     return out
 
 
 def _bytes(dtype: str) -> int:
     return jax.numpy.dtype(dtype).itemsize
-
-
-def lora_shards(task, mesh, rules, lora: Lora) -> tuple[int, int]:
-    """(global, per-device) adapter parameters: r x (in + out) per target kernel, each factor
-    sharded like the kernel's matching side (A: in x r, B: r x out)."""
-    boxed = nn.meta.unbox(jax.eval_shape(task.init_params, jax.random.key(0)))
-    specs = nn.get_partition_spec(jax.eval_shape(task.init_params, jax.random.key(0)))
-    total = local = 0
-    for (path, leaf), spec in zip(
-            jax.tree_util.tree_leaves_with_path(boxed),
-            jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(
-                x, jax.sharding.PartitionSpec))):
-        name = str(path[-1].key)
-        if name not in lora.targets:
-            continue
-        stacked = "layers" in spec[:1]
-        layers = leaf.shape[0] if stacked else 1
-        shape, axes = (leaf.shape[1:], tuple(spec)[1:]) if stacked else (leaf.shape, tuple(spec))
-        split = 1 if name in ("w_q", "w_k", "w_v", "w_up", "w_gate") else len(shape) - 1
-        a_shape, b_shape = (math.prod(shape[:split]), lora.rank), (lora.rank,
-                                                                  math.prod(shape[split:]))
-        a_axes, b_axes = (axes[0], None), (None, axes[split])
-        total += layers * (math.prod(a_shape) + math.prod(b_shape))
-        local += layers * (_shard_elements(a_shape, a_axes, mesh, rules)
-                           + _shard_elements(b_shape, b_axes, mesh, rules))
-    return total, local
 
 
 def _activation_terms(cfg, mesh, rules, seq_len: int) -> dict[str, tuple[int, int]]:
@@ -144,17 +117,43 @@ def _activation_terms(cfg, mesh, rules, seq_len: int) -> dict[str, tuple[int, in
     if cfg.remat == "none":
         return every
     if cfg.remat == "dots":
-        return {"block input": (D, c), "q, k, v": (N * H + 2 * K * H, c)}
+        return {"block input and attention projection": (2 * D, c),
+                "q, k, v": (N * H + 2 * K * H, c)}
     return {"block input": (D, c)}
 
 
+def _gathered_bytes(shards: list[Shard], num_layers: int, copies: int, bits=None) -> int:
+    """What FSDP gathers beside the shards: the embedding tables and other unstacked parameters
+    whole, and `copies` layers' worth at a time (a layer's weights, and for trained ones their
+    unreduced gradients), in `bits` per parameter if given."""
+    total = 0
+    for shard in shards:
+        extra = (shard.gathered - shard.local) * (bits / 8 if bits else _bytes(shard.dtype))
+        in_layer = (shard.logical_axes[:1] == ("layers",)
+                    or re.match(r"layers_\d+/", shard.path) is not None)
+        total += int(copies * extra / num_layers if in_layer else extra)
+    return total
+
+
 def estimate(config: ml_collections.ConfigDict, num_devices: int, task=None,
-             lora: Lora | None = None, moment_dtype: str = "") -> dict:
+             base_format: str = "", moment_dtype: str = "") -> dict:
     """Bytes per device of one train step of `config` over `num_devices` devices, line by line
-    (see the module docstring), with the counts behind them."""
+    (see the module docstring), with the counts behind them. With config.lora.rank > 0 the
+    trained parameters are the adapters and the base is frozen, stored in `base_format`
+    (default: model.param_dtype); `moment_dtype` stores the optimiser moments in another dtype."""
     if task is None:
         from launch.aot import make_task
         task = make_task(config)
+    if base_format and base_format not in BASE_FORMATS:
+        raise ConfigError(f"base format {base_format!r}: choose one of {', '.join(BASE_FORMATS)}")
+    if moment_dtype and moment_dtype not in MOMENT_BYTES:
+        raise ConfigError(f"moment dtype {moment_dtype!r}: choose one of "
+                          f"{', '.join(MOMENT_BYTES)}")
+    model = getattr(task, "model", None)
+    if not isinstance(getattr(model, "model", model), model_lib.Transformer):  # LoraModel
+        raise ConfigError(f"the estimate models the Transformer's layers (gpt.py, bert.py and "
+                          f"their objectives); task {config.task!r} runs the "
+                          f"model {type(model).__name__}: compile it with `python -m launch aot` instead")
     cfg, train = task.model_cfg, config.train
     mesh = abstract_mesh(config, num_devices)
     rules = mesh_lib.rules_from_config(config.sharding_rules)
@@ -166,20 +165,29 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int, task=None,
     b, T = train.global_batch_size // (micro * batch_ways), task.seq_len
     tokens = b * T  # per device, per microbatch
 
-    shards = parameter_shards(task, mesh, rules)
-    params_global = sum(n for _, n, _, _ in shards)
-    params_bytes = sum(local * _bytes(dtype) for _, _, local, dtype in shards)
-    pbytes = _bytes(cfg.param_dtype)
-    trainable_local = sum(local for _, _, local, _ in shards)
+    # FSDP (ZeRO-3): parameters split over an axis that also splits the batch are gathered
+    # whole for their matmuls, one layer at a time.
+    batch_axes = nn.logical_to_mesh_axes(("batch",), rules)[0] or ()
+    fsdp_axes = tuple(a for a in (batch_axes if isinstance(batch_axes, tuple) else (batch_axes,))
+                      if mesh.shape[a] > 1)
+    trained = parameter_shards(task.init_params, mesh, rules, fsdp_axes)
+    trainable_local = sum(s.local for s in trained)
+    pbytes = _bytes(trained[0].dtype)
     lines = {}
-    if lora is None:
-        lines["parameters"] = params_bytes
-        trainable_global = params_global
-    else:  # frozen base in its storage format; adapters trained in float32
-        lines["frozen base weights"] = int(trainable_local * BASE_FORMATS[lora.base_format] / 8)
-        trainable_global, trainable_local = lora_shards(task, mesh, rules, lora)
-        lines["LoRA adapters"] = trainable_local * 4
-        pbytes = 4
+    stored_bits = BASE_FORMATS[base_format] if base_format else 8 * _bytes(cfg.param_dtype)
+    if has_frozen(task):  # LoRA: a frozen base, stored in base_format, and the adapters
+        frozen = parameter_shards(task.init_frozen, mesh, rules, fsdp_axes)
+        lines["frozen base weights"] = int(sum(s.local for s in frozen) * stored_bits / 8)
+        lines["LoRA adapters"] = sum(s.local * _bytes(s.dtype) for s in trained)
+        gathered = (_gathered_bytes(frozen, cfg.num_layers, 1, stored_bits)
+                    + _gathered_bytes(trained, cfg.num_layers, 2))
+    else:
+        if base_format:
+            raise ConfigError("a base format is for LoRA's frozen base: set "
+                              "--config.lora.rank above 0 too")
+        frozen = trained
+        lines["parameters"] = sum(s.local * _bytes(s.dtype) for s in trained)
+        gathered = _gathered_bytes(trained, cfg.num_layers, 2)
     optim = config.optim
     moments = {"adamw": 2, "sgd": 1 if optim.momentum else 0}[optim.name]
     moment_bytes = MOMENT_BYTES[moment_dtype] if moment_dtype else pbytes
@@ -190,18 +198,33 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int, task=None,
     batch_bytes = sum(math.prod(f.shape) * _bytes(f.dtype)
                       for f in task.batch_fields().values())
     lines["batch"] = batch_bytes * b * micro
+    compute = _bytes(cfg.dtype)
+    if stored_bits != 8 * compute:
+        # Weights stored in another dtype than the compute dtype: XLA hoists the cast of the
+        # whole stacked weights out of the layer loop, one copy in the compute dtype. (A base
+        # quantised to int8 or nf4, a what-if, is counted as dequantised one layer at a time.)
+        cast = sum(s.local for s in frozen) * compute
+        lines["weights cast to compute dtype"] = (
+            cast // cfg.num_layers if base_format in ("int8", "nf4") else cast)
+    if has_frozen(task) and cfg.remat != "full":
+        # Each adapted kernel W + s A B is formed in the layer and kept for the backward pass.
+        adapted = {s.path.rsplit("/", 1)[0] for s in trained if s.path.endswith("/a")}
+        lines["LoRA merged kernels"] = sum(s.local for s in frozen if s.path in adapted) * compute
     per_layer = _activation_terms(cfg, mesh, rules, T)
     layer_bytes = tokens * sum(n * size for n, size in per_layer.values())
     lines["activations saved"] = cfg.num_layers * layer_bytes
     # One layer's backward: the gradients it passes through (two F wide, the scores, four D
-    # wide) and, under remat, about a quarter of the layer recomputed (XLA recomputes and frees
-    # a piece at a time; a quarter is what XLA:CPU's buffer assignment shows on tiny models).
+    # wide) and, under remat, part of the layer recomputed: XLA recomputes and frees a piece at
+    # a time, holding between none and a third of the layer beside the gradients in XLA:CPU's
+    # buffer assignments of tiny models; an eighth is counted. The least certain line.
     full = _activation_terms(dataclasses.replace(cfg, remat="none"), mesh, rules, T)
     F, NS = full["MLP"][0] // 6, full["attention scores and softmax"][0] // 2
     working = tokens * (2 * F * full["MLP"][1] + NS * 4 + 4 * cfg.d_model * 4)
     if cfg.remat != "none":
-        working += tokens * sum(n * size for n, size in full.values()) // 4
+        working += tokens * sum(n * size for n, size in full.values()) // 8
     lines["backward working set"] = working
+    if gathered:
+        lines["FSDP-gathered weights"] = gathered
     vocab = cfg.vocab_size // ways(mesh, nn.logical_to_mesh_axes(("vocab",), rules)[0])
     lines["logits"] = 2 * tokens * vocab * 4
     # The peak is in the backward pass (gradients, activations, logits) or, when those are
@@ -210,7 +233,8 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int, task=None,
     backward = sum(v for k, v in lines.items() if k not in STATE_LINES)
     update = lines["gradients"] + trainable_local * pbytes
     return {"num_devices": num_devices, "mesh": dict(mesh.shape),
-            "parameters": params_global, "trainable_parameters": trainable_global,
+            "parameters": sum(math.prod(s.shape) for s in frozen),
+            "trainable_parameters": sum(math.prod(s.shape) for s in trained),
             "tokens_per_device": tokens, "microbatches": micro,
             "activations_per_layer": {k: tokens * n * s for k, (n, s) in per_layer.items()},
             "bytes": lines, "state_bytes": state, "backward_bytes": backward,
@@ -259,7 +283,7 @@ def check_fits(result: dict, usable_bytes: int, where: str) -> None:
         f"the step needs about {need / GIB:.2f} GiB per device on {where} but "
         f"{usable_bytes / GIB:.2f} GiB is usable (largest line: {biggest}, "
         f"{result['bytes'][biggest] / GIB:.2f} GiB); shard more (--mesh fsdp=N), raise "
-        "train.microbatches, set model.remat=full or train LoRA adapters (--lora-rank)")
+        "train.microbatches, set model.remat=full or train LoRA adapters (config.lora.rank)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,11 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--devices", type=int, default=0, help="devices of the mesh (default 1)")
     where.add_argument("--topology", default="", help=f"check against its HBM; {aot.KNOWN}")
     parser.add_argument("--mesh", default="", help="in-slice axis sizes, e.g. data=2,fsdp=4")
-    parser.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA adapters")
-    parser.add_argument("--lora-targets", default="w_q,w_v",
-                        help=f"comma-separated, from {','.join(LORA_TARGETS)}")
-    parser.add_argument("--base-format", default="float32", choices=tuple(BASE_FORMATS),
-                        help="storage of LoRA's frozen base weights")
+    parser.add_argument("--base-format", default="", choices=("", *BASE_FORMATS),
+                        help="storage of a LoRA run's frozen base (--config.lora.rank > 0); "
+                             "default model.param_dtype")
     parser.add_argument("--moment-dtype", default="", choices=("", *MOMENT_BYTES),
                         help="optimiser moments in this dtype (default: the parameters')")
     parser.add_argument("--compare", action="store_true",
@@ -290,18 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), force=True)
     target = aot.parse_target(args.topology) if args.topology else None
     devices = target.num_devices if target else (args.devices or 1)
-    lora = (Lora(args.lora_rank, tuple(filter(None, args.lora_targets.split(","))),
-                 args.base_format) if args.lora_rank else None)
     if args.compare:
-        if lora:
-            raise ConfigError("--compare compiles the full fine-tuning step; drop --lora-rank "
-                              "(the estimate of adapters is analytic until the step trains them)")
+        if args.base_format or args.moment_dtype:
+            raise ConfigError("--compare compiles the step the config trains, which has no "
+                              "--base-format or --moment-dtype; drop them to compare")
         if not os.environ.get("JAX_PLATFORMS"):
             jax.config.update("jax_platforms", "cpu")
         aot.use_cpu_devices(devices)
     config = load_config(args.config, [*aot.mesh_overrides(args.mesh), *rest])
     task = aot.make_task(config)
-    result = estimate(config, devices, task, lora, args.moment_dtype)
+    result = estimate(config, devices, task, args.base_format, args.moment_dtype)
     if args.compare:
         result["compiled"] = compiled(config, devices, task)
         result["ratio"] = round(result["total_bytes"] / result["compiled"]["peak"], 4)

@@ -36,7 +36,7 @@ def test_parameter_and_optimizer_lines_equal_the_engines_shards(overrides):
     assert result["bytes"]["optimizer state"] == shard_bytes(state.opt_state) - scalars
 
 
-# (devices, overrides): optimiser x remat x sharding x microbatches, each a different mix.
+# (devices, overrides): optimiser x remat x sharding x microbatches x LoRA, each a different mix.
 CONFIGS = [
     (1, ("--config.model.num_layers=3",)),
     (8, ("--config.mesh.ici.fsdp=8", "--config.mesh.ici.data=1", "--config.model.remat=full",
@@ -44,6 +44,8 @@ CONFIGS = [
     (8, ("--config.mesh.ici.tensor=2", "--config.mesh.ici.data=4", "--config.model.remat=dots",
          "--config.train.microbatches=2", "--config.train.global_batch_size=32",
          "--config.data.seq_len=128", "--config.model.max_len=128")),
+    (8, ("--config.mesh.ici.fsdp=4", "--config.mesh.ici.data=2", "--config.lora.rank=8",
+         "--config.train.global_batch_size=32")),
 ]
 
 
@@ -56,35 +58,35 @@ def test_estimate_within_15_percent_of_memory_analysis(devices, overrides):
     assert 0.85 < result["total_bytes"] / actual["peak"] < 1.15, (result["bytes"], actual)
 
 
-def test_lora_adapter_counts_equal_peft():
-    """r x (in + out) per target kernel, as peft counts its trainable parameters on the same
-    LLaMA shape (transformers' LlamaForCausalLM)."""
+def test_lora_counts_equal_peft_and_the_base_is_weights_only():
+    """The adapters (lm/models/lora.py: r x (in + out) per target kernel) as peft counts its
+    trainable parameters on the same LLaMA shape (transformers' LlamaForCausalLM); the frozen
+    base has no gradients or moments, at 4.126 bits per parameter in nf4."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    config = tiny_config("--config.model.vocab_size=512", "--config.model.num_kv_heads=2",
-                         "--config.model.pos_emb=rope", "--config.model.norm=rmsnorm",
-                         "--config.model.mlp=swiglu", "--config.model.use_bias=false",
-                         "--config.model.tie_embeddings=false")
-    task = aot.make_task(config)
-    cfg = task.model_cfg
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    llama = ("--config.model.vocab_size=512", "--config.model.num_kv_heads=2",
+             "--config.model.pos_emb=rope", "--config.model.norm=rmsnorm",
+             "--config.model.mlp=swiglu", "--config.model.use_bias=false",
+             "--config.model.tie_embeddings=false")
+    cfg = aot.make_task(tiny_config(*llama)).model_cfg
+    hf_config = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.resolved_num_kv_heads,
-        intermediate_size=cfg.resolved_d_ff))
-    assert sum(p.numel() for p in hf.parameters()) == model_lib.num_params(cfg)
-    names = {"w_q": "q_proj", "w_k": "k_proj", "w_v": "v_proj", "w_o": "o_proj",
-             "w_up": "up_proj", "w_gate": "gate_proj", "w_down": "down_proj"}
-    for rank, targets in [(8, ("w_q", "w_v")), (4, memory.LORA_TARGETS)]:
-        lora = memory.Lora(rank, targets, "nf4")
-        model = peft.get_peft_model(transformers.LlamaForCausalLM(hf.config), peft.LoraConfig(
-            r=rank, target_modules=[names[t] for t in targets]))
-        expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        result = memory.estimate(config, 1, task, lora)
-        assert result["trainable_parameters"] == expected
-        assert result["bytes"]["LoRA adapters"] == 4 * expected
-        assert result["bytes"]["gradients"] == 4 * expected
-        # The frozen base: 4.126 bits per parameter, no gradients or moments.
-        assert result["bytes"]["frozen base weights"] == int(result["parameters"] * 4.126 / 8)
+        intermediate_size=cfg.resolved_d_ff)
+    for rank, targets, modules in [(8, "qv", ["q_proj", "v_proj"]), (4, "all-linear", [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])]:
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(hf_config),
+                                    peft.LoraConfig(r=rank, target_modules=modules))
+        trained, total = model.get_nb_trainable_parameters()
+        config = tiny_config(*llama, f"--config.lora.rank={rank}",
+                             f"--config.lora.targets={targets}")
+        result = memory.estimate(config, 1, base_format="nf4")
+        assert (result["trainable_parameters"], result["parameters"]) == (trained,
+                                                                          total - trained)
+        lines = result["bytes"]
+        assert lines["LoRA adapters"] == lines["gradients"] == 4 * trained
+        assert lines["optimizer state"] == 8 * trained
+        assert lines["frozen base weights"] == int(result["parameters"] * 4.126 / 8)
 
 
 def test_rule_of_thumb_16_bytes_per_parameter():
@@ -106,7 +108,7 @@ def test_a_step_that_does_not_fit_is_one_clear_line(capsys):
     assert "needs about" in err[0] and "GiB is usable" in err[0] and "remat" in err[0]
 
 
-def test_bad_lora_settings_are_config_errors(capsys):
+def test_a_base_format_without_lora_is_a_config_error(capsys):
     code = cli.run(memory.main, ["--config", "experiments/configs/lm/gpt.py:size=tiny",
-                                 "--lora-rank", "8", "--lora-targets", "w_qq"])
-    assert code == 2 and "LoRA targets ['w_qq']: choose from" in capsys.readouterr().err
+                                 "--base-format", "nf4"])
+    assert code == 2 and "a base format is for LoRA's frozen base" in capsys.readouterr().err
