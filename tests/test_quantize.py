@@ -11,6 +11,7 @@ from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
 from core.config import ConfigError
 from lm.data.bpe_tokenizer import ByteLevelBPE
+from lm.decode import decoding
 from lm.models import transformer as model_lib
 from lm.weights import gguf_export, import_gguf
 from lm.weights import quantize as quant
@@ -79,7 +80,9 @@ def _llama(**overrides):
     return model_lib.preset("llama", **{**fields, **overrides})
 
 
-@pytest.mark.parametrize("scan,formats", [(True, tuple(quant.FORMATS)), (False, ("nf4_dq",))])
+# Every format's codes, scales and dequantisation are checked above; here each code dtype
+# (int8, uint4, int4) and both layer layouts go through the jitted model.
+@pytest.mark.parametrize("scan,formats", [(True, ("int8", "q4_0", "nf4_dq")), (False, ("int4",))])
 def test_quantised_forward_equals_the_forward_on_dequantised_params(scan, formats):
     cfg = _llama(scan_layers=scan)
     model = model_lib.Transformer(cfg)
@@ -102,7 +105,18 @@ def test_quantised_forward_equals_the_forward_on_dequantised_params(scan, format
     print("relative logit drift:", drift)
     assert all(d > 0 for d in drift.values())
     if scan:
-        assert max(drift["int8"], drift["q8_0"]) < min(drift[f] for f in formats if "4" in f)
+        assert drift["int8"] < min(drift["q4_0"], drift["nf4_dq"])
+
+
+def test_greedy_decoding_with_the_kv_cache_runs_on_the_quantised_tree():
+    cfg = _llama()
+    model = model_lib.Transformer(cfg)
+    params = model.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))["params"]
+    qparams = quant.quantize_params(params, "nf4_dq")
+    sampling = decoding.SamplingConfig(max_new_tokens=4)
+    prompts = [[5, 17, 42, 9], [7, 3]]
+    assert decoding.generate(model, qparams, prompts, sampling) == decoding.generate(
+        model, quant.dequantize_params(qparams), prompts, sampling)
 
 
 def test_a_lora_delta_adds_to_the_dequantised_base():
@@ -117,39 +131,36 @@ def smollm2_tokenizer_keys():
     return gguf_export.tokenizer_metadata(GGUFFile(path).metadata)
 
 
-@pytest.mark.parametrize("file_type", ["q8_0", "q4_0"])
-def test_gguf_export_reads_back_in_gguf_and_our_importer(file_type, smollm2_tokenizer_keys,
-                                                         tmp_path):
+def test_gguf_export_reads_back_in_gguf_and_our_importer(smollm2_tokenizer_keys, tmp_path):
     keys = smollm2_tokenizer_keys
     cfg = _llama(vocab_size=len(keys["tokenizer.ggml.tokens"]), d_model=64, max_len=128,
                  rope_base=100000.0)
     tokens = jnp.asarray([[1, 504, 3458, 314, 260, 3575, 282, 4649, 47]])
     params = nn.meta.unbox(model_lib.Transformer(cfg).init(jax.random.key(1), tokens)["params"])
     params = jax.tree.map(lambda x: x * 4, params)  # trained-size weights, not init's tiny ones
-    path = gguf_export.export_gguf(tmp_path / "tiny.gguf", params, cfg, keys, file_type)
+    forward = jax.jit(lambda p: model_lib.Transformer(cfg).apply({"params": p}, tokens))
+    for file_type in ("q8_0", "q4_0"):
+        path = gguf_export.export_gguf(tmp_path / f"{file_type}.gguf", params, cfg, keys,
+                                       file_type)
+        by_name = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+        up = by_name["blk.1.ffn_up.weight"]
+        assert up.tensor_type == gguf.GGMLQuantizationType[file_type.upper()]
+        w_up = np.asarray(params["layers"]["mlp"]["w_up"][1])
+        np.testing.assert_array_equal(np.asarray(up.data).reshape(-1), gguf.quants.quantize(
+            np.ascontiguousarray(w_up.T), up.tensor_type).reshape(-1))
+        assert by_name["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F32
 
-    reader = gguf.GGUFReader(str(path))
-    by_name = {t.name: t for t in reader.tensors}
-    w_up = np.asarray(params["layers"]["mlp"]["w_up"][1])
-    up = by_name["blk.1.ffn_up.weight"]
-    assert up.tensor_type == gguf.GGMLQuantizationType[file_type.upper()]
-    np.testing.assert_array_equal(np.asarray(up.data).reshape(-1), gguf.quants.quantize(
-        np.ascontiguousarray(w_up.T), up.tensor_type).reshape(-1))
-    assert by_name["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F32
-
-    loaded_cfg, loaded, tokenizer = import_gguf.load_gguf(path, scan_layers=True)
+        loaded_cfg, loaded, tokenizer = import_gguf.load_gguf(path, scan_layers=True)
+        for field in ("num_layers", "d_model", "num_heads", "resolved_num_kv_heads",
+                      "resolved_d_ff", "resolved_head_dim", "rope_base", "norm_eps",
+                      "tie_embeddings", "vocab_size"):
+            # GGUF keeps float32 (norm_eps 1e-5 comes back as float32(1e-5))
+            assert np.float32(getattr(loaded_cfg, field)) == np.float32(getattr(cfg, field)), field
+        expected = forward(quant.dequantize_params(quant.quantize_params(params, file_type)))
+        np.testing.assert_allclose(forward(loaded), expected, rtol=1e-5, atol=1e-5)
     text = ["What is the capital of France? 1234"]
     assert tokenizer.encode(text) == ByteLevelBPE.from_gguf_metadata(keys).encode(text)
     assert tokenizer.chat_template == keys["tokenizer.chat_template"]
-    for field in ("num_layers", "d_model", "num_heads", "resolved_num_kv_heads", "resolved_d_ff",
-                  "resolved_head_dim", "rope_base", "norm_eps", "tie_embeddings", "vocab_size"):
-        # GGUF keeps float32 (norm_eps 1e-5 comes back as float32(1e-5))
-        assert np.float32(getattr(loaded_cfg, field)) == np.float32(getattr(cfg, field)), field
-    model = model_lib.Transformer(loaded_cfg)
-    ours = model.apply({"params": loaded}, tokens)
-    expected = model.apply({"params": quant.dequantize_params(
-        quant.quantize_params(params, file_type))}, tokens)
-    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_input_is_a_one_line_error():
