@@ -24,15 +24,17 @@ import argparse
 import importlib.metadata
 import json
 import math
+import pathlib
 import platform
 import time
 
 import flax
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
+from core.checkpoint import CheckpointError
 from core.config import load_run_config
-from core.engine import restore_params
 from core.step import make_eval_step
 from lm import commands
 from lm.eval import harness
@@ -43,11 +45,23 @@ from lm.weights import quantize as quant
 FORMATS = ("int8", "q8_0", "q4_0", "int4", "nf4", "nf4_dq")
 
 
+def saved_params(workdir: str):
+    """(params, step) of a plain run's newest checkpoint, read as saved (no target structure):
+    a run written before TrainState grew its `frozen` field reads too, and a failed restore
+    never moves a checkpoint aside."""
+    directory = pathlib.Path(workdir).resolve() / "checkpoints"
+    steps = sorted(int(p.name) for p in directory.iterdir()
+                   if p.name.isdigit() and (p / "commit_success.txt").exists())
+    if not steps:
+        raise CheckpointError(f"no finished checkpoint in {directory}")
+    state = ocp.StandardCheckpointer().restore(directory / str(steps[-1]) / "state")
+    return jax.device_get(state["params"]), steps[-1]
+
+
 def perplexities(workdir: str, max_batches: int, formats=FORMATS) -> dict:
     config = load_run_config(workdir)
     setup = commands.build(config, workdir, need_train=False)
-    _, params, step = restore_params(config, setup.task, workdir, setup.data.check_meta)
-    params = jax.device_get(params)
+    params, step = saved_params(workdir)
     eval_step = jax.jit(make_eval_step(setup.task))
 
     def score(p):
@@ -132,6 +146,7 @@ def main(argv=None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="", help="a run trained in fp32 (perplexity)")
     parser.add_argument("--max-batches", type=int, default=25, help="validation batches (0: all)")
+    parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--tasks", default="", help="SmolLM2 zero-shot tasks, e.g. piqa,arc_easy")
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -146,7 +161,8 @@ def main(argv=None) -> dict:
                            "flax": flax.__version__, "numpy": np.__version__},
               "machine": f"{platform.machine()}, {jax.devices()[0].platform}"}
     if args.workdir:
-        result["perplexity"] = perplexities(args.workdir, args.max_batches)
+        result["perplexity"] = perplexities(args.workdir, args.max_batches,
+                                            args.formats.split(","))
     if args.tasks:
         result["tasks"] = task_scores(args.tasks.split(","), args.limit, args.batch_size)
     if args.export_dir:

@@ -12,6 +12,7 @@ from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 from core.config import ConfigError
 from lm.data.bpe_tokenizer import ByteLevelBPE
 from lm.decode import decoding
+from lm.models import lora
 from lm.models import transformer as model_lib
 from lm.weights import gguf_export, import_gguf
 from lm.weights import quantize as quant
@@ -119,10 +120,27 @@ def test_greedy_decoding_with_the_kv_cache_runs_on_the_quantised_tree():
         model, quant.dequantize_params(qparams), prompts, sampling)
 
 
-def test_a_lora_delta_adds_to_the_dequantised_base():
-    q = quant.quantize(_weights((64, 32)), "nf4_dq", 1)
-    delta = jnp.full((64, 32), 0.25)
-    np.testing.assert_array_equal(q + delta, quant.dequantize(q) + delta)
+def test_qlora_is_lora_on_the_nf4_base_with_gradients_to_the_adapters_only():
+    cfg = _llama(num_layers=1, scan_layers=False)
+    model = lora.LoraModel(model_lib.Transformer(cfg))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 12)))
+    boxed = model.init(jax.random.key(4), tokens)["params"]
+    config = lora.LoraConfig(rank=4, targets="qv")
+    adapters = nn.meta.unbox(lora.init_adapters(jax.random.key(5), boxed, config))
+    adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # B != 0: the adapters matter
+    base = quant.quantize_params(boxed, "nf4_dq")
+
+    def loss(adapters, base):
+        logits = model.apply({"params": lora.LoraParams(base, adapters, config)}, tokens)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(adapters, base)
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(adapters,
+                                                             quant.dequantize_params(base))
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7), grads,
+                 ref_grads)
+    assert jax.tree.structure(grads) == jax.tree.structure(adapters)
 
 
 @pytest.fixture(scope="module")
