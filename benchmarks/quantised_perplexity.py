@@ -58,6 +58,15 @@ def saved_params(workdir: str):
     return jax.device_get(state["params"]), steps[-1]
 
 
+def kernel_error(params, qparams) -> float:
+    """||W - dequantised W|| / ||W|| over every quantised kernel together."""
+    is_q = lambda x: isinstance(x, quant.QuantizedKernel)
+    pairs = [(np.asarray(w), np.asarray(quant.dequantize(q))) for w, q in zip(
+        jax.tree.leaves(params), jax.tree.leaves(qparams, is_leaf=is_q)) if is_q(q)]
+    return float(np.sqrt(sum(np.sum((w - d) ** 2) for w, d in pairs) /
+                         sum(np.sum(w ** 2) for w, _ in pairs)))
+
+
 def perplexities(workdir: str, max_batches: int, formats=FORMATS) -> dict:
     config = load_run_config(workdir)
     setup = commands.build(config, workdir, need_train=False)
@@ -80,7 +89,8 @@ def perplexities(workdir: str, max_batches: int, formats=FORMATS) -> dict:
         qparams = quant.quantize_params(params, fmt)
         bits = quant.bits_per_parameter(qparams)
         results[fmt] = {**score(qparams), "bits_per_param_kernels": bits["kernels"],
-                        "bits_per_param_model": bits["all"]}
+                        "bits_per_param_model": bits["all"],
+                        "kernel_relative_rms_error": kernel_error(params, qparams)}
         results[fmt]["perplexity_change_pct"] = 100 * (
             results[fmt]["perplexity"] / results["fp32"]["perplexity"] - 1)
         print(fmt, json.dumps(results[fmt]), flush=True)
