@@ -2,9 +2,13 @@
 step, and the 16-bytes-per-parameter rule of thumb at a 1.1B LLaMA shape.
 
     python -m benchmarks.memory_estimate --out benchmarks/results/cpu_memory_estimate.json
+    python -m benchmarks.memory_estimate --topology v5p-16 \
+        --out benchmarks/results/tpu_v5p16_memory_estimate.json   # needs libtpu (the tpu extra)
 
 Every configuration is compiled (lower + compile with abstract shapes: nothing is allocated) by
-XLA:CPU on simulated CPU devices, so the 1.1B model compiles on a laptop. The 1.1B shape is
+XLA:CPU on simulated CPU devices, so the 1.1B model compiles on a laptop; with --topology, the
+8-device ones (and bf16-compute variants, which XLA:CPU computes in float32) by the target's own
+compiler instead, on compile-only devices (launch/aot.py), and the rule-of-thumb rows are left out. The 1.1B shape is
 TinyLlama-1.1B's: 22 layers, d 2048, 32 query / 4 kv heads (H 64), SwiGLU d_ff 5632, vocab 32000,
 untied embeddings, RoPE, RMSNorm: 1,100,048,384 parameters. The rule-of-thumb rows are analytic
 only (what changes when moments are 8-bit, sequences long, layers rematerialised, the model
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 
 from launch import aot
@@ -22,6 +27,9 @@ from launch import aot
 aot.use_cpu_devices(8)  # before jax starts its backends
 
 import jax  # noqa: E402
+
+if not os.environ.get("JAX_PLATFORMS"):  # compiling for a target needs no accelerator here
+    jax.config.update("jax_platforms", "cpu")
 
 from core.config import load_config  # noqa: E402
 from core.memory import GIB  # noqa: E402
@@ -69,6 +77,17 @@ COMPARED = {
         "--config.mesh.ici.fsdp=8", "--config.mesh.ici.data=1")),
 }
 
+# bf16 compute, compared only with an accelerator's compiler (XLA:CPU computes it in float32).
+BF16 = ("--config.model.dtype=bfloat16",)
+TARGET_ONLY = {
+    "1.1B sgd, remat dots, fsdp 8, bf16 compute": (8, "llama", COMPARED[
+        "1.1B sgd, remat dots, fsdp 8"][2] + BF16),
+    "1.1B adamw, data 2 x fsdp 2 x tensor 2, bf16 compute": (8, "llama", COMPARED[
+        "1.1B adamw, data 2 x fsdp 2 x tensor 2"][2] + BF16),
+    "GPT-2 124M adamw, 4 microbatches, data 8, bf16 compute": (8, "gpt2", COMPARED[
+        "GPT-2 124M adamw, 4 microbatches, data 8"][2] + BF16),
+}
+
 # The rule of thumb and where it breaks: analytic estimates at the 1.1B shape, one device.
 RULE = {
     "fp32 AdamW, no activations (the rule: 16 bytes/param)": (1, TINYLLAMA + shape(1, 1), {}),
@@ -102,17 +121,30 @@ def gib(x: float) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="", help="substring of the configurations to run")
+    parser.add_argument("--topology", default="", help="compile with this target's compiler "
+                        "(e.g. v5p-16: 8 chips), the configurations with as many devices")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    target = aot.parse_target(args.topology) if args.topology else None
+    if target:
+        target_devices, compiler = aot.target_devices(target)
+        configs = {name: each for name, each in {**COMPARED, **TARGET_ONLY}.items()
+                   if each[0] == target.num_devices}
+    else:
+        compiler, configs = "XLA:CPU (simulated devices)", COMPARED
     compared = []
-    for name, (devices, style, overrides) in COMPARED.items():
+    for name, (devices, style, overrides) in configs.items():
         if args.only not in name:
             continue
         config = load_config(BASE.replace("llama", style),
                              [f"--config.mesh.num_devices={devices}", *overrides])
         task = aot.make_task(config)
         est = memory.estimate(config, devices, task)
-        actual = memory.compiled(config, devices, task)
+        if target:
+            report, seconds = aot.compile_step(aot.Engine(config, task, target_devices))
+            actual = {"peak": report.peak_bytes, "temporaries": report.temp_bytes}
+        else:
+            actual = memory.compiled(config, devices, task)
         compared.append({"config": name, "devices": devices, "parameters": est["parameters"],
                          "estimate_gib": gib(est["total_bytes"]), "peak_phase": est["peak_phase"],
                          "xla_peak_gib": gib(actual["peak"]),
@@ -121,7 +153,7 @@ def main(argv=None) -> dict:
                          "lines_gib": {k: gib(v) for k, v in est["bytes"].items()}})
         print(compared[-1], flush=True)
     rule = []
-    for name, (devices, overrides, options) in RULE.items():
+    for name, (devices, overrides, options) in ({} if target else RULE).items():
         config = load_config(BASE, [f"--config.mesh.num_devices={devices}", *overrides])
         est = memory.estimate(config, devices, **options)
         lines = est["bytes"]
@@ -132,9 +164,9 @@ def main(argv=None) -> dict:
                 (lines["activations saved"] + lines["backward working set"] + lines["logits"])
                 / 1e9, 2), "peak_phase": est["peak_phase"],
             "lines_gb": {k: round(v / 1e9, 3) for k, v in lines.items()}})
-    result = {"benchmark": "memory_estimate", "compiler": "XLA:CPU (simulated devices)",
-              "versions": versions(), "python": platform.python_version(),
-              "device": jax.devices()[0].device_kind, "compared": compared,
+    result = {"benchmark": "memory_estimate", "compiler": compiler,
+              "topology": args.topology or None, "versions": versions(),
+              "python": platform.python_version(), "compared": compared,
               "rule_of_thumb": rule}
     emit(result, args.out)
     return result

@@ -4,21 +4,22 @@
     python -m launch memory --config ...:size=gpt2_124m --devices 8 --compare
     python -m launch memory --config ... --config.lora.rank=16 --base-format nf4 --topology v5e-8
 
-prints the estimate as JSON, then as a table (bytes per device, line by line). Lines:
-parameters (sharded by the rules table over the mesh), gradients, optimiser state (AdamW: two
-moments, SGD: one momentum trace, EMA: a float32 copy), the batch, activations saved for the
-backward pass (per layer x layers, by model.remat), logits (B x T x V float32 and the softmax
-gradient beside it), and the backward's working set (one layer's activations and their
-gradients). `--compare` also compiles the real step on simulated CPU devices (launch/aot.py)
-and reports XLA's memory_analysis() beside the estimate.
+prints the estimate as JSON, then as a table (bytes per device, line by line): parameters
+(sharded by the rules table over the mesh), gradients, optimiser state (AdamW: two moments, SGD:
+one momentum trace, EMA: a float32 copy), the batch, weights cast to the compute dtype,
+activations saved for the backward pass (per layer x layers, by model.remat), the backward's
+working set, FSDP-gathered weights, and logits (B x T x V float32 and the softmax gradient).
+The peak is the state plus the larger of the backward and the optimiser update. `--compare`
+also compiles the real step on simulated CPU devices (launch/aot.py) and reports XLA's
+memory_analysis() beside the estimate; docs/memory.md has both on nine configurations.
 
 The per-layer activation terms count what JAX saves for the backward pass of this code's block
-(lm/models/transformer.py) at the jaxpr level, which is what a scanned stack keeps per layer:
+(lm/models/transformer.py) and the compiled scan keeps, per token:
  remat none  8 D (residual stream, norm inputs, outputs and float32 statistics), q, k, v and
              the attention output, 2 N x S float32 (masked scores and softmax), 6 F (MLP)
- remat dots  the block input, q, k, v and the attention output projection: the matmuls
-             without batch dimensions that XLA keeps (JAX also marks the MLP's up projection
-             saveable, but the compiled scan does not keep it)
+ remat dots  the block input and the outputs of matmuls without batch dimensions, which the
+             policy saves: q, k, v, the attention output projection, the MLP up (and gate)
+             projection (the TPU compiler keeps them all; XLA:CPU drops the MLP's)
  remat full  the block input only; the backward recomputes one layer at a time
 LoRA (config.lora.rank > 0, lm/models/lora.py): the base is frozen (weights only, in
 model.param_dtype or, as a what-if, --base-format: bf16, int8, nf4 at 4.126 bits), and the
@@ -109,7 +110,8 @@ def _activation_terms(cfg, mesh, rules, seq_len: int) -> dict[str, tuple[int, in
     N, K, F = shard(cfg.num_heads, "heads"), shard(cfg.resolved_num_kv_heads, "kv_heads"), \
         shard(cfg.resolved_d_ff, "mlp")
     c = _bytes(cfg.dtype)
-    S = min(T, 2 * cfg.window + 1) if cfg.attention == "sliding_window" else T
+    S = {"sliding_window": min(T, 2 * cfg.window + 1),
+         "linformer": cfg.linformer_len}.get(cfg.attention, T)  # lsh counted as full
     every = {"residual stream and norms": (8 * D, c),
              "q, k, v, attention output": (2 * N * H + 2 * K * H, c),
              "attention scores and softmax": (2 * N * S, 4),
@@ -117,8 +119,9 @@ def _activation_terms(cfg, mesh, rules, seq_len: int) -> dict[str, tuple[int, in
     if cfg.remat == "none":
         return every
     if cfg.remat == "dots":
+        up = 2 if cfg.mlp == "swiglu" else 1
         return {"block input and attention projection": (2 * D, c),
-                "q, k, v": (N * H + 2 * K * H, c)}
+                "q, k, v": (N * H + 2 * K * H, c), "MLP up (and gate) projection": (up * F, c)}
     return {"block input": (D, c)}
 
 
