@@ -244,7 +244,7 @@ def build_setup(config, workdir=None, need_train: bool = True) -> SFTSetup:
 
 def replies(setup: SFTSetup, params, conversations, max_new_tokens: int,
             batch_size: int = 32) -> list[str]:
-    """Greedy replies to each conversation's first user turn, stopped at the end-of-turn."""
+    """Greedy replies to each conversation without its last reply, stopped at the end-of-turn."""
     tokenizer, template = setup.tokenizer, setup.template
     stop = tokenizer.encode([template.end_of_turn])[0]
     settings = decoding.SamplingConfig(max_new_tokens=max_new_tokens, stop_ids=tuple(stop[-1:]),

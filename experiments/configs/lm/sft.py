@@ -6,7 +6,9 @@ Full fine-tune of SmolLM2-135M-Instruct (its packaged GGUF) on the generated cha
 out of domain:
   python -m experiments.main train --config experiments/configs/lm/sft.py \\
       --workdir runs/sft-smollm2
-Time and result: not yet measured here (docs/sft.md says what was run). Other data:
+Time and result (docs/sft.md, Measured): 40 steps of 8 conversations took 28 min on a shared
+2-core CPU (4.5 GiB step); greedy in-domain accuracy goes from 0% (prompted) to 62.5% (last
+letters) and 100% (coin flip); out-of-domain lengths stay near chance. Other data:
 dataset=sharegpt --config.sft.drop_untrainable=true (ShareGPT: 17,671 recovered conversations),
 dataset=files:/path/chats.jsonl (`messages` or `prompt`/`completion` per line), dataset=hub:<name>.
 A model of ours from scratch: model=,tokenizer=runs/gpt-demo/tokenizer.model (ChatML markers
@@ -25,8 +27,8 @@ from lm.models import transformer as model_lib
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, model="smollm2-135m-instruct", dataset="cot", tokenizer="",
-                     size="smollm2", examples=2000, eval_examples=100, seq_len=256, batch=16,
-                     steps=300, lr=5e-5, seed=0)
+                     size="smollm2", examples=1000, eval_examples=32, seq_len=160, batch=8,
+                     steps=40, lr=1e-4, seed=0)
     config = ml_collections.ConfigDict()
     config.task = "sft"
     config.sft = ml_collections.ConfigDict({
@@ -40,7 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # A conversation with no reply token within seq_len+1 tokens is an error naming it;
         # true drops such conversations instead (ShareGPT's long prompts), counted in the log.
         "drop_untrainable": False,
-        "max_new_tokens": 96,         # greedy reply length when scoring generated tasks
+        "max_new_tokens": 80,         # greedy reply length when scoring generated tasks
     })
     if args.size == "tiny":
         model = model_lib.preset("tiny-llama", vocab_size=0, max_len=args.seq_len,
@@ -53,7 +55,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "tokenizer": ml_collections.ConfigDict({"path": args.tokenizer})})
     config.train = train_config(steps=args.steps, global_batch_size=args.batch, seed=args.seed,
                                 log_every=max(1, min(25, args.steps // 10)),
-                                eval_every=max(1, args.steps // 3), eval_batches=0,
+                                eval_every=args.steps, eval_batches=0,
                                 checkpoint_every=args.steps)
     config.optim = optim_config(learning_rate=args.lr, warmup_steps=max(1, args.steps // 10),
                                 weight_decay=0.0)
