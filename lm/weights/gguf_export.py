@@ -184,8 +184,8 @@ def export_gguf(path: str | pathlib.Path, params: dict, cfg: model_lib.Transform
     if file_type not in TYPES:
         raise ConfigError(f"GGUF file type {file_type!r} is not one of {sorted(TYPES)}")
     if "tokenizer.ggml.tokens" not in tokenizer_keys:
-        raise ConfigError("the tokenizer keys hold no tokenizer.ggml.tokens; pass "
-                          "tokenizer_metadata(GGUFFile(src).metadata) or sentencepiece_metadata(tok)")
+        raise ConfigError("the tokenizer keys hold no tokenizer.ggml.tokens; pass tokenizer_"
+                          "metadata(GGUFFile(src).metadata) or sentencepiece_metadata(tok)")
     tensors = llama_tensors(params, cfg)
     kernel = GGML_TYPES[TYPES[file_type]][0]
     is_kernel = lambda n: n.startswith("blk.") and not n.endswith("norm.weight")

@@ -192,7 +192,7 @@ def block_scales(q: QuantizedKernel) -> jax.Array:
 
 
 def dequantize(q: QuantizedKernel, dtype=jnp.float32) -> jax.Array:
-    """codes * scale (x = (q - 8) d for q4_0, codebook[q] * scale for nf4), in the kernel's shape."""
+    """codes * scale ((q - 8) d for q4_0, codebook[q] * scale for nf4), in the kernel's shape."""
     scale_LNO = block_scales(q)
     lead, (nb, out) = scale_LNO.shape[:-2], scale_LNO.shape[-2:]
     codes = q.codes.reshape(lead + (nb, -1, out))
@@ -245,7 +245,8 @@ def dequantize_params(params: dict) -> dict:
 
 def _bits(dtype) -> int:
     dtype = np.dtype(dtype)
-    return 4 if dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)) else dtype.itemsize * 8
+    four_bit = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
+    return 4 if dtype in four_bit else dtype.itemsize * 8
 
 
 def bits_per_parameter(params: Any) -> dict:
