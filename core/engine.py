@@ -160,8 +160,12 @@ class Engine:
             return {}
         return {"frozen": self.task.describe_frozen()}
 
-    def saved_state(self, state: train_state.TrainState) -> train_state.TrainState:
-        return state.replace(frozen={})
+    @staticmethod
+    def saved_state(state: train_state.TrainState) -> dict:
+        """What a checkpoint holds: every field but the frozen parameters, as a dict, the same
+        tree that checkpoints had before TrainState.frozen existed (they restore unchanged)."""
+        return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+                "model_state": state.model_state}
 
     def restore_or_init(self, checkpointer: Checkpointer,
                         check_meta: Callable[[dict], None] | None = None):
@@ -179,11 +183,10 @@ class Engine:
         restored = checkpointer.restore_latest_good(self.saved_state(self.abstract_state), check)
         if restored is None:
             return self.init_state(), None
-        state, meta, step = restored
+        saved, meta, step = restored
         log.info("restored step %d from %s", step, checkpointer.directory)
-        if train_state.has_frozen(self.task):
-            state = state.replace(frozen=self.init_state().frozen)
-        return state, meta
+        frozen = self.init_state().frozen if train_state.has_frozen(self.task) else {}
+        return train_state.TrainState(**saved, frozen=frozen), meta
 
     def loss_params(self, state: train_state.TrainState):
         """What the task's loss (and evaluation) reads from a state."""

@@ -74,7 +74,8 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, caplog):
     config = tiny_config(*overrides)
     engine = Engine(config, pipeline.build(config, tmp_path).task)
     with caplog.at_level(logging.WARNING):
-        _, meta, step = Checkpointer(checkpoints).restore_latest_good(engine.abstract_state)
+        _, meta, step = Checkpointer(checkpoints).restore_latest_good(
+            engine.saved_state(engine.abstract_state))
     assert step == 2 and meta["step"] == 2
     assert "step 4 could not be restored" in caplog.text
     kept = [p for p in checkpoints.iterdir() if p.name.startswith("4.corrupt")]
@@ -89,7 +90,8 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, caplog):
             if path.is_file() and path.stat().st_size > 0:
                 path.write_bytes(b"")
     with pytest.raises(CheckpointError, match="none of the .* could be restored"):
-        Checkpointer(checkpoints).restore_latest_good(engine.abstract_state)
+        Checkpointer(checkpoints).restore_latest_good(
+            engine.saved_state(engine.abstract_state))
     assert not Checkpointer(checkpoints).steps()
     assert len([p for p in checkpoints.iterdir() if ".corrupt" in p.name]) >= 3
 
@@ -113,5 +115,6 @@ def test_checkpoint_of_another_model_shape_is_refused_and_kept(tmp_path):
     engine = Engine(config, pipeline.build(config, tmp_path).task)
     from core.checkpoint import CheckpointMismatchError
     with pytest.raises(CheckpointMismatchError, match="another configuration"):
-        Checkpointer(tmp_path / "checkpoints").restore_latest_good(engine.abstract_state)
+        Checkpointer(tmp_path / "checkpoints").restore_latest_good(
+            engine.saved_state(engine.abstract_state))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]

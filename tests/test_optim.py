@@ -155,9 +155,9 @@ def test_groups_and_ema_shard_like_the_parameters_and_survive_a_checkpoint(tmp_p
     for got, want in zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     checkpointer = Checkpointer(tmp_path / "checkpoints", async_save=False)
-    checkpointer.save(2, state, {"step": 2})
-    restored, _, _ = checkpointer.restore_latest_good(engine.abstract_state)
+    checkpointer.save(2, engine.saved_state(state), {"step": 2})
+    restored, _, _ = checkpointer.restore_latest_good(engine.saved_state(engine.abstract_state))
     checkpointer.close()
-    for got, want in zip(jax.tree_util.tree_leaves(ema_params(restored.opt_state)),
+    for got, want in zip(jax.tree_util.tree_leaves(ema_params(restored["opt_state"])),
                          jax.tree_util.tree_leaves(ema)):
         np.testing.assert_array_equal(np.asarray(got), want)

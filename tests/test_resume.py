@@ -46,7 +46,7 @@ def _final_state(workdir, step):
     config = tiny_config(*ARGS)
     engine = Engine(config, pipeline.build(config, workdir, need_train=False).task)
     state, _ = Checkpointer(workdir / "checkpoints", async_save=False).restore(
-        step, engine.abstract_state)
+        step, engine.saved_state(engine.abstract_state))
     return jax.device_get(state)
 
 
