@@ -40,7 +40,7 @@ import ml_collections
 from core import cli
 from core import mesh as mesh_lib
 from core.config import ConfigError, load_config
-from core.engine import ways
+from core.engine import Engine, ways
 from core.memory import GIB, OutOfMemoryError
 from core.train_state import has_frozen
 from lm.models import transformer as model_lib
@@ -249,8 +249,8 @@ def compiled(config: ml_collections.ConfigDict, num_devices: int, task=None) -> 
     """XLA's memory_analysis() of the real step compiled for `num_devices` simulated CPU
     devices (launch/aot.py's CPU estimate): what the estimate is checked against."""
     from launch import aot
-    report, seconds = aot.compile_step(aot.Engine(config, task or aot.make_task(config),
-                                                  aot.cpu_devices(num_devices)))
+    report, seconds = aot.compile_step(Engine(config, task or aot.make_task(config),
+                                              aot.cpu_devices(num_devices)))
     return {"arguments": report.argument_bytes, "outputs": report.output_bytes,
             "donated": report.alias_bytes, "temporaries": report.temp_bytes,
             "peak": report.peak_bytes, "compile_seconds": round(seconds, 2)}

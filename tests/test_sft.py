@@ -234,3 +234,26 @@ def test_generated_tasks_are_right_and_the_checker_reads_them():
         assert instructions.score(wrong, in_domain) == 0.0
     first, last = instructions.census_names()
     assert len(first) > 500 and len(last) > 500
+
+
+def test_sft_with_lora_on_a_2x2x2_mesh_equals_one_device(tiny_chat, tmp_path):
+    """LoRA on the SFT task: only adapters train, the same on one device and on a mesh."""
+    from conftest import train_losses
+    from core import trainer
+    from lm.objectives.lora_task import LoraTask
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": list(c.messages)}) + "\n"
+                            for c in instructions.load("cot", 40, seed=9)))
+    spec = (f"experiments/configs/lm/sft.py:model=,size=tiny,tokenizer={tiny_chat.base.path},"
+            f"dataset=files:{path},batch=8,seq_len=128,steps=3,lr=1e-2")
+    common = ["sft.val_fraction=0.2", "lora.rank=4", "train.eval_every=0", "train.log_every=1",
+              "train.async_checkpoint=false"]
+    for name, mesh in (("one", ["mesh.num_devices=1", "mesh.ici.data=1"]),
+                       ("mesh", ["mesh.ici.data=2", "mesh.ici.fsdp=2", "mesh.ici.tensor=2"])):
+        config = load_config(spec, [*common, *mesh])
+        setup = sft.build_setup(config, tmp_path / name)
+        assert isinstance(setup.task, LoraTask)
+        trainer.train(config, tmp_path / name, setup.task, setup.data)
+    one, mesh = train_losses(tmp_path / "one"), train_losses(tmp_path / "mesh")
+    np.testing.assert_allclose([mesh[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)],
+                               rtol=2e-5)

@@ -29,11 +29,15 @@ def target_mask(segment_ids_BT1: jax.Array) -> jax.Array:
 class CausalLMTask(WindowTask):
     name = "causal_lm"
 
-    def loss(self, params, batch, rng, train: bool) -> LossSums:
+    def loss(self, params, batch, rng, train: bool, weight_BT=None) -> LossSums:
+        """Summed next-token loss; `weight_BT` (e.g. SFT's assistant-token mask) further
+        restricts which targets count."""
         tokens_BT1, segments_BT1 = batch["tokens"], batch["segment_ids"]
         inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
         logits_BTV = self.logits(params, inputs_BT, segments_BT1[:, :-1], rng, train)
         mask_BT = target_mask(segments_BT1).astype(jnp.float32)
+        if weight_BT is not None:
+            mask_BT = mask_BT * weight_BT
         nll_BT = optax.softmax_cross_entropy_with_integer_labels(
             logits_BTV.astype(jnp.float32), targets_BT)
         correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)

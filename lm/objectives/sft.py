@@ -27,7 +27,6 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from core import trainer
 from core.batches import ArrayRows, BatchIterator, sum_batches
@@ -37,14 +36,16 @@ from lm.data import chat, instructions
 from lm.data.bpe_tokenizer import ByteLevelBPE
 from lm.data.tokenizer import Tokenizer
 from lm.decode import decoding
-from lm.models import transformer as model_lib
-from lm.objectives.causal_lm import CausalLMTask, target_mask
+from lm.models import lora, transformer as model_lib
+from lm.objectives import registry
+from lm.objectives.causal_lm import CausalLMTask
 from lm.objectives.window_task import prediction_metrics
 from lm.weights import import_gguf
 from lm.weights.gguf import GGUFFile
 
 log = logging.getLogger(__name__)
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "dropout")
+LORA = True  # trains through LoRA adapters when config.lora.rank > 0 (lm/objectives/lora_task.py)
 CONFIG_RANGES = {"sft": {"max_examples": ">= 0", "eval_examples": ">= 1",
                          "val_fraction": "[0, 1)"}}
 
@@ -65,16 +66,8 @@ class SFTTask(CausalLMTask):
                 "loss_mask": BatchField((self.seq_len + 1,), jnp.int32, ("batch", "length"))}
 
     def loss(self, params, batch, rng, train: bool) -> LossSums:
-        tokens_BT1, segments_BT1 = batch["tokens"], batch["segment_ids"]
-        inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-        logits_BTV = self.logits(params, inputs_BT, segments_BT1[:, :-1], rng, train)
-        mask_BT = (target_mask(segments_BT1) & (batch["loss_mask"][:, 1:] > 0)).astype(
-            jnp.float32)
-        nll_BT = optax.softmax_cross_entropy_with_integer_labels(
-            logits_BTV.astype(jnp.float32), targets_BT)
-        correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
-        return LossSums(loss=jnp.sum(nll_BT * mask_BT), weight=jnp.sum(mask_BT),
-                        extra={"accuracy": jnp.sum(correct_BT * mask_BT)})
+        return super().loss(params, batch, rng, train,
+                            (batch["loss_mask"][:, 1:] > 0).astype(jnp.float32))
 
     @staticmethod
     def metrics(sums: dict[str, float], num_bytes: float = 0.0) -> dict[str, float]:
@@ -209,7 +202,7 @@ def build_setup(config, workdir=None, need_train: bool = True) -> SFTSetup:
     conversations = instructions.load(config.sft.dataset, config.sft.max_examples,
                                       config.sft.seed, config.data.cache_dir)
     train, validation = split(config, conversations)
-    task = SFTTask(cfg, seq_len, params)
+    task = registry.with_lora(config, SFTTask(cfg, seq_len, params))
     drop = config.sft.get("drop_untrainable", False)
     val_rows = pack_conversations(encode_all(validation, template, tokenizer, seq_len, drop),
                                   seq_len, tokenizer.pad_id)
@@ -276,7 +269,7 @@ def scores(config, setup: SFTSetup, params, step: int) -> dict:
     s = config.sft
     if not (s.dataset in instructions.TASKS or s.dataset == "cot"):
         return result
-    params = jax.device_get(params)
+    params = jax.device_get(lora.plain(params))  # a LoRA run decodes its merged model
     tasks = instructions.TASKS if s.dataset == "cot" else (s.dataset,)
     for task in tasks:
         for name, lengths in (("in_domain", instructions.IN_DOMAIN),

@@ -23,6 +23,7 @@ from core.engine import train_config
 from core.mesh import DEFAULT_RULES, mesh_config
 from core.optim import optim_config
 from lm.models import transformer as model_lib
+from lm.models.lora import lora_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -60,6 +61,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.optim = optim_config(learning_rate=args.lr, warmup_steps=max(1, args.steps // 10),
                                 weight_decay=0.0)
     config.mesh = mesh_config()
+    # rank > 0: LoRA adapters on the frozen model (docs/post-training.md), e.g. lora.rank=8
+    config.lora = lora_config()
     config.sharding_rules = DEFAULT_RULES
     config.distributed = distributed_config()
     return config
