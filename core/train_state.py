@@ -32,7 +32,7 @@ def has_model_state(task) -> bool:
 
 def has_frozen(task) -> bool:
     """Tasks that train a function of frozen parameters implement init_frozen(rng) and
-    combine(params, frozen) -> what their loss reads (lm/objectives/lora.py)."""
+    combine(params, frozen) -> what their loss reads (lm/objectives/lora_task.py)."""
     return hasattr(task, "init_frozen")
 
 
