@@ -8,6 +8,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from core import mesh as mesh_lib
@@ -41,11 +42,12 @@ def loss_params(task, params: Any, frozen: Any) -> Any:
     return task.combine(params, frozen) if has_frozen(task) else params
 
 
-def _boxed_state(task, optimizer, rng) -> TrainState:
+def _boxed_state(task, optimizer, rng, frozen: bool = True) -> TrainState:
     params = task.init_params(rng)
     model_state = (task.init_model_state(jax.random.fold_in(rng, 1)) if has_model_state(task)
                    else {})
-    frozen = task.init_frozen(jax.random.fold_in(rng, 2)) if has_frozen(task) else {}
+    frozen = (task.init_frozen(jax.random.fold_in(rng, 2)) if frozen and has_frozen(task)
+              else {})
     # optax maps over the boxes' values, so mu/nu inherit the parameters' logical names.
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params), model_state=model_state, frozen=frozen)
@@ -64,7 +66,23 @@ def state_shardings(task, optimizer, mesh: Mesh, rules) -> tuple[TrainState, Tra
 
 
 def init_state(task, optimizer, shardings: TrainState, seed: int) -> TrainState:
-    """Initialises parameters and optimiser state straight into their shardings."""
-    init = jax.jit(lambda r: nn.unbox(_boxed_state(task, optimizer, r)), out_shardings=shardings)
-    return init(jax.random.key(seed))
+    """Initialises parameters and optimiser state straight into their shardings. Frozen
+    parameters are made by one device and then placed: their init may run host code (QLoRA
+    quantises its base through a host callback, which a sharded program would run on every
+    device at once and deadlock its collectives on CPU)."""
+    rng = jax.random.key(seed)
+    init = jax.jit(lambda r: nn.unbox(_boxed_state(task, optimizer, r, frozen=False)),
+                   out_shardings=shardings.replace(frozen={}))
+    state = init(rng)
+    if not has_frozen(task):
+        return state
+    names = jax.tree_util.tree_leaves(shardings.frozen)[0].mesh.axis_names
+    single = Mesh(np.asarray(jax.local_devices()[:1]).reshape((1,) * len(names)), names)
+    with jax.set_mesh(single):  # the model's sharding constraints then name one device
+        frozen = jax.jit(lambda r: nn.unbox(task.init_frozen(jax.random.fold_in(r, 2))))(
+            jax.random.key(seed))
+    # Placed by a jitted identity, not device_put: 4-bit codes then get the packed layout the
+    # compiled step expects.
+    return state.replace(frozen=jax.jit(lambda f: f, out_shardings=shardings.frozen)(
+        jax.device_get(frozen)))
 

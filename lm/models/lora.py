@@ -39,7 +39,10 @@ PRESETS = {
 def lora_config(**overrides) -> ml_collections.ConfigDict:
     """The `lora` section of an LM config; rank 0 trains the whole model (no adapters)."""
     cfg = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": "all-linear",
-                                     "rslora": False})
+                                     "rslora": False,
+                                     # the frozen base's storage: "" float, or a format of
+                                     # lm/weights/quantize.py ("nf4_dq": QLoRA, "int8", ...)
+                                     "base_format": ""})
     cfg.update(overrides)
     return cfg
 
@@ -53,6 +56,7 @@ class LoraConfig:
     alpha: float = 16.0
     targets: str = "all-linear"      # a preset name or a regex on paths like "layers/attn/w_q"
     rslora: bool = False             # s = alpha / sqrt(rank) (Kalajdzievski 2023)
+    base_format: str = ""            # "": a float base; "nf4_dq": QLoRA (lm/weights/quantize.py)
 
     @property
     def scale(self) -> float:
@@ -65,7 +69,7 @@ class LoraConfig:
     @classmethod
     def from_config(cls, section) -> "LoraConfig":
         cfg = cls(rank=int(section.rank), alpha=float(section.alpha), targets=str(section.targets),
-                  rslora=bool(section.rslora))
+                  rslora=bool(section.rslora), base_format=str(section.get("base_format", "")))
         try:
             re.compile(cfg.pattern)
         except re.error as error:

@@ -4,13 +4,16 @@ The wrapped task keeps its data, loss and metrics; its model is wrapped (lm/mode
 that the params its loss reads are LoraParams: the base, which the engine keeps frozen (sharded,
 outside the optimiser and the checkpoints: core/train_state.py), and the adapters, which are all
 the engine trains and saves. The base comes from the task's own initialisation (seeded) or its
-pretrained weights (`pretrained_params`), which become the frozen parameters here.
+pretrained weights (`pretrained_params`), which become the frozen parameters here; with
+`lora.base_format` (QLoRA: "nf4_dq") the base is stored quantised and each kernel is dequantised
+where a layer reads it (lm/weights/quantize.py).
 """
 from __future__ import annotations
 
 import jax
 
 from lm.models import lora
+from lm.weights import quantize
 
 
 class LoraTask:
@@ -25,18 +28,26 @@ class LoraTask:
         return lora.init_adapters(jax.random.fold_in(rng, 1), base, self.lora)
 
     def init_frozen(self, rng):
-        return self.inner.init_params(rng)
+        """The base, stored as lora.base_format says: quantised (QLoRA: nf4_dq) as it is made."""
+        base = self.inner.init_params(rng)
+        if self.lora.base_format:
+            return quantize.quantize_traced(base, self.lora.base_format)
+        return base
 
     def pretrained_params(self) -> dict:
         return {}  # the adapters always start from init_params (B = 0: the base model exactly)
 
     def pretrained_frozen(self) -> dict:
-        return getattr(self.inner, "pretrained_params", dict)()
+        pretrained = getattr(self.inner, "pretrained_params", dict)()
+        if pretrained and self.lora.base_format:
+            return quantize.quantize_params(pretrained, self.lora.base_format)
+        return pretrained
 
     def describe_frozen(self) -> dict:
         """The pointer a checkpoint keeps to its base instead of the base itself."""
         return {"base": getattr(self.inner, "base_source", "initialised from train.seed"),
-                "lora": {"rank": self.lora.rank, "targets": self.lora.targets}}
+                "lora": {"rank": self.lora.rank, "targets": self.lora.targets,
+                         "base_format": self.lora.base_format}}
 
     def combine(self, adapters, base) -> lora.LoraParams:
         return lora.LoraParams(base, adapters, self.lora)

@@ -66,7 +66,10 @@ def check_config(config) -> None:
             raise ConfigError(f"task {config.task!r} does not train through LoRA adapters "
                               f"(those that do: {', '.join(sorted(lora_tasks()))}); set "
                               "--config.lora.rank=0")
-        lora.LoraConfig.from_config(config.lora)
+        base_format = lora.LoraConfig.from_config(config.lora).base_format
+        if base_format:
+            from lm.weights.quantize import FORMATS
+            check_choice("lora.base_format", base_format, FORMATS)
 
 
 def uses_lora(config) -> bool:

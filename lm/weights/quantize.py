@@ -142,10 +142,19 @@ def _double_quantize(absmax_LNO: np.ndarray):
 def quantize(w, fmt: str, out_axes: int, lead_axes: int = 0, name: str = "kernel"
              ) -> QuantizedKernel:
     """Quantises one kernel (lead..., in..., out...) along its input axes."""
+    codes, scales, extra = _quantize_numpy(np.asarray(jax.device_get(w), np.float32), fmt,
+                                           out_axes, lead_axes, name)
+    return QuantizedKernel(codes=jnp.asarray(codes), scales=jnp.asarray(scales),
+                           **{k: jnp.asarray(v) for k, v in extra.items()},
+                           fmt=fmt, out_axes=out_axes)
+
+
+def _quantize_numpy(w: np.ndarray, fmt: str, out_axes: int, lead_axes: int, name: str):
+    """(codes, scales, {dq_factor, dq_mean}) as NumPy arrays in the format's dtypes; NumPy only,
+    so that it can run inside a host callback (quantize_traced)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown quantisation format {fmt!r}; expected one of {sorted(FORMATS)}")
     spec = FORMATS[fmt]
-    w = np.asarray(jax.device_get(w), np.float32)
     lead = w.shape[:lead_axes]
     n_in = int(np.prod(w.shape[lead_axes:w.ndim - out_axes]))
     n_out = int(np.prod(w.shape[w.ndim - out_axes:]))
@@ -172,10 +181,8 @@ def quantize(w, fmt: str, out_axes: int, lead_axes: int = 0, name: str = "kernel
         codes, scales = _nearest_code(x.astype(np.float32), NF4_CODEBOOK), absmax
         if fmt == "nf4_dq":
             scales, extra["dq_factor"], extra["dq_mean"] = _double_quantize(absmax)
-    return QuantizedKernel(codes=jnp.asarray(codes.astype(spec.code_dtype).reshape(w.shape)),
-                           scales=jnp.asarray(scales.astype(spec.scale_dtype)),
-                           **{k: jnp.asarray(v) for k, v in extra.items()},
-                           fmt=fmt, out_axes=out_axes)
+    return (codes.astype(spec.code_dtype).reshape(w.shape), scales.astype(spec.scale_dtype),
+            extra)
 
 
 def block_scales(q: QuantizedKernel) -> jax.Array:
@@ -263,3 +270,59 @@ def bits_per_parameter(params: Any) -> dict:
     return {"kernels": kernel_bits / max(kernel_params, 1),
             "all": (kernel_bits + other_bits) / max(kernel_params + other_params, 1),
             "quantized_params": kernel_params, "float_params": other_params}
+
+
+def quantize_traced(boxed: Any, fmt: str, kernels: str = DEFAULT_KERNELS) -> Any:
+    """quantize_params for a logically boxed tree inside jit or eval_shape (a QLoRA run's frozen
+    base, created straight into its shardings): each kernel is quantised by the same NumPy code
+    through a host callback, so the codes are those of quantize_params (4-bit ones held as
+    bytes, see below). The codes keep the kernel's axis names (sharded like it); scales and their factors are replicated but
+    for a stacked layer axis."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown quantisation format {fmt!r}; expected one of {sorted(FORMATS)}")
+    spec, pattern = FORMATS[fmt], re.compile(kernels)
+
+    def convert(path, box):
+        name = _path_str(path)
+        leaf = name.rsplit("/", 1)[-1]
+        if not isinstance(box, nn.LogicallyPartitioned) or not pattern.search(name) or \
+                leaf not in KERNEL_AXES:
+            return box
+        w, names = box.value, tuple(box.names)
+        n_in, n_out = KERNEL_AXES[leaf]
+        lead_axes = w.ndim - n_in - n_out
+        lead, lead_names = w.shape[:lead_axes], names[:lead_axes]
+        size_in = int(np.prod(w.shape[lead_axes:lead_axes + n_in]))
+        size_out = int(np.prod(w.shape[lead_axes + n_in:]))
+        if size_in % (spec.block or size_in):
+            raise ConfigError(f"{name}: input size {size_in} is not a multiple of {fmt}'s block "
+                              f"of {spec.block}; pick another lora.base_format")
+        blocks = size_in // (spec.block or size_in)
+        # 4-bit codes stay one per byte here: arrays placed at run time get XLA's unpacked
+        # layout while the ahead-of-time compiled step expects packed uint4, and refuses them.
+        host_codes = {ml_dtypes.uint4: np.uint8, ml_dtypes.int4: np.int8}.get(
+            spec.code_dtype, spec.code_dtype)
+        parts = [jax.ShapeDtypeStruct(w.shape, host_codes),
+                 jax.ShapeDtypeStruct(lead + (blocks, size_out), spec.scale_dtype)]
+        if fmt == "nf4_dq":
+            parts += [jax.ShapeDtypeStruct(lead + (-(-blocks * size_out // DQ_BLOCK),),
+                                           np.float32), jax.ShapeDtypeStruct(lead, np.float32)]
+
+        def host(w_np):
+            codes, scales, extra = _quantize_numpy(np.asarray(w_np, np.float32), fmt, n_out,
+                                                   lead_axes, name)
+            arrays = [codes, scales] + ([extra["dq_factor"], extra["dq_mean"]]
+                                        if fmt == "nf4_dq" else [])
+            return tuple(np.asarray(a).astype(p.dtype) for a, p in zip(arrays, parts))
+
+        arrays = list(jax.pure_callback(host, tuple(parts), w))
+        boxed_parts = [nn.LogicallyPartitioned(arrays[0], names),
+                       nn.LogicallyPartitioned(arrays[1], lead_names + (None, None))]
+        if fmt == "nf4_dq":
+            boxed_parts += [nn.LogicallyPartitioned(arrays[2], lead_names + (None,)),
+                            nn.LogicallyPartitioned(arrays[3], lead_names)]
+        return QuantizedKernel(*boxed_parts, fmt=fmt, out_axes=n_out,
+                               float_dtype=jnp.dtype(w.dtype).name)
+
+    return jax.tree_util.tree_map_with_path(
+        convert, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
