@@ -131,8 +131,12 @@ class Engine:
         return state.replace(
             params=self._pretrained(state.params, self.state_shardings.params,
                                     getattr(self.task, "pretrained_params", dict)()),
-            frozen=self._pretrained(state.frozen, self.state_shardings.frozen,
-                                    getattr(self.task, "pretrained_frozen", dict)()))
+            frozen=self._frozen(state.frozen))
+
+    def _frozen(self, initialised) -> dict:
+        """The frozen parameters: initialised ones, or the task's pretrained subtrees."""
+        return self._pretrained(initialised, self.state_shardings.frozen,
+                                getattr(self.task, "pretrained_frozen", dict)())
 
     @staticmethod
     def _pretrained(params, shardings, pretrained: dict):
@@ -185,7 +189,11 @@ class Engine:
             return self.init_state(), None
         saved, meta, step = restored
         log.info("restored step %d from %s", step, checkpointer.directory)
-        frozen = self.init_state().frozen if train_state.has_frozen(self.task) else {}
+        frozen = {}
+        if train_state.has_frozen(self.task):  # not saved: made again (or loaded) as at the start
+            with self.scope():
+                frozen = self._frozen(train_state.init_frozen(
+                    self.task, self.state_shardings.frozen, self.config.train.seed))
         return train_state.TrainState(**saved, frozen=frozen), meta
 
     def loss_params(self, state: train_state.TrainState):

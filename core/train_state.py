@@ -66,23 +66,26 @@ def state_shardings(task, optimizer, mesh: Mesh, rules) -> tuple[TrainState, Tra
 
 
 def init_state(task, optimizer, shardings: TrainState, seed: int) -> TrainState:
-    """Initialises parameters and optimiser state straight into their shardings. Frozen
-    parameters are made by one device and then placed: their init may run host code (QLoRA
-    quantises its base through a host callback, which a sharded program would run on every
-    device at once and deadlock its collectives on CPU)."""
+    """Initialises parameters and optimiser state straight into their shardings."""
     rng = jax.random.key(seed)
     init = jax.jit(lambda r: nn.unbox(_boxed_state(task, optimizer, r, frozen=False)),
                    out_shardings=shardings.replace(frozen={}))
     state = init(rng)
-    if not has_frozen(task):
-        return state
-    names = jax.tree_util.tree_leaves(shardings.frozen)[0].mesh.axis_names
+    return state.replace(frozen=init_frozen(task, shardings.frozen, seed)) if has_frozen(task) \
+        else state
+
+
+def init_frozen(task, shardings: Any, seed: int) -> Any:
+    """The frozen parameters alone (a restored run needs only these), in their shardings. They
+    are made by one device and then placed: their init may run host code (QLoRA quantises its
+    base through a host callback, which a sharded program would run on every device at once and
+    deadlock its collectives on CPU)."""
+    names = jax.tree_util.tree_leaves(shardings)[0].mesh.axis_names
     single = Mesh(np.asarray(jax.local_devices()[:1]).reshape((1,) * len(names)), names)
     with jax.set_mesh(single):  # the model's sharding constraints then name one device
         frozen = jax.jit(lambda r: nn.unbox(task.init_frozen(jax.random.fold_in(r, 2))))(
             jax.random.key(seed))
-    # Placed by a jitted identity, not device_put: 4-bit codes then get the packed layout the
-    # compiled step expects.
-    return state.replace(frozen=jax.jit(lambda f: f, out_shardings=shardings.frozen)(
-        jax.device_get(frozen)))
+    # Through the host, then a jitted identity: arrays committed to one device cannot enter a
+    # program on the whole mesh.
+    return jax.jit(lambda f: f, out_shardings=shardings)(jax.device_get(frozen))
 

@@ -26,8 +26,10 @@ import ml_collections
 
 from core.config import ConfigError
 
-# Kernel name -> number of leading input dimensions; the rest are outputs. w_o is (N, H, D).
-INPUT_DIMS = {"w_o": 2}
+# Matmul kernel name -> (input axes, output axes), after any stacked layer axis: how LoRA and
+# quantisation (lm/weights/quantize.py) view a kernel as a matrix.
+KERNEL_AXES = {"w_q": (1, 2), "w_k": (1, 2), "w_v": (1, 2), "w_o": (2, 1),
+               "w_gate": (1, 1), "w_up": (1, 1), "w_down": (1, 1), "unembed": (1, 1)}
 _ATTENTION = r"(^|/)(attn|cross_attn)/w_[qkvo]$"
 PRESETS = {
     "qv": r"(^|/)attn/w_[qv]$",                                     # PEFT's default for LLaMA
@@ -97,8 +99,9 @@ def plain(params: Any) -> Any:
     return params.merged() if isinstance(params, LoraParams) else params
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
+def param_path(path) -> str:
+    """A tree path as "layers/mlp/w_up" (dict keys, dataclass fields or indices)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def _names(leaf) -> tuple:
@@ -110,7 +113,7 @@ def targets(base: Any, cfg: LoraConfig) -> dict[str, tuple]:
     found, seen = {}, []
     for path, leaf in jax.tree_util.tree_leaves_with_path(
             base, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
-        name = _path_name(path)
+        name = param_path(path)
         seen.append(name)
         if re.search(cfg.pattern, name):
             found[name] = tuple(nn.unbox(leaf).shape)
@@ -126,14 +129,14 @@ def _split(name: str, shape: tuple) -> tuple[tuple, tuple, tuple]:
     """(layer dims, input dims, output dims) of a kernel's shape."""
     lead = shape[:1] if _is_stacked(name) else ()
     rest = shape[len(lead):]
-    n_in = INPUT_DIMS.get(name.rsplit("/", 1)[-1], 1)
+    n_in = KERNEL_AXES.get(name.rsplit("/", 1)[-1], (1, 1))[0]
     return lead, rest[:n_in], rest[n_in:]
 
 
 def init_adapters(rng: jax.Array, base: Any, cfg: LoraConfig) -> dict:
     """Adapters for `base` (boxed or plain, arrays or shapes), boxed with logical names: a nested
     dict mirroring the adapted kernels' paths, each holding {"a": A, "b": B}."""
-    flat_base = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(
+    flat_base = {param_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(
         base, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))}
     adapters: dict = {}
     for index, (name, shape) in enumerate(sorted(targets(base, cfg).items())):

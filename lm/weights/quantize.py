@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from core.config import ConfigError
+from lm.models.lora import KERNEL_AXES, param_path
 
 # torchao 0.18's NF4 codebook (QLoRA appendix E, rounded to 4 decimals as torchao has it).
 NF4_CODEBOOK = np.array([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
@@ -57,9 +58,6 @@ FORMATS = {
     "nf4_dq": Format(64, ml_dtypes.uint4, np.int8),
 }
 
-# Kernel name -> (input axes, output axes); a stacked layer axis comes before both.
-KERNEL_AXES = {"w_q": (1, 2), "w_k": (1, 2), "w_v": (1, 2), "w_o": (2, 1),
-               "w_gate": (1, 1), "w_up": (1, 1), "w_down": (1, 1), "unembed": (1, 1)}
 # Every matmul kernel of the blocks; embeddings, norms and the output head stay float.
 DEFAULT_KERNELS = r"(^|/)(attn|cross_attn)/w_[qkvo]$|(^|/)mlp/w_(gate|up|down)$"
 
@@ -210,10 +208,6 @@ def dequantize(q: QuantizedKernel, dtype=jnp.float32) -> jax.Array:
     return (values * scale_LNO[..., :, None, :]).reshape(q.codes.shape).astype(dtype)
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def quantize_params(params: dict, fmt: str, kernels: str = DEFAULT_KERNELS) -> dict:
     """The (unboxed) params tree with every kernel whose path ("layers/mlp/w_up") matches the
     regex replaced by its QuantizedKernel; a stacked "layers" axis is kept as a lead axis."""
@@ -222,7 +216,7 @@ def quantize_params(params: dict, fmt: str, kernels: str = DEFAULT_KERNELS) -> d
     pattern, matched = re.compile(kernels), []
 
     def convert(path, w):
-        name = _path_str(path)
+        name = param_path(path)
         if not pattern.search(name):
             return w
         leaf = name.rsplit("/", 1)[-1]
@@ -283,7 +277,7 @@ def quantize_traced(boxed: Any, fmt: str, kernels: str = DEFAULT_KERNELS) -> Any
     spec, pattern = FORMATS[fmt], re.compile(kernels)
 
     def convert(path, box):
-        name = _path_str(path)
+        name = param_path(path)
         leaf = name.rsplit("/", 1)[-1]
         if not isinstance(box, nn.LogicallyPartitioned) or not pattern.search(name) or \
                 leaf not in KERNEL_AXES:
