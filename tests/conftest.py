@@ -53,6 +53,22 @@ def train_losses(workdir) -> dict[int, float]:
             if r["split"] == "train"}
 
 
+def tiny_chat_files(root, conversations: int = 40) -> tuple[pathlib.Path, pathlib.Path]:
+    """(tokenizer, chats.jsonl) for a tiny SFT run of ours: a 512-piece sentencepiece model
+    trained on generated task text, and `conversations` generated chats as `messages` lines."""
+    import json
+    from lm.data import instructions
+    from lm.data.tokenizer import Tokenizer
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    texts = [m["content"] for c in instructions.load("cot", 150, seed=3) for m in c.messages]
+    Tokenizer.train(texts, root / "tokenizer.model", "bpe", 512)
+    (root / "chats.jsonl").write_text("".join(
+        json.dumps({"messages": list(c.messages)}) + "\n"
+        for c in instructions.load("cot", conversations // 2, seed=9)))
+    return root / "tokenizer.model", root / "chats.jsonl"
+
+
 def cli(*args: str, env: dict | None = None, **popen) -> list[str]:
     """The command line of `python -m experiments.main ...` run from the repo root."""
     return [sys.executable, "-m", "experiments.main", *args]

@@ -1,5 +1,6 @@
-"""A run killed with SIGKILL and resumed ends bit-for-bit where an uninterrupted run ends;
-SIGTERM saves a checkpoint and stops cleanly."""
+"""A run killed with SIGKILL and resumed ends bit-for-bit where an uninterrupted run ends (the
+tiny GPT; SFT through QLoRA adapters on a 2x2x2 mesh); SIGTERM saves a checkpoint and stops
+cleanly."""
 import os
 import signal
 import subprocess
@@ -9,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import QUIET, REPO, TINY, cli, tiny_config, train_losses
+from conftest import QUIET, REPO, TINY, cli, tiny_chat_files, train_losses
 from core.checkpoint import Checkpointer
+from core.config import load_config
 from core.engine import Engine
-from lm import pipeline
+from lm import commands
 
 pytestmark = pytest.mark.slow
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
@@ -21,12 +23,26 @@ ARGS = [*QUIET, f"--config.train.steps={STEPS}", "--config.train.checkpoint_ever
         "--config.model.dropout=0.1"]  # dropout: the RNG stream must resume exactly too
 
 
-def _train_command(workdir):
-    return cli("train", "--config", TINY, "--workdir", str(workdir), *ARGS)
+def _gpt_run(root):
+    return TINY, ARGS
 
 
-def _start(workdir):
-    return subprocess.Popen(_train_command(workdir), cwd=REPO, env=ENV,
+def _sft_qlora_mesh_run(root):
+    """SFT of a tiny model of ours through rank-4 adapters over an NF4 base, on 8 devices."""
+    tokenizer, chats = tiny_chat_files(root / "data")
+    spec = (f"experiments/configs/lm/sft.py:model=,size=tiny,tokenizer={tokenizer},"
+            f"dataset=files:{chats},batch=8,seq_len=128,lr=1e-2")
+    return spec, [*ARGS, "--config.sft.val_fraction=0.2", "--config.lora.rank=4",
+                  "--config.lora.base_format=nf4_dq", "--config.mesh.ici.data=2",
+                  "--config.mesh.ici.fsdp=2", "--config.mesh.ici.tensor=2"]
+
+
+def _train_command(workdir, run=(TINY, ARGS)):
+    return cli("train", "--config", run[0], "--workdir", str(workdir), *run[1])
+
+
+def _start(workdir, run=(TINY, ARGS)):
+    return subprocess.Popen(_train_command(workdir, run), cwd=REPO, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -42,32 +58,35 @@ def _wait_for_checkpoint(workdir, process, at_least: int, timeout: float = 300) 
     raise AssertionError("no checkpoint appeared in time")
 
 
-def _final_state(workdir, step):
-    config = tiny_config(*ARGS)
-    engine = Engine(config, pipeline.build(config, workdir, need_train=False).task)
+def _final_state(workdir, step, run):
+    path, arg = run[0].split(":", 1)
+    config = load_config(str(REPO / path) + ":" + arg, run[1])
+    engine = Engine(config, commands.build(config, workdir, need_train=False).task)
     state, _ = Checkpointer(workdir / "checkpoints", async_save=False).restore(
         step, engine.saved_state(engine.abstract_state))
     return jax.device_get(state)
 
 
-def test_sigkill_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
-    reference = subprocess.run(_train_command(tmp_path / "reference"), cwd=REPO, env=ENV,
+@pytest.mark.parametrize("make_run", [_gpt_run, _sft_qlora_mesh_run], ids=["gpt", "sft-qlora-2x2x2"])
+def test_sigkill_then_resume_is_bitwise_equal_to_uninterrupted(make_run, tmp_path):
+    run = make_run(tmp_path)
+    reference = subprocess.run(_train_command(tmp_path / "reference", run), cwd=REPO, env=ENV,
                                capture_output=True, text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-2000:]
 
-    killed = _start(tmp_path / "killed")
+    killed = _start(tmp_path / "killed", run)
     _wait_for_checkpoint(tmp_path / "killed", killed, at_least=10)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     interrupted_at = max(train_losses(tmp_path / "killed"))
     assert interrupted_at < STEPS
-    resumed = subprocess.run(_train_command(tmp_path / "killed"), cwd=REPO, env=ENV,
+    resumed = subprocess.run(_train_command(tmp_path / "killed", run), cwd=REPO, env=ENV,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "restored step" in resumed.stderr
 
-    expected = _final_state(tmp_path / "reference", STEPS)
-    actual = _final_state(tmp_path / "killed", STEPS)
+    expected = _final_state(tmp_path / "reference", STEPS, run)
+    actual = _final_state(tmp_path / "killed", STEPS, run)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual),
                             jax.tree_util.tree_leaves(expected)):
         assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)

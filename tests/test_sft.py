@@ -121,9 +121,9 @@ def test_bad_conversations_are_errors_that_name_the_record(smollm2, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory):
     """A sentencepiece model of ours trained on generated task text, with ChatML's markers."""
-    texts = [m["content"] for c in instructions.load("cot", 150, seed=3) for m in c.messages]
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    return chat.ChatTokenizer(Tokenizer.train(texts, path, "bpe", 512))
+    from conftest import tiny_chat_files
+    path, _ = tiny_chat_files(tmp_path_factory.mktemp("tok"))
+    return chat.ChatTokenizer(Tokenizer.load(path))
 
 
 def test_build_setup_trains_every_assistant_token_once(tiny_chat, tmp_path):
@@ -236,24 +236,42 @@ def test_generated_tasks_are_right_and_the_checker_reads_them():
     assert len(first) > 500 and len(last) > 500
 
 
-def test_sft_with_lora_on_a_2x2x2_mesh_equals_one_device(tiny_chat, tmp_path):
-    """LoRA on the SFT task: only adapters train, the same on one device and on a mesh."""
-    from conftest import train_losses
+@pytest.mark.parametrize("base_format", ["", "nf4_dq"], ids=["lora", "qlora"])
+def test_sft_with_lora_on_a_2x2x2_mesh_equals_one_device(base_format, tmp_path):
+    """LoRA and QLoRA on the SFT task: only adapters train, and a (data, fsdp, tensor) mesh
+    gives the losses and adapter updates of one device. (tests/test_resume.py kills and resumes
+    the same run.)"""
+    from conftest import tiny_chat_files, train_losses
     from core import trainer
+    from core.engine import restore_state
     from lm.objectives.lora_task import LoraTask
-    path = tmp_path / "chats.jsonl"
-    path.write_text("".join(json.dumps({"messages": list(c.messages)}) + "\n"
-                            for c in instructions.load("cot", 40, seed=9)))
-    spec = (f"experiments/configs/lm/sft.py:model=,size=tiny,tokenizer={tiny_chat.base.path},"
-            f"dataset=files:{path},batch=8,seq_len=128,steps=3,lr=1e-2")
-    common = ["sft.val_fraction=0.2", "lora.rank=4", "train.eval_every=0", "train.log_every=1",
-              "train.async_checkpoint=false"]
+    tokenizer, chats = tiny_chat_files(tmp_path, conversations=80)
+    spec = (f"experiments/configs/lm/sft.py:model=,size=tiny,tokenizer={tokenizer},"
+            f"dataset=files:{chats},batch=8,seq_len=128,steps=3,lr=1e-2")
+    common = ["sft.val_fraction=0.2", "lora.rank=4", f"lora.base_format={base_format}",
+              "train.eval_every=0", "train.log_every=1", "train.async_checkpoint=false"]
+    adapters, initial = {}, {}
     for name, mesh in (("one", ["mesh.num_devices=1", "mesh.ici.data=1"]),
                        ("mesh", ["mesh.ici.data=2", "mesh.ici.fsdp=2", "mesh.ici.tensor=2"])):
         config = load_config(spec, [*common, *mesh])
         setup = sft.build_setup(config, tmp_path / name)
         assert isinstance(setup.task, LoraTask)
         trainer.train(config, tmp_path / name, setup.task, setup.data)
+        engine, state, step = restore_state(config, setup.task, tmp_path / name)
+        assert step == 3
+        adapters[name] = jax.device_get(state.params)
+        initial[name] = jax.device_get(engine.init_state().params)
     one, mesh = train_losses(tmp_path / "one"), train_losses(tmp_path / "mesh")
     np.testing.assert_allclose([mesh[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)],
                                rtol=2e-5)
+    # The adapter updates (trained minus initial A and B) agree, not only the losses.
+    leaves = {key: jax.tree_util.tree_leaves(tree)
+              for key, tree in (("mesh", adapters["mesh"]), ("one", adapters["one"]),
+                                ("mesh0", initial["mesh"]), ("one0", initial["one"]))}
+    for index, (path, _) in enumerate(jax.tree_util.tree_leaves_with_path(adapters["one"])):
+        update_one = np.asarray(leaves["one"][index]) - np.asarray(leaves["one0"][index])
+        update_mesh = np.asarray(leaves["mesh"][index]) - np.asarray(leaves["mesh0"][index])
+        assert np.abs(update_one).max() > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(update_mesh, update_one, rtol=1e-3,
+                                   atol=1e-3 * np.abs(update_one).max(),
+                                   err_msg=jax.tree_util.keystr(path))
