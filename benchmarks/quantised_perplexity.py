@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct's zero-shot task scores, before and after.
   perplexity  a run trained in fp32 (e.g. the demo model, style=llama): its validation windows
               (the first --max-batches batches, the same windows for every format) scored with
               the float params and with each format of lm/weights/quantize.py; the forward takes
-              the quantised tree and dequantises each kernel where it is used
+              the quantised tree and dequantises each kernel where it is used. Also the mean
+              KL divergence from the fp32 model's next-token distribution and top-1 agreement
   tasks       SmolLM2-135M-Instruct from its packaged GGUF (Q8_0/Q4_1 inside, read as float32),
               scored by the evaluation harness (lm/eval/harness.py) as fp32 and as int8 per channel
               on --tasks with --limit documents each
@@ -30,6 +31,7 @@ import time
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -39,6 +41,7 @@ from core.step import make_eval_step
 from lm import commands
 from lm.eval import harness
 from lm.models import transformer as model_lib
+from lm.objectives.causal_lm import target_mask
 from lm.weights import import_gguf
 from lm.weights import quantize as quant
 
@@ -84,11 +87,33 @@ def perplexities(workdir: str, max_batches: int, formats=FORMATS) -> dict:
                 "bits_per_byte": metrics.get("bits_per_byte"),
                 "seconds": round(time.perf_counter() - started, 1)}
 
+    @jax.jit
+    def divergence_sums(p, batch):
+        """Summed KL(fp32 || quantised) of the next-token distributions, and how often their
+        argmax agrees, over the targets the loss counts: what quantisation changed, without
+        the noise of which windows happen to be scored."""
+        inputs_BT, segments_BT1 = batch["tokens"][:, :-1], batch["segment_ids"]
+        logp_BTV = jax.nn.log_softmax(setup.task.logits(params, inputs_BT, segments_BT1[:, :-1]))
+        logq_BTV = jax.nn.log_softmax(setup.task.logits(p, inputs_BT, segments_BT1[:, :-1]))
+        mask_BT = target_mask(segments_BT1).astype(jnp.float32)
+        kl_BT = jnp.sum(jnp.exp(logp_BTV) * (logp_BTV - logq_BTV), axis=-1)
+        agree_BT = (logp_BTV.argmax(-1) == logq_BTV.argmax(-1)).astype(jnp.float32)
+        return {"loss": jnp.sum(kl_BT * mask_BT), "weight": jnp.sum(mask_BT),
+                "accuracy": jnp.sum(agree_BT * mask_BT)}
+
+    def divergence(p):
+        # The evaluator's mean "loss" is the mean KL and its "accuracy" the agreement here.
+        metrics = setup.data.evaluate(
+            lambda batch: {k: float(v) for k, v in jax.device_get(
+                divergence_sums(p, batch)).items()}, max_batches)
+        return {"kl_nats_per_token": metrics["loss"], "top1_agreement": metrics["accuracy"]}
+
     results = {"fp32": {**score(params), "bits_per_param_kernels": 32.0}}
     for fmt in formats:
         qparams = quant.quantize_params(params, fmt)
         bits = quant.bits_per_parameter(qparams)
-        results[fmt] = {**score(qparams), "bits_per_param_kernels": bits["kernels"],
+        results[fmt] = {**score(qparams), **divergence(qparams),
+                        "bits_per_param_kernels": bits["kernels"],
                         "bits_per_param_model": bits["all"],
                         "kernel_relative_rms_error": kernel_error(params, qparams)}
         results[fmt]["perplexity_change_pct"] = 100 * (

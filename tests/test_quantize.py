@@ -190,3 +190,16 @@ def test_bad_input_is_a_one_line_error():
         quant.quantize_params({"token_embed": np.zeros((64, 8))}, "int8", kernels="embed")
     with pytest.raises(ConfigError, match="LLaMA-shaped"):
         gguf_export.llama_tensors({}, model_lib.preset("gpt2", vocab_size=256))
+
+
+def test_the_benchmark_measures_divergence_from_the_float_model(tmp_path):
+    """benchmarks/quantised_perplexity.py on a tiny trained run: the KL from fp32 and top-1
+    agreement follow the formats' precision (int8 far closer than 4-bit)."""
+    from benchmarks import quantised_perplexity
+    from conftest import train_tiny
+    train_tiny(tmp_path, "--config.train.steps=3", "--config.train.checkpoint_every=3")
+    results = quantised_perplexity.perplexities(str(tmp_path), 1, ("int8", "int4"))["results"]
+    int8, int4 = results["int8"], results["int4"]
+    assert 0 < int8["kl_nats_per_token"] < 0.1 * int4["kl_nats_per_token"]
+    assert int4["top1_agreement"] <= int8["top1_agreement"] <= 1.0
+    assert abs(int8["perplexity"] / results["fp32"]["perplexity"] - 1) < 1e-3
