@@ -53,7 +53,7 @@ def train_losses(workdir) -> dict[int, float]:
             if r["split"] == "train"}
 
 
-def tiny_chat_files(root, conversations: int = 40) -> tuple[pathlib.Path, pathlib.Path]:
+def tiny_chat_files(root, conversations: int = 80) -> tuple[pathlib.Path, pathlib.Path]:
     """(tokenizer, chats.jsonl) for a tiny SFT run of ours: a 512-piece sentencepiece model
     trained on generated task text, and `conversations` generated chats as `messages` lines."""
     import json

@@ -280,3 +280,21 @@ def test_qlora_stores_an_nf4_base_trains_resumes_bitwise_and_shards(lora_run, tm
         assert np.array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
     # On the engine the 4-bit codes are held one per byte (quantize_traced says why).
     assert quantize.bits_per_parameter(expected)["kernels"] < 4.2
+
+
+def test_the_finetune_cost_benchmark_compares_full_lora_and_qlora(tmp_path):
+    """benchmarks/finetune_cost.py on a tiny SFT config: LoRA trains a sliver of the parameters
+    with a fraction of the optimiser state, and QLoRA's base takes less than LoRA's."""
+    from benchmarks import finetune_cost
+    from conftest import tiny_chat_files
+    tokenizer, chats = tiny_chat_files(tmp_path)
+    result = finetune_cost.main([
+        "--args", f"model=,size=tiny,tokenizer={tokenizer},dataset=files:{chats},batch=8,"
+        "seq_len=128", "--set", "sft.val_fraction=0.2", "--rounds", "1", "--steps", "1"])["results"]
+    full, adapters, quantised = result["full"], result["lora"], result["qlora"]
+    assert full["frozen_bytes"] == 0 and adapters["trained_parameters"] == quantised[
+        "trained_parameters"] < 0.2 * full["trained_parameters"]
+    assert adapters["optimizer_bytes"] < 0.2 * full["optimizer_bytes"]
+    # (The tiny model is mostly embedding tables, which stay float.)
+    assert quantised["frozen_bytes"] < 0.6 * adapters["frozen_bytes"]
+    assert all(r["step_seconds"] > 0 and r["xla_step_gib"] > 0 for r in result.values())

@@ -245,7 +245,7 @@ def test_sft_with_lora_on_a_2x2x2_mesh_equals_one_device(base_format, tmp_path):
     from core import trainer
     from core.engine import restore_state
     from lm.objectives.lora_task import LoraTask
-    tokenizer, chats = tiny_chat_files(tmp_path, conversations=80)
+    tokenizer, chats = tiny_chat_files(tmp_path)
     spec = (f"experiments/configs/lm/sft.py:model=,size=tiny,tokenizer={tokenizer},"
             f"dataset=files:{chats},batch=8,seq_len=128,steps=3,lr=1e-2")
     common = ["sft.val_fraction=0.2", "lora.rank=4", f"lora.base_format={base_format}",
