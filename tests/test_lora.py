@@ -298,3 +298,23 @@ def test_the_finetune_cost_benchmark_compares_full_lora_and_qlora(tmp_path):
     # (The tiny model is mostly embedding tables, which stay float.)
     assert quantised["frozen_bytes"] < 0.6 * adapters["frozen_bytes"]
     assert all(r["step_seconds"] > 0 and r["xla_step_gib"] > 0 for r in result.values())
+
+
+def test_qlora_over_pretrained_weights_quantises_them_as_the_engine_holds_them(tmp_path):
+    """A task with pretrained weights (SFT of SmolLM2) gives its base through pretrained_frozen:
+    it must come out in the layout of a base made from the seed (4-bit codes as bytes), and its
+    codes must be quantize_params' of those weights."""
+    from lm.weights import quantize
+    config = _config("--config.train.steps=4", "--config.lora.base_format=nf4_dq")
+    task = pipeline.build(config, tmp_path, need_train=False).task
+    rng = np.random.default_rng(0)
+    weights = jax.tree.map(lambda x: rng.normal(0, 0.02, x.shape).astype(x.dtype),
+                           nn.unbox(jax.eval_shape(task.inner.init_params,
+                                                        jax.random.key(0))))
+    task.inner.pretrained_params = lambda: weights  # as SFTTask gives an imported model's
+    state = Engine(config, task).init_state()
+    expected = quantize.quantize_params(weights, "nf4_dq")
+    for a, b in zip(jax.tree_util.tree_leaves(state.frozen), jax.tree_util.tree_leaves(expected)):
+        assert np.array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
+    codes = state.frozen["layers"]["mlp"]["w_up"].codes
+    assert codes.dtype == np.uint8

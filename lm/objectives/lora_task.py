@@ -40,7 +40,8 @@ class LoraTask:
     def pretrained_frozen(self) -> dict:
         pretrained = getattr(self.inner, "pretrained_params", dict)()
         if pretrained and self.lora.base_format:
-            return quantize.quantize_params(pretrained, self.lora.base_format)
+            return quantize.held_as_bytes(
+                quantize.quantize_params(pretrained, self.lora.base_format))
         return pretrained
 
     def describe_frozen(self) -> dict:

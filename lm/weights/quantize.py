@@ -266,6 +266,22 @@ def bits_per_parameter(params: Any) -> dict:
             "quantized_params": kernel_params, "float_params": other_params}
 
 
+# On the engine 4-bit codes are held one per byte: arrays placed at run time get XLA's unpacked
+# layout while the ahead-of-time compiled step expects packed uint4, and refuses them.
+HELD_AS_BYTES = {np.dtype(ml_dtypes.uint4): np.uint8, np.dtype(ml_dtypes.int4): np.int8}
+
+
+def held_as_bytes(params: dict) -> dict:
+    """quantize_params' tree with 4-bit codes widened to bytes, the layout the engine holds (a
+    QLoRA base made from pretrained weights must match the one quantize_traced makes)."""
+    def widen(x):
+        if not _is_quantized(x) or np.dtype(x.codes.dtype) not in HELD_AS_BYTES:
+            return x
+        return dataclasses.replace(x, codes=np.asarray(x.codes).astype(
+            HELD_AS_BYTES[np.dtype(x.codes.dtype)]))
+    return jax.tree.map(widen, params, is_leaf=_is_quantized)
+
+
 def quantize_traced(boxed: Any, fmt: str, kernels: str = DEFAULT_KERNELS) -> Any:
     """quantize_params for a logically boxed tree inside jit or eval_shape (a QLoRA run's frozen
     base, created straight into its shardings): each kernel is quantised by the same NumPy code
@@ -292,10 +308,7 @@ def quantize_traced(boxed: Any, fmt: str, kernels: str = DEFAULT_KERNELS) -> Any
             raise ConfigError(f"{name}: input size {size_in} is not a multiple of {fmt}'s block "
                               f"of {spec.block}; pick another lora.base_format")
         blocks = size_in // (spec.block or size_in)
-        # 4-bit codes stay one per byte here: arrays placed at run time get XLA's unpacked
-        # layout while the ahead-of-time compiled step expects packed uint4, and refuses them.
-        host_codes = {ml_dtypes.uint4: np.uint8, ml_dtypes.int4: np.int8}.get(
-            spec.code_dtype, spec.code_dtype)
+        host_codes = HELD_AS_BYTES.get(np.dtype(spec.code_dtype), spec.code_dtype)
         parts = [jax.ShapeDtypeStruct(w.shape, host_codes),
                  jax.ShapeDtypeStruct(lead + (blocks, size_out), spec.scale_dtype)]
         if fmt == "nf4_dq":
