@@ -278,6 +278,14 @@ def test_qlora_stores_an_nf4_base_trains_resumes_bitwise_and_shards(lora_run, tm
     expected = quantize.quantize_params(jax.device_get(float_state.frozen), "nf4_dq")
     for a, b in zip(jax.tree_util.tree_leaves(straight.frozen), jax.tree_util.tree_leaves(expected)):
         assert np.array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
+    # The merged model (what scoring decodes and export writes) is float: W dequantised + s A B.
+    merged = engine.loss_params(straight).merged()
+    assert not any(isinstance(x, quantize.QuantizedKernel) for x in jax.tree_util.tree_leaves(
+        merged, is_leaf=lambda x: isinstance(x, quantize.QuantizedKernel)))
+    w_up_merged = quantize.dequantize(w_up, jnp.float32) + jax.vmap(lora.delta)(
+        *(straight.params["layers"]["mlp"]["w_up"][k] for k in ("a", "b"))) * 2.0
+    np.testing.assert_allclose(merged["layers"]["mlp"]["w_up"], w_up_merged, rtol=1e-5,
+                               atol=1e-6)
     # On the engine the 4-bit codes are held one per byte (quantize_traced says why).
     assert quantize.bits_per_parameter(expected)["kernels"] < 4.2
 

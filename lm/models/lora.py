@@ -192,8 +192,9 @@ def scaled(adapters: dict, cfg: LoraConfig) -> dict:
 
 
 def merge(base: dict, adapters: dict, cfg: LoraConfig) -> dict:
-    """W + s A B at every adapted kernel: a plain model for decoding, export or scoring."""
-    return _map_adapted(jnp.add, base, scaled(adapters, cfg))
+    """W + s A B at every adapted kernel: a plain model for decoding, export or scoring. A
+    quantised W (QLoRA's base) adds as its dequantised kernel, so the merged model is float."""
+    return _map_adapted(lambda w, d: w + d, base, scaled(adapters, cfg))
 
 
 def unmerge(merged: dict, adapters: dict, cfg: LoraConfig) -> dict:
