@@ -24,6 +24,7 @@ import flax
 import jax
 import numpy as np
 
+from benchmarks.report import emit
 from core.config import load_config
 from core.engine import Engine
 from lm import commands
@@ -109,12 +110,7 @@ def main(argv=None) -> dict:
                            "flax": flax.__version__, "numpy": np.__version__},
               "machine": f"{platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} "
                          "device(s)"}
-    text = json.dumps(result, indent=1, default=str)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from core.checkpoint import CheckpointError
+from benchmarks.report import emit
 from core.config import load_run_config
 from core.step import make_eval_step
 from lm import commands
@@ -202,12 +203,7 @@ def main(argv=None) -> dict:
         result["tasks"] = task_scores(args.tasks.split(","), args.limit, args.batch_size)
     if args.export_dir:
         result["gguf_export"] = gguf_round_trip(args.export_dir)
-    text = json.dumps(result, indent=1, default=str)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":
