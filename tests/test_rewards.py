@@ -10,6 +10,7 @@ from core.config import ConfigError, DataError
 from core.packages import package_file
 from lm.data import arithmetic, ifbench, instructions, rewards
 from lm.data import ifbench_checks as checks
+from lm.data import ifbench_text
 
 
 @pytest.fixture(scope="module")
@@ -255,12 +256,12 @@ def test_helpers_equal_the_packages_they_replace(records, reference):
     from ifbench import instructions_util
     texts = [r.prompt for r in records] + list(sample_responses().values())
     for text in texts:
-        assert checks.split_into_sentences(text) == instructions_util.split_into_sentences(text)
+        assert ifbench_text.split_into_sentences(text) == instructions_util.split_into_sentences(text)
     words = {w for text in texts for w in text.lower().split()}
     assert len(words) > 10_000
-    assert [checks.syllables(w) for w in sorted(words)] == [syllapy.count(w) for w in
+    assert [ifbench_text.syllables(w) for w in sorted(words)] == [syllapy.count(w) for w in
                                                              sorted(words)]
-    assert checks.emoji_set() == frozenset(emoji.EMOJI_DATA)
+    assert ifbench_text.emoji_set() == frozenset(emoji.EMOJI_DATA)
 
 
 def test_strict_and_loose_agree_with_package_on_its_sample_responses(records, reference):
