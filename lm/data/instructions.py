@@ -204,12 +204,16 @@ def extract_answer(text: str) -> str:
     return found[-1].strip('"\'').lower() if found else ""
 
 
+def is_correct(reply: str, conversation: Conversation) -> bool:
+    """Does the reply's final answer equal the conversation's (a generated task's)?"""
+    return extract_answer(reply) == conversation.answer.lower()
+
+
 def score(replies: list[str], conversations: list[Conversation]) -> float:
     """Exact-match accuracy of the replies' final answers."""
     if len(replies) != len(conversations) or not replies:
         raise ValueError(f"{len(replies)} replies for {len(conversations)} conversations")
-    return sum(extract_answer(r) == c.answer.lower()
-               for r, c in zip(replies, conversations)) / len(replies)
+    return sum(map(is_correct, replies, conversations)) / len(replies)
 
 
 def check_spec(spec: str) -> None:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from core.config import ConfigError, DataError, check_choice
 from lm.data import ifbench
-from lm.data.instructions import Conversation, extract_answer
+from lm.data.instructions import Conversation, is_correct
 
 
 def answer_reward(conversation, response: str, cache: str = "") -> float:
     if not isinstance(conversation, Conversation) or not conversation.answer:
         raise DataError(f"a generated task's reward needs a Conversation with an answer, got "
                         f"{type(conversation).__name__}")
-    return float(extract_answer(response) == conversation.answer.lower())
+    return float(is_correct(response, conversation))
 
 
 def ifbench_reward(record, response: str, cache: str = "") -> float:
