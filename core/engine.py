@@ -93,7 +93,10 @@ class Engine:
         self.task = task
         self.mesh = mesh_lib.build_mesh(config.mesh, devices)
         self.rules = mesh_lib.rules_from_config(config.sharding_rules)
-        self.optimizer, self.schedule = optim.build_optimizer(config.optim, config.train.steps)
+        # The schedule counts optimiser updates: several per step for a task that learns more
+        # than once from a batch (core/step.py).
+        self.optimizer, self.schedule = optim.build_optimizer(
+            config.optim, config.train.steps * math.prod(step_lib.updates_per_batch(task)))
         # Shapes only: outside scope(), where boxed params would try to constrain abstract values.
         self.abstract_state, self.state_shardings = train_state.state_shardings(
             task, self.optimizer, self.mesh, self.rules)

@@ -3,6 +3,13 @@
 Gradients are accumulated over microbatches as sums and divided once by the total weight, so a
 step with 4 microbatches computes the same update as one big batch. Every metric is computed
 inside the jitted step; the host only reads a small dict of scalars.
+
+A task that learns several times from one batch (PPO's epochs over a rollout) says so with
+`updates_per_batch() -> (epochs, minibatches)` and may add what every update reads, computed
+once with the parameters the batch was drawn under, with `prepare_batch(params, batch, rng,
+model_state) -> (batch, metrics, model_state)` (old and reference log-probs, values, advantages;
+PPO's adaptive KL coefficient in the model state). One step is then the whole
+learning phase: each epoch shuffles the rows and takes one optimiser update per minibatch.
 """
 from __future__ import annotations
 
@@ -76,27 +83,64 @@ def normalised_metrics(sums: LossSums) -> dict[str, jax.Array]:
     return metrics
 
 
+def updates_per_batch(task) -> tuple[int, int]:
+    """(epochs, minibatches) of optimiser updates one batch gives; (1, 1) for most tasks."""
+    return task.updates_per_batch() if hasattr(task, "updates_per_batch") else (1, 1)
+
+
+def _minibatch(batch, rng, index, epochs_minibatches: tuple[int, int]):
+    """Update `index`'s rows: epoch index // M shuffles the batch with its own key, and the
+    update takes its M-th part of that order."""
+    _, minibatches = epochs_minibatches
+    rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    size = rows // minibatches
+    order = jax.random.permutation(jax.random.fold_in(rng, index // minibatches), rows)
+    picked = jax.lax.dynamic_slice(order, ((index % minibatches) * size,), (size,))
+    return jax.tree_util.tree_map(lambda x: jnp.take(x, picked, axis=0), batch)
+
+
 def make_train_step(task, optimizer: optax.GradientTransformation,
                     schedule: Callable, microbatches: int, seed: int):
     """Builds the pure step; the caller jits it with shardings and donation."""
     base_rng = jax.random.key(seed)
+    plan = updates_per_batch(task)
+    count = plan[0] * plan[1]
+
+    def update(params, opt_state, model_state, frozen, batch, rng):
+        sums, grads, model_state = summed_loss_and_grads(task, params, batch, rng, microbatches,
+                                                          model_state, frozen)
+        weight = jnp.maximum(sums.weight, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = normalised_metrics(sums)
+        metrics.update({"grad_norm": optax.global_norm(grads),
+                        "update_norm": optax.global_norm(updates)})
+        return params, opt_state, model_state, metrics
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(base_rng, state.step)
-        sums, grads, model_state = summed_loss_and_grads(task, state.params, batch, rng,
-                                                          microbatches, state.model_state,
-                                                          state.frozen)
-        weight = jnp.maximum(sums.weight, 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = normalised_metrics(sums)
-        metrics.update({
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
-            "update_norm": optax.global_norm(updates),
-            "learning_rate": schedule(state.step),
-        })
+        prepared, model_state = {}, state.model_state
+        if hasattr(task, "prepare_batch"):
+            batch, prepared, model_state = task.prepare_batch(
+                loss_params(task, state.params, state.frozen), batch,
+                jax.random.fold_in(rng, count), model_state)
+        if count == 1:
+            params, opt_state, model_state, metrics = update(
+                state.params, state.opt_state, model_state, state.frozen, batch, rng)
+        else:
+            def body(carry, index):
+                params, opt_state, model_state = carry
+                params, opt_state, model_state, metrics = update(
+                    params, opt_state, model_state, state.frozen,
+                    _minibatch(batch, rng, index, plan), jax.random.fold_in(rng, index))
+                return (params, opt_state, model_state), metrics
+            (params, opt_state, model_state), per_update = jax.lax.scan(
+                body, (state.params, state.opt_state, model_state), jnp.arange(count))
+            metrics = jax.tree_util.tree_map(jnp.mean, per_update)  # over the step's updates
+        metrics.update(prepared)
+        metrics.update({"param_norm": optax.global_norm(params),
+                        "learning_rate": schedule(state.step * count)})
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                model_state=model_state, frozen=state.frozen)
         return new_state, metrics

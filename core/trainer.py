@@ -31,7 +31,11 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class TaskData:
-    train: Iterator[dict[str, np.ndarray]]       # also has get_state() / set_state(state)
+    # Also has get_state() / set_state(state). A source whose batches depend on the policy (online
+    # RL's rollouts) has next_for(params, step) instead of __next__: it is handed the parameters
+    # the step will start from, as the loss reads them; host_metrics() -> {name: float}, if it
+    # has it, joins the logged metrics (rollout time, reward).
+    train: Iterator[dict[str, np.ndarray]]
     # evaluate(run_batch, max_batches) -> metrics; run_batch(local_batch) -> summed floats.
     evaluate: Callable[[Callable[[dict], dict], int], dict[str, float]] | None
     eval_batch_size: int
@@ -167,7 +171,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
     window_start, window_steps = time.perf_counter(), 0
     with _StopSignal() as stop:
         while step < cfg.steps:
-            batch = engine.global_batch(next(data.train))
+            if hasattr(data.train, "next_for"):
+                with engine.scope():
+                    local = data.train.next_for(engine.loss_params(state), step)
+            else:
+                local = next(data.train)
+            batch = engine.global_batch(local)
             with engine.scope():
                 state, metrics = compiled(state, batch)
             step += 1
@@ -177,6 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps / elapsed
                 last = {k: float(v) for k, v in metrics.items()}
+                last.update(getattr(data.train, "host_metrics", dict)())
                 last.update({
                     f"{unit}_per_s": rate * cfg.global_batch_size * units_per_example,
                     "steps_per_s": rate,

@@ -134,13 +134,12 @@ def prefill(model, params, prompts_BP: tuple, length: int):
 # Sampling loop
 # ---------------------------------------------------------------------------------------------
 
-def _generate(model, params, prompts_BP, sampling: SamplingConfig):
+def _generate(model, params, prompts_BP, sampling: SamplingConfig, rng):
     tokens_BP, _, _, lengths_B = prompts_BP
     B, P = tokens_BP.shape
     N = sampling.max_new_tokens
     logits_BV, cache = prefill(model, params, prompts_BP, P + N)
     stop_S = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
-    rng = jax.random.key(sampling.seed)
 
     def step(carry):
         i, logits_BV, cache, out_BN, done_B = carry
@@ -164,13 +163,23 @@ def _generate(model, params, prompts_BP, sampling: SamplingConfig):
 _generate_jit = jax.jit(_generate, static_argnums=(0, 3))
 
 
+def generate_padded(model: nn.Module, params, prompts: Sequence[Sequence[int]],
+                    sampling: SamplingConfig, rng: jax.Array | None = None):
+    """(padded prompts as pad_prompts gives them, new tokens [B, N]): each row's tokens run to
+    its first stop token (kept) and then pad_id. `rng` (a traced key: a new one per call
+    compiles nothing) defaults to sampling.seed's."""
+    prompts_np = pad_prompts(prompts, sampling.pad_id, sampling.padding)
+    cache_length(model, prompts_np[0].shape[1], sampling.max_new_tokens)
+    rng = jax.random.key(sampling.seed) if rng is None else rng
+    out_BN = _generate_jit(model, params, tuple(jnp.asarray(a) for a in prompts_np), sampling,
+                           rng)
+    return prompts_np, np.asarray(out_BN)
+
+
 def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]],
              sampling: SamplingConfig) -> list[list[int]]:
     """New tokens for each prompt, up to (not including) the first stop token."""
-    prompts_BP = tuple(jnp.asarray(a) for a in pad_prompts(prompts, sampling.pad_id,
-                                                          sampling.padding))
-    cache_length(model, prompts_BP[0].shape[1], sampling.max_new_tokens)
-    out_BN = np.asarray(_generate_jit(model, params, prompts_BP, sampling))
+    _, out_BN = generate_padded(model, params, prompts, sampling)
     return [_until_stop(row, sampling.stop_ids) for row in out_BN.tolist()]
 
 

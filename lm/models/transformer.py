@@ -267,7 +267,8 @@ class Transformer(nn.Module):
     def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
                  segment_ids_BT: Array | None = None, deterministic: bool = True,
                  decode: bool = False, logits_at_BK: Array | None = None,
-                 token_types_BT: Array | None = None, return_hidden: bool = False) -> Array:
+                 token_types_BT: Array | None = None, return_hidden: bool = False,
+                 with_hidden: bool = False) -> Array:
         """positions default to arange(T). segment_ids (0 = padding), if given, restrict attention:
         token i attends to j iff j <= i and seg[i] == seg[j]. Dropout draws from the "dropout" rng
         collection when deterministic is False. decode=True reads and writes the KV cache
@@ -275,7 +276,8 @@ class Transformer(nn.Module):
         logits (B, K, V) at those positions only: scorers and prefill need few of them, and the
         vocabulary projection is the largest matmul of a small model. token_types (default 0)
         index the type embeddings of configs with type_vocab_size > 0. return_hidden returns
-        the final hidden states (B, T, D) instead of logits (encoders' pooled embeddings)."""
+        the final hidden states (B, T, D) instead of logits (encoders' pooled embeddings);
+        with_hidden returns both, (logits, hidden): a value head reads the policy's trunk."""
         cfg = self.cfg
         if cfg.vocab_size == 0:
             raise ValueError("TransformerConfig.vocab_size is 0 (unset); set it before init")
@@ -332,7 +334,8 @@ class Transformer(nn.Module):
                                               pdtype)
             logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, unembed_DV.astype(dtype),
                                     preferred_element_type=jnp.float32)
-        return nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
+        logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
+        return (logits_BTV, x_BTD) if with_hidden else logits_BTV
 
 
 def run_blocks(cfg: TransformerConfig, x_BTD: Array, positions_BT: Array,

@@ -53,8 +53,8 @@ class LoraTask:
     def combine(self, adapters, base) -> lora.LoraParams:
         return lora.LoraParams(base, adapters, self.lora)
 
-    def loss(self, params: lora.LoraParams, batch, rng, train: bool):
-        return self.inner.loss(params, batch, rng, train)
+    def loss(self, params: lora.LoraParams, batch, rng, train: bool, **kwargs):
+        return self.inner.loss(params, batch, rng, train, **kwargs)  # model_state, if stateful
 
     def train_flops_per_example(self) -> float:
         """Forward and input-gradient matmuls only: a frozen kernel needs no weight gradient,

@@ -42,6 +42,10 @@ OBJECTIVES = {
     "text_to_text": "lm.objectives.text_to_text",
     "classification": "lm.objectives.classification",
     "sft": "lm.objectives.sft",
+    "reward": "lm.objectives.preference",
+    "dpo": "lm.objectives.preference",
+    "ppo": "lm.objectives.online_rl",
+    "grpo": "lm.objectives.online_rl",
 }
 BUILDERS = ("build_task", "build_setup")  # at least one
 HOOKS = ("build_setup", "scores", "SCORES_FILE", "encode_prompt", "render_output", "generate",

@@ -123,23 +123,25 @@ class SFTSetup:
     validation: list  # the validation conversations (scores decode their prompts)
 
 
-def load_model(config):
-    """(model config, host parameters or None, tokenizer, chat template) of sft.model."""
-    spec = config.sft.model
+def load_model(config, section=None):
+    """(model config, host parameters or None, tokenizer, chat template) of sft.model (or of
+    `section`.model and .end_of_turn: the feedback objectives' section)."""
+    section = config.sft if section is None else section
+    spec = section.model
     if spec:
         path = pathlib.Path(spec)
         if path.suffix != ".gguf":
             path = import_gguf.pretrained_path(spec, config.data.cache_dir)
         elif not path.is_file():
-            raise ConfigError(f"sft.model {spec}: no such GGUF file")
+            raise ConfigError(f"model {spec}: no such GGUF file")
         gguf = GGUFFile(path)
         runtime = {k: config.model[k] for k in RUNTIME_FIELDS if "model" in config and k in
                    config.model}
         cfg = import_gguf.config_from_gguf(gguf.metadata, gguf.tensors, **runtime)
         tokenizer = ByteLevelBPE.from_gguf_metadata(gguf.metadata)
         if not tokenizer.chat_template:
-            raise ConfigError(f"sft.model {spec} has no chat template in its metadata")
-        template = chat.ChatTemplate(tokenizer.chat_template, config.sft.end_of_turn,
+            raise ConfigError(f"model {spec} has no chat template in its metadata")
+        template = chat.ChatTemplate(tokenizer.chat_template, section.end_of_turn,
                                      tokenizer.decode([tokenizer.bos_id]),
                                      tokenizer.decode([tokenizer.eos_id]))
         return cfg, import_gguf.params_from_gguf(gguf, cfg), tokenizer, template
