@@ -122,6 +122,11 @@ def export(config, args) -> dict:
         raise ConfigError("export needs --out DIR, the directory to write")
     setup = build(config, args.workdir, need_train=False)
     _, params, step = restore_params(config, setup.task, args.workdir, setup.data.check_meta)
+    if config.task == "reward":
+        raise ConfigError("a reward run's model is a scorer (a head on the trunk); export writes "
+                          "causal language models: export the policy runs (sft, dpo, ppo, grpo)")
+    # A feedback run's policy alone: no reference, no value head (lm/objectives/policy_model.py).
+    params = getattr(setup.task, "policy_params", lambda p: p)(params)
     out, written = pathlib.Path(args.out), {"step": step}
     model_cfg = getattr(setup.task, "model_cfg", None)
     if model_cfg is None or not model_cfg.causal:

@@ -69,6 +69,17 @@ def tiny_chat_files(root, conversations: int = 80) -> tuple[pathlib.Path, pathli
     return root / "tokenizer.model", root / "chats.jsonl"
 
 
+def tiny_pairs_file(path, count: int = 48) -> pathlib.Path:
+    """Preference pairs of generated last-letter questions: the worked answer chosen, the same
+    answer with a wrong final letter rejected (a verifiable preference)."""
+    from lm.data import instructions, preferences
+    pairs = [preferences.Pair(c.messages[:-1], c.messages[-1]["content"],
+                              c.messages[-1]["content"].replace(c.answer, c.answer + "x"),
+                              "last_letters", c.where, 1.0, 0.0)
+             for c in instructions.generate("last_letters", count, (2,), 5)]
+    return preferences.save(pairs, path)
+
+
 def cli(*args: str, env: dict | None = None, **popen) -> list[str]:
     """The command line of `python -m experiments.main ...` run from the repo root."""
     return [sys.executable, "-m", "experiments.main", *args]

@@ -1,6 +1,7 @@
 """A run killed with SIGKILL and resumed ends bit-for-bit where an uninterrupted run ends (the
-tiny GPT; SFT through QLoRA adapters on a 2x2x2 mesh); SIGTERM saves a checkpoint and stops
-cleanly."""
+tiny GPT; SFT through QLoRA adapters on a 2x2x2 mesh; PPO on a 2x2x2 mesh, killed mid-rollout or
+mid-update, its sampling keys and adaptive KL coefficient included); SIGTERM saves a checkpoint
+and stops cleanly."""
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import QUIET, REPO, TINY, cli, tiny_chat_files, train_losses
+from conftest import QUIET, REPO, TINY, cli, run_cli, tiny_chat_files, tiny_pairs_file, train_losses
 from core.checkpoint import Checkpointer
 from core.config import load_config
 from core.engine import Engine
@@ -35,6 +36,23 @@ def _sft_qlora_mesh_run(root):
     return spec, [*ARGS, "--config.sft.val_fraction=0.2", "--config.lora.rank=4",
                   "--config.lora.base_format=nf4_dq", "--config.mesh.ici.data=2",
                   "--config.mesh.ici.fsdp=2", "--config.mesh.ici.tensor=2"]
+
+
+def _ppo_mesh_run(root):
+    """PPO of a tiny model of ours on rollouts scored by a tiny reward run, 2 epochs of 2
+    minibatches per rollout, the adaptive KL controller on, on 8 devices."""
+    tokenizer, _ = tiny_chat_files(root / "data")
+    pairs = tiny_pairs_file(root / "data" / "pairs.jsonl")
+    spec = (f"experiments/configs/lm/feedback.py:model=,size=tiny,tokenizer={tokenizer},"
+            f"pairs={pairs},prompts=32,new_tokens=32,batch=8,lr=1e-3")
+    reward = run_cli("train", "--config", spec + ",task=reward", "--workdir", str(root / "rm"),
+                     "--config.train.steps=4", env=ENV)
+    assert reward.returncode == 0, reward.stderr[-2000:]
+    return spec + ",task=ppo", [*ARGS, f"--config.feedback.reward_model={root / 'rm'}",
+                                "--config.ppo.epochs=2", "--config.ppo.minibatches=2",
+                                "--config.ppo.kl_target=0.5", "--config.ppo.kl_horizon=100",
+                                "--config.mesh.ici.data=2", "--config.mesh.ici.fsdp=2",
+                                "--config.mesh.ici.tensor=2"]
 
 
 def _train_command(workdir, run=(TINY, ARGS)):
@@ -67,7 +85,8 @@ def _final_state(workdir, step, run):
     return jax.device_get(state)
 
 
-@pytest.mark.parametrize("make_run", [_gpt_run, _sft_qlora_mesh_run], ids=["gpt", "sft-qlora-2x2x2"])
+@pytest.mark.parametrize("make_run", [_gpt_run, _sft_qlora_mesh_run, _ppo_mesh_run],
+                         ids=["gpt", "sft-qlora-2x2x2", "ppo-2x2x2"])
 def test_sigkill_then_resume_is_bitwise_equal_to_uninterrupted(make_run, tmp_path):
     run = make_run(tmp_path)
     reference = subprocess.run(_train_command(tmp_path / "reference", run), cwd=REPO, env=ENV,

@@ -99,6 +99,10 @@ class ChatTokenizer:
         return self.special_ids[IM_END]
 
     @property
+    def bos_id(self) -> int:
+        return self.base.bos_id
+
+    @property
     def pad_id(self) -> int:
         return self.base.pad_id
 

@@ -8,7 +8,9 @@ the prompts of its tasks, the sampler, and the scores written after training.
                           and preference pairs, their held-out prompts the scores
   feedback.prompts        training prompts per task (IFBench: at most its scorable training
                           share); eval_prompts held-out prompts per task and length
-  feedback.max_prompt_tokens, max_new_tokens, temperature   rows and sampling
+  feedback.max_prompt_tokens, max_new_tokens, temperature   rows and sampling;
+                          drop_long_prompts drops (and counts) prompts over the limit instead
+                          of refusing them; eval_max_new_tokens (0: max_new_tokens) for scores
 
 Scores (every objective but the reward model), on held-out prompts of each task: the greedy
 reply's mean reward (a generated task's accuracy) in domain and at its held-out lengths, and,
@@ -61,7 +63,7 @@ def training_prompts(config) -> list[tuple[str, object]]:
 def sampler(config, policy: policy_model.Policy, model) -> Sampler:
     f = config.feedback
     return Sampler(model, policy.tokenizer, policy.template, f.max_prompt_tokens,
-                   f.max_new_tokens, f.temperature)
+                   f.max_new_tokens, f.temperature, f.get("drop_long_prompts", False))
 
 
 @dataclasses.dataclass
@@ -88,21 +90,23 @@ def scores(config, setup: FeedbackSetup, params, step: int, batch_size: int = 32
     f, cache = config.feedback, config.data.cache_dir
     result: dict = {"step": step}
     rng = jax.random.key(f.seed + 7)
+    # Held-out lengths need longer replies than training does.
+    sampler = dataclasses.replace(setup.sampler, max_new_tokens=f.get("eval_max_new_tokens", 0)
+                                  or f.max_new_tokens)
     for task in tasks(config):
         for name, lengths in (("in_domain", None),
                               *((f"length_{n}", (n,)) for n in rewards.out_of_domain_lengths(task))):
-            items = rewards.prompts(task, f.eval_prompts, f.seed, held_out=True, lengths=lengths,
-                                    cache=cache)
-            ids = setup.sampler.encode(items)
-            _, greedy = setup.sampler.sample(params_of(params), ids, rng, greedy=True,
-                                             batch_size=batch_size)
+            items, ids = sampler.encode(rewards.prompts(task, f.eval_prompts, f.seed,
+                                                        held_out=True, lengths=lengths,
+                                                        cache=cache))
+            _, greedy = sampler.sample(params_of(params), ids, rng, greedy=True,
+                                       batch_size=batch_size)
             result[f"{task}/{name}"] = float(np.mean([rewards.reward(task, item, text, cache)
                                                       for item, text in zip(items, greedy)]))
             result[f"{task}/{name}/example"] = greedy[0]
             if name != "in_domain":
                 continue
-            rows, sampled = setup.sampler.sample(params_of(params), ids, rng,
-                                                 batch_size=batch_size)
+            rows, sampled = sampler.sample(params_of(params), ids, rng, batch_size=batch_size)
             result[f"{task}/sampled_reward"] = float(np.mean(
                 [rewards.reward(task, item, text, cache) for item, text in zip(items, sampled)]))
             result[f"{task}/kl"] = float(np.mean(sequence_kl(setup.task, params, rows)))

@@ -5,7 +5,7 @@ One engine step is one rollout and one learning phase (core/step.py):
      feedback.tasks, each answered G times (GRPO's group, grpo.group_size; PPO: G = 1) by the
      current policy with the KV-cache decoder at feedback.temperature, drawn with the key
      fold_in(train.seed, step), so a resumed run draws the same samples; each reply scored by
-     its task's reward (lm/data/rewards.py), or for PPO with ppo.reward_model (a reward run's
+     its task's reward (lm/data/rewards.py), or with feedback.reward_model (a reward run's
      workdir) by that model's head.
   2. prepare (jitted, with the parameters the replies were sampled from): old and reference
      log-probs at the sampling temperature; GRPO: group-normalised advantages; PPO: values from
@@ -130,9 +130,8 @@ class RolloutSource:
                  score_fn):
         rows = config.train.global_batch_size
         self.prompts_per_step, self.group_size = rows // group_size, group_size
-        self.items, self.sampler, self.cache = items, sampler, config.data.cache_dir
-        self.score_fn, self.seed = score_fn, config.train.seed
-        self.ids = sampler.encode([item for _, item in items])
+        self.items, self.ids = sampler.encode([item for _, item in items], items)
+        self.sampler, self.score_fn, self.seed = sampler, score_fn, config.train.seed
         self.order = BatchIterator(ArrayRows({"index": np.arange(len(items))}),
                                    self.prompts_per_step, config.feedback.seed)
         self.timing: dict[str, float] = {}
@@ -173,10 +172,12 @@ def reward_model_scores(workdir: str, fingerprint: str):
     path = pathlib.Path(workdir)
     config = load_run_config(path, ())
     if config.task != "reward":
-        raise ConfigError(f"ppo.reward_model {workdir} is a {config.task} run, not a reward run")
+        raise ConfigError(f"feedback.reward_model {workdir} is a {config.task} run, not a "
+                          "reward run")
     setup = preference.build_setup(config, path, need_train=False)
     if setup.tokenizer.fingerprint != fingerprint:
-        raise ConfigError(f"ppo.reward_model {workdir} reads another tokenizer than the policy")
+        raise ConfigError(f"feedback.reward_model {workdir} reads another tokenizer than the "
+                          "policy")
     _, params, _ = restore_params(config, setup.task, path, setup.data.check_meta)
     params = jax.device_get(params)
     score_fn = jax.jit(setup.task.score)
@@ -211,9 +212,8 @@ def build_setup(config, workdir=None, need_train: bool = True) -> feedback.Feedb
     sampler = feedback.sampler(config, policy, task.model)
     source = None
     if need_train:
-        score_fn = (reward_model_scores(settings.reward_model, policy.tokenizer.fingerprint)
-                    if algorithm == "ppo" and settings.reward_model
-                    else programmatic_scores(config.data.cache_dir))
+        score_fn = (reward_model_scores(f.reward_model, policy.tokenizer.fingerprint)
+                    if f.reward_model else programmatic_scores(config.data.cache_dir))
         source = RolloutSource(config, sampler, feedback.training_prompts(config), group,
                                score_fn)
     data = trainer.TaskData(train=source, evaluate=None, eval_batch_size=batch,

@@ -137,6 +137,15 @@ class PolicyTask(WindowTask):
                                  logits_at_BK=last_B[:, None])
         return self.head(params, "reward", hidden_B1D)[:, 0]
 
+    def policy_params(self, params):
+        """The causal LM alone (export, decoding): a full fine-tune's policy without its
+        reference and heads; a LoRA run's LoraParams as they are."""
+        if isinstance(params, WithReference):
+            params = params.policy
+        if isinstance(params, dict):
+            params = {k: v for k, v in params.items() if not k.endswith("_head")}
+        return params
+
     def train_flops_per_example(self) -> float:
         return super().train_flops_per_example() * (self.row_len - 1) / self.seq_len
 

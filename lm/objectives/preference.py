@@ -29,7 +29,7 @@ import numpy as np
 from core import trainer
 from core.batches import ArrayRows, BatchIterator, sum_batches
 from core.config import ConfigError, DataError
-from core.task import LossSums
+from core.task import BatchField, LossSums
 from lm.data import chat, preferences, rewards
 from lm.objectives import feedback, policy_losses, policy_model, registry
 
@@ -63,7 +63,7 @@ class RewardTask(policy_model.PolicyTask):
 
     def batch_fields(self):
         return {**policy_model.row_fields(self.row_len, pairs=True),
-                "reward_gap": policy_model.BatchField((), jnp.float32, ("batch",))}
+                "reward_gap": BatchField((), jnp.float32, ("batch",))}
 
     def loss(self, params, batch, rng, train: bool) -> LossSums:
         score_2B = self.score(params, _flat(batch), train, rng)
@@ -141,11 +141,11 @@ def sample_pairs(config, policy: policy_model.Policy, sampler, batch_size: int =
                  ) -> list[preferences.Pair]:
     """The module docstring's judged pairs, sampled from the starting policy on one device."""
     f, cache = config.feedback, config.data.cache_dir
-    items = feedback.training_prompts(config)
     if policy.params is None:
         raise ConfigError("sampling preference pairs needs a trained policy: set "
                           "feedback.init_from or feedback.model, or give feedback.pairs")
-    ids = sampler.encode([item for _, item in items])
+    items = feedback.training_prompts(config)
+    items, ids = sampler.encode([item for _, item in items], items)
     repeated = [p for p in ids for _ in range(f.pair_samples)]
     _, texts = sampler.sample(policy.params, repeated, jax.random.key(f.seed), batch_size=batch_size)
     pairs = []

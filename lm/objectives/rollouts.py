@@ -9,6 +9,7 @@ for the reward.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import numpy as np
@@ -18,6 +19,8 @@ from lm.data import rewards
 from lm.decode import decoding
 from lm.models import lora
 from lm.objectives import policy_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -29,6 +32,7 @@ class Sampler:
     max_prompt_tokens: int
     max_new_tokens: int
     temperature: float
+    drop_long: bool = False
 
     @property
     def row_len(self) -> int:
@@ -40,17 +44,28 @@ class Sampler:
                                        temperature=0.0 if greedy else self.temperature,
                                        stop_ids=tuple(stop), pad_id=self.tokenizer.pad_id)
 
-    def encode(self, items) -> list[list[int]]:
-        """Each item's prompt turns, rendered for a reply; a DataError naming one too long."""
+    def encode(self, items: list, keys: list | None = None) -> tuple[list, list[list[int]]]:
+        """(items, ids): each item's prompt turns rendered for a reply and encoded. A prompt over
+        max_prompt_tokens is a DataError naming it, or with drop_long (IFBench's longest
+        prompts) dropped and counted in the log; `keys` (default the items) are what is kept."""
         texts = [self.template.render(rewards.prompt_messages(item), add_generation_prompt=True)
                  for item in items]
-        encoded = self.tokenizer.encode(texts)
-        for item, ids in zip(items, encoded):
-            if len(ids) > self.max_prompt_tokens:
-                raise DataError(f"a prompt of {len(ids)} tokens exceeds feedback."
+        kept, ids = [], []
+        for key, item, encoded in zip(keys or items, items, self.tokenizer.encode(texts)):
+            if len(encoded) <= self.max_prompt_tokens:
+                kept.append(key)
+                ids.append(encoded)
+            elif not self.drop_long:
+                raise DataError(f"a prompt of {len(encoded)} tokens exceeds feedback."
                                 f"max_prompt_tokens={self.max_prompt_tokens} "
-                                f"({getattr(item, 'where', getattr(item, 'key', '?'))}); raise it")
-        return encoded
+                                f"({getattr(item, 'where', getattr(item, 'key', '?'))}); raise it "
+                                "or set feedback.drop_long_prompts=true")
+        if len(kept) < len(items):
+            log.warning("dropped %d of %d prompts over feedback.max_prompt_tokens=%d",
+                        len(items) - len(kept), len(items), self.max_prompt_tokens)
+        if not kept:
+            raise DataError(f"no prompt fits feedback.max_prompt_tokens={self.max_prompt_tokens}")
+        return kept, ids
 
     def sample(self, params, prompt_ids: list[list[int]], rng, greedy: bool = False,
                batch_size: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
