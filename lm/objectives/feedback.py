@@ -90,27 +90,44 @@ def scores(config, setup: FeedbackSetup, params, step: int, batch_size: int = 32
     f, cache = config.feedback, config.data.cache_dir
     result: dict = {"step": step}
     rng = jax.random.key(f.seed + 7)
-    # Held-out lengths need longer replies than training does.
-    sampler = dataclasses.replace(setup.sampler, max_new_tokens=f.get("eval_max_new_tokens", 0)
-                                  or f.max_new_tokens)
+    sampler = eval_sampler(config, setup.sampler)
     for task in tasks(config):
         for name, lengths in (("in_domain", None),
                               *((f"length_{n}", (n,)) for n in rewards.out_of_domain_lengths(task))):
-            items, ids = sampler.encode(rewards.prompts(task, f.eval_prompts, f.seed,
-                                                        held_out=True, lengths=lengths,
-                                                        cache=cache))
+            items, ids = held_out(config, sampler, task, lengths)
             _, greedy = sampler.sample(params_of(params), ids, rng, greedy=True,
                                        batch_size=batch_size)
             result[f"{task}/{name}"] = float(np.mean([rewards.reward(task, item, text, cache)
                                                       for item, text in zip(items, greedy)]))
             result[f"{task}/{name}/example"] = greedy[0]
-            if name != "in_domain":
-                continue
-            rows, sampled = sampler.sample(params_of(params), ids, rng, batch_size=batch_size)
-            result[f"{task}/sampled_reward"] = float(np.mean(
-                [rewards.reward(task, item, text, cache) for item, text in zip(items, sampled)]))
-            result[f"{task}/kl"] = float(np.mean(sequence_kl(setup.task, params, rows)))
+            if name == "in_domain":
+                result[f"{task}/sampled_reward"], result[f"{task}/kl"] = sampled_reward_and_kl(
+                    setup.task, sampler, params, task, items, ids, rng, cache, batch_size)
     return result
+
+
+def sampled_reward_and_kl(task, sampler: Sampler, params, reward_task: str, items, ids, rng,
+                          cache: str = "", batch_size: int = 32) -> tuple[float, float]:
+    """(mean reward, mean KL to the reference) of one reply per prompt sampled from the policy
+    at the sampler's temperature."""
+    rows, texts = sampler.sample(params_of(params), ids, rng, batch_size=batch_size)
+    reward = np.mean([rewards.reward(reward_task, item, text, cache)
+                      for item, text in zip(items, texts)])
+    return float(reward), float(np.mean(sequence_kl(task, params, rows)))
+
+
+def eval_sampler(config, sampler: Sampler) -> Sampler:
+    """The sampler with feedback.eval_max_new_tokens: held-out lengths need longer replies."""
+    f = config.feedback
+    return dataclasses.replace(sampler, max_new_tokens=f.get("eval_max_new_tokens", 0)
+                               or f.max_new_tokens)
+
+
+def held_out(config, sampler: Sampler, task: str, lengths=None) -> tuple[list, list]:
+    """(items, prompt ids) of a task's held-out prompts (lm/data/rewards.py)."""
+    f = config.feedback
+    return sampler.encode(rewards.prompts(task, f.eval_prompts, f.seed, held_out=True,
+                                          lengths=lengths, cache=config.data.cache_dir))
 
 
 def params_of(params):
