@@ -88,13 +88,13 @@ def updates_per_batch(task) -> tuple[int, int]:
     return task.updates_per_batch() if hasattr(task, "updates_per_batch") else (1, 1)
 
 
-def _minibatch(batch, rng, index, epochs_minibatches: tuple[int, int]):
-    """Update `index`'s rows: epoch index // M shuffles the batch with its own key, and the
-    update takes its M-th part of that order."""
+def _minibatch(batch, shuffle_rng, index, epochs_minibatches: tuple[int, int]):
+    """Update `index`'s rows: epoch index // M shuffles the batch with its own key (drawn from
+    `shuffle_rng`), and the update takes its M-th part of that order."""
     _, minibatches = epochs_minibatches
     rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
     size = rows // minibatches
-    order = jax.random.permutation(jax.random.fold_in(rng, index // minibatches), rows)
+    order = jax.random.permutation(jax.random.fold_in(shuffle_rng, index // minibatches), rows)
     picked = jax.lax.dynamic_slice(order, ((index % minibatches) * size,), (size,))
     return jax.tree_util.tree_map(lambda x: jnp.take(x, picked, axis=0), batch)
 
@@ -119,6 +119,8 @@ def make_train_step(task, optimizer: optax.GradientTransformation,
         return params, opt_state, model_state, metrics
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        # A lone update keys with rng (as always); of several, update k with fold_in(rng, k).
+        # prepare's key is fold_in(rng, count); the epochs' shuffles draw from count + 1's.
         rng = jax.random.fold_in(base_rng, state.step)
         prepared, model_state = {}, state.model_state
         if hasattr(task, "prepare_batch"):
@@ -133,7 +135,8 @@ def make_train_step(task, optimizer: optax.GradientTransformation,
                 params, opt_state, model_state = carry
                 params, opt_state, model_state, metrics = update(
                     params, opt_state, model_state, state.frozen,
-                    _minibatch(batch, rng, index, plan), jax.random.fold_in(rng, index))
+                    _minibatch(batch, jax.random.fold_in(rng, count + 1), index, plan),
+                    jax.random.fold_in(rng, index))
                 return (params, opt_state, model_state), metrics
             (params, opt_state, model_state), per_update = jax.lax.scan(
                 body, (state.params, state.opt_state, model_state), jnp.arange(count))
