@@ -155,11 +155,14 @@ def test_bad_feedback_settings_fail_before_any_work(tiny_feedback, tmp_path):
                                (["task=reward", "lora.rank=4"], "head whole"),
                                (["task=grpo", f"feedback.reward_model={tmp_path}"],
                                 "not a run directory|config.json"),
-                               (["task=grpo", "feedback.tasks=spelling"], "spelling")):
+                               (["task=grpo", "feedback.tasks=spelling"], "spelling"),
+                               (["task=dpo", "feedback.beta=0"], "beta > 0"),
+                               (["task=dpo", "dpo.kind=ipo2"], "did you mean 'ipo'"),
+                               (["task=grpo", "grpo.aggregation=mean"], "grpo.aggregation")):
         config = load_config(spec, overrides)
         with pytest.raises(ConfigError, match=message):
-            online_rl.build_setup(config, tmp_path) if config.task != "reward" else \
-                preference.build_setup(config, tmp_path)
+            (online_rl if config.task in ("ppo", "grpo") else preference).build_setup(
+                config, tmp_path)
 
 
 @pytest.mark.parametrize("algorithm", ["dpo", "grpo", "ppo"])

@@ -248,8 +248,11 @@ def test_sft_with_lora_on_a_2x2x2_mesh_equals_one_device(base_format, tmp_path):
     tokenizer, chats = tiny_chat_files(tmp_path)
     spec = (f"experiments/configs/lm/sft.py:model=,size=tiny,tokenizer={tokenizer},"
             f"dataset=files:{chats},batch=8,seq_len=128,steps=3,lr=1e-2")
+    # SGD: Adam's m / sqrt(v) turns a rounding difference in a near-zero gradient into a whole
+    # step (one element in 512 did, under load), which says nothing about the mesh.
     common = ["sft.val_fraction=0.2", "lora.rank=4", f"lora.base_format={base_format}",
-              "train.eval_every=0", "train.log_every=1", "train.async_checkpoint=false"]
+              "train.eval_every=0", "train.log_every=1", "train.async_checkpoint=false",
+              "optim.name=sgd", "optim.learning_rate=0.3", "optim.clip_norm=0"]
     adapters, initial = {}, {}
     for name, mesh in (("one", ["mesh.num_devices=1", "mesh.ici.data=1"]),
                        ("mesh", ["mesh.ici.data=2", "mesh.ici.fsdp=2", "mesh.ici.tensor=2"])):

@@ -32,7 +32,7 @@ from lm.objectives import policy_model
 from lm.objectives.rollouts import Sampler
 
 RANGES = {"prompts": ">= 1", "eval_prompts": ">= 1", "max_prompt_tokens": ">= 1",
-          "max_new_tokens": ">= 1", "temperature": "> 0", "beta": "> 0"}
+          "max_new_tokens": ">= 1", "temperature": "> 0", "beta": ">= 0"}
 SCORES_FILE = "feedback_scores.json"
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from core import trainer
 from core.batches import ArrayRows, BatchIterator
-from core.config import ConfigError, load_run_config
+from core.config import ConfigError, check_choice, load_run_config
 from core.engine import restore_params
 from core.task import BatchField, LossSums
 from lm.data import rewards
@@ -200,7 +200,14 @@ def build_setup(config, workdir=None, need_train: bool = True) -> feedback.Feedb
         raise ConfigError(f"train.global_batch_size {batch} does not split into "
                           f"{algorithm}.minibatches {settings.minibatches} x train.microbatches "
                           f"{micro}")
-    if algorithm == "ppo" and config.get("lora") and config.lora.rank:
+    if algorithm == "ppo":
+        check_choice("ppo.kl_estimator", settings.kl_estimator, policy_losses.KL_ESTIMATORS,
+                     ConfigError)
+    else:
+        check_choice("grpo.aggregation", settings.aggregation,
+                     [*policy_losses.AGGREGATIONS, *policy_losses.AGGREGATIONS.values()],
+                     ConfigError)
+    if algorithm == "ppo" and registry.uses_lora(config):
         raise ConfigError("PPO's value head is trained whole, which LoRA cannot yet: set "
                           "lora.rank=0, or use grpo (no value model)")
     policy, reference, reference_source = policy_model.load_policy(config)

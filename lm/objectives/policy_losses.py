@@ -23,6 +23,8 @@ from core.task import LossSums
 
 # GRPO's token aggregations, by our name and TRL 1.16's GRPOConfig.loss_type for the same thing.
 AGGREGATIONS = {"sequence_mean": "grpo", "token_mean": "bnpo", "token_sum": "dr_grpo"}
+DPO_KINDS = ("sigmoid", "hinge", "ipo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 _TRL_NAMES = {trl: ours for ours, trl in AGGREGATIONS.items()}
 
 
@@ -89,7 +91,7 @@ def dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, b
     probability eps; TRL 1.16's "sigmoid" ignores label_smoothing. Metrics as TRL's: rewards
     beta * (pi - ref) for chosen and rejected, their margin, accuracy (chosen reward > rejected).
     """
-    check_choice("dpo kind", kind, ("sigmoid", "hinge", "ipo"))
+    check_choice("dpo kind", kind, DPO_KINDS)
     if label_smoothing and kind != "sigmoid":
         raise ConfigError(f"label_smoothing={label_smoothing} applies to the sigmoid DPO loss "
                           f"only; set it to 0 for kind={kind!r}")
@@ -129,7 +131,7 @@ def kl_estimate(logp_policy: jax.Array, logp_ref: jax.Array, kind: str = "k1") -
       k1 = -log r            unbiased, can be negative; = log p_policy - log p_ref
       k2 = (log r)^2 / 2     biased (matches KL to second order), always >= 0
       k3 = (r - 1) - log r   unbiased and always >= 0 (TRL's GRPO penalty, PPO's "k3")."""
-    check_choice("kl estimator", kind, ("k1", "k2", "k3"))
+    check_choice("kl estimator", kind, KL_ESTIMATORS)
     log_r = _f32(logp_ref) - _f32(logp_policy)
     if kind == "k1":
         return -log_r

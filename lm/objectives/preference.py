@@ -28,7 +28,7 @@ import numpy as np
 
 from core import trainer
 from core.batches import ArrayRows, BatchIterator, sum_batches
-from core.config import ConfigError, DataError
+from core.config import ConfigError, DataError, check_choice
 from core.task import BatchField, LossSums
 from lm.data import chat, preferences, rewards
 from lm.objectives import feedback, policy_losses, policy_model, registry
@@ -179,12 +179,17 @@ def load_pairs(config, workdir, policy, sampler) -> list[preferences.Pair]:
 def build_setup(config, workdir=None, need_train: bool = True) -> feedback.FeedbackSetup:
     feedback.check_config(config)
     f = config.feedback
+    if config.task == "reward" and registry.uses_lora(config):
+        raise ConfigError("the reward model trains its head whole, which LoRA cannot yet: "
+                          "set lora.rank=0")
+    if config.task == "dpo":
+        check_choice("dpo.kind", config.dpo.kind, policy_losses.DPO_KINDS, ConfigError)
+    if config.task == "dpo" and f.beta <= 0:
+        raise ConfigError(f"DPO needs feedback.beta > 0 (the KL strength; 0.1 is usual), got "
+                          f"{f.beta}")
     policy, reference, reference_source = policy_model.load_policy(config)
     row_len = f.max_prompt_tokens + f.max_new_tokens
     if config.task == "reward":
-        if config.get("lora") and config.lora.rank:
-            raise ConfigError("the reward model trains its head whole, which LoRA cannot yet: "
-                              "set lora.rank=0")
         task = RewardTask(policy.model_cfg, row_len, policy.params, source=policy.source,
                           margin=config.reward.margin, center_coef=config.reward.center_coef)
     else:
