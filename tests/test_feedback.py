@@ -225,3 +225,21 @@ def test_export_writes_the_policy_alone_with_our_chat_tokenizer(tiny_feedback, t
     with pytest.raises(ConfigError, match="scorer"):
         commands.export(load_config(spec, ["task=reward"]),
                         argparse.Namespace(workdir=str(reward_run), out=str(tmp_path / "rm")))
+
+
+@pytest.mark.parametrize("base_format", ["", "nf4_dq"], ids=["lora", "qlora"])
+def test_grpo_through_lora_reads_its_base_as_the_reference(base_format, tiny_feedback, tmp_path):
+    """The reference of a LoRA run is its base with the adapters off: no frozen copy, and at
+    step 1 (B = 0) the policy is the base exactly, so the measured KL is 0."""
+    from core.metrics import read_jsonl
+    spec, reward_run = tiny_feedback
+    config = load_config(spec, ["task=grpo", "train.steps=3", "train.async_checkpoint=false",
+                                f"feedback.reward_model={reward_run}", "lora.rank=4",
+                                f"lora.base_format={base_format}", "optim.learning_rate=3e-2"])
+    setup = online_rl.build_setup(config, tmp_path)
+    trainer.train(config, tmp_path, setup.task, setup.data)
+    kl = {r["step"]: r["kl"] for r in read_jsonl(tmp_path / "metrics.jsonl")
+          if r["split"] == "train"}
+    assert kl[1] == 0 and kl[3] != 0
+    state = restore_state(config, setup.task, tmp_path)[1]
+    assert set(state.params) == {"layers"}  # adapters only: A and B of the adapted kernels

@@ -77,6 +77,8 @@ def prompt_messages(item) -> list[dict]:
 
 
 def out_of_domain_lengths(task: str) -> tuple[int, ...]:
-    """The held-out lengths of a generated task (longer names, more flips, more steps)."""
-    return {"arithmetic": arithmetic.OUT_OF_DOMAIN}.get(task, instructions.OUT_OF_DOMAIN) \
-        if task != "ifbench" else ()
+    """The held-out lengths of a generated task (longer names, more flips, more steps); IFBench
+    has none."""
+    if task == "ifbench":
+        return ()
+    return arithmetic.OUT_OF_DOMAIN if task == "arithmetic" else instructions.OUT_OF_DOMAIN
