@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--task", default="last_letters")
     parser.add_argument("--n-max", type=int, default=16)
     parser.add_argument("--override", action="append", default=[],
-                        help="config overrides for the start's scoring, e.g. feedback.eval_prompts=50")
+                        help="config overrides for the start's scoring, e.g. "
+                        "feedback.eval_prompts=50")
     parser.add_argument("--out", default="")
     parser.add_argument("--plot", default="")
     args = parser.parse_args()

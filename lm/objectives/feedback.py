@@ -92,8 +92,8 @@ def scores(config, setup: FeedbackSetup, params, step: int, batch_size: int = 32
     rng = jax.random.key(f.seed + 7)
     sampler = eval_sampler(config, setup.sampler)
     for task in tasks(config):
-        for name, lengths in (("in_domain", None),
-                              *((f"length_{n}", (n,)) for n in rewards.out_of_domain_lengths(task))):
+        held_out_lengths = [(f"length_{n}", (n,)) for n in rewards.out_of_domain_lengths(task)]
+        for name, lengths in (("in_domain", None), *held_out_lengths):
             items, ids = held_out(config, sampler, task, lengths)
             _, greedy = sampler.sample(params_of(params), ids, rng, greedy=True,
                                        batch_size=batch_size)

@@ -147,7 +147,8 @@ def sample_pairs(config, policy: policy_model.Policy, sampler, batch_size: int =
     items = feedback.training_prompts(config)
     items, ids = sampler.encode([item for _, item in items], items)
     repeated = [p for p in ids for _ in range(f.pair_samples)]
-    _, texts = sampler.sample(policy.params, repeated, jax.random.key(f.seed), batch_size=batch_size)
+    _, texts = sampler.sample(policy.params, repeated, jax.random.key(f.seed),
+                              batch_size=batch_size)
     pairs = []
     for k, (task, item) in enumerate(items):
         replies = texts[k * f.pair_samples:(k + 1) * f.pair_samples]

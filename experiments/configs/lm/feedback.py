@@ -32,8 +32,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, task="grpo", model="smollm2-135m-instruct", init="", reference="",
                      tasks="last_letters", tokenizer="", size="smollm2", prompts=256,
                      eval_prompts=50, prompt_tokens=64, new_tokens=64, eval_tokens=112,
-                     temperature=1.0, beta=0.04, batch=16, steps=40, lr=1e-5, seed=0, lora=0, pairs="",
-                     reward_model="")
+                     temperature=1.0, beta=0.04, batch=16, steps=40, lr=1e-5, seed=0, lora=0,
+                     pairs="", reward_model="")
     config = ml_collections.ConfigDict()
     config.task = args.task
     config.feedback = ml_collections.ConfigDict({
