@@ -243,3 +243,22 @@ def test_grpo_through_lora_reads_its_base_as_the_reference(base_format, tiny_fee
     assert kl[1] == 0 and kl[3] != 0
     state = restore_state(config, setup.task, tmp_path)[1]
     assert set(state.params) == {"layers"}  # adapters only: A and B of the adapted kernels
+
+
+def test_rollouts_draw_only_the_prompts_that_fit(tiny_feedback, tmp_path):
+    """feedback.drop_long_prompts: the prompts over the limit are dropped before the prompt order
+    is made, so an epoch of rollouts visits only those kept (it once indexed past them)."""
+    from lm.objectives import feedback
+    spec, reward_run = tiny_feedback
+    common = ["task=grpo", "train.steps=5", "train.async_checkpoint=false",
+              f"feedback.reward_model={reward_run}", "feedback.drop_long_prompts=true"]
+    setup = online_rl.build_setup(load_config(spec, common), tmp_path / "probe", need_train=False)
+    items = feedback.training_prompts(load_config(spec, common))
+    lengths = sorted(len(ids) for ids in setup.sampler.encode([i for _, i in items])[1])
+    limit = lengths[len(lengths) // 2]
+    config = load_config(spec, [*common, f"feedback.max_prompt_tokens={limit}"])
+    setup = online_rl.build_setup(config, tmp_path / "run")
+    kept = len(setup.data.train.items)
+    assert 0 < kept < len(items)
+    trainer.train(config, tmp_path / "run", setup.task, setup.data)  # 5 steps: past one epoch
+    assert setup.data.train.order.step == 5

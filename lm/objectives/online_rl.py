@@ -132,7 +132,7 @@ class RolloutSource:
         self.prompts_per_step, self.group_size = rows // group_size, group_size
         self.items, self.ids = sampler.encode([item for _, item in items], items)
         self.sampler, self.score_fn, self.seed = sampler, score_fn, config.train.seed
-        self.order = BatchIterator(ArrayRows({"index": np.arange(len(items))}),
+        self.order = BatchIterator(ArrayRows({"index": np.arange(len(self.items))}),
                                    self.prompts_per_step, config.feedback.seed)
         self.timing: dict[str, float] = {}
 
