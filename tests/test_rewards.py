@@ -10,6 +10,7 @@ from core.config import ConfigError, DataError
 from core.packages import package_file
 from lm.data import arithmetic, ifbench, instructions, rewards
 from lm.data import ifbench_checks as checks
+from lm.data import ifbench_count_checks, ifbench_format_checks
 from lm.data import ifbench_text
 
 
@@ -82,7 +83,8 @@ def crafted(instruction_id, kw, record):
         words = ["And,", "but", "for", "nor", "or", "so", "yet"]
         return " ".join(words[:n]), " ".join(words[:n - 1] + ["then"])
     if instruction_id == "count:person_names":
-        return " and ".join(checks.PERSON_NAMES[:n]), " and ".join(checks.PERSON_NAMES).lower()
+        names = ifbench_count_checks.PERSON_NAMES
+        return " and ".join(names[:n]), " and ".join(names).lower()
     if instruction_id == "ratio:overlap":
         good = overlap_text(kw["reference_text"], kw["percentage"])
         far = overlap_text(kw["reference_text"], 100 if kw["percentage"] < 50 else 1)
@@ -170,7 +172,7 @@ def crafted(instruction_id, kw, record):
         sentences = [f"{chr(65 + k)}ord is here." for k in range(26)]
         return " ".join(sentences), " ".join(sentences[:25])
     if instruction_id == "custom:european_capitals_sort":
-        return ", ".join(checks.CAPITALS), ", ".join(checks.CAPITALS[::-1])
+        return ", ".join(ifbench_format_checks.CAPITALS), ", ".join(ifbench_format_checks.CAPITALS[::-1])
     if instruction_id == "custom:csv_city":
         rows = ["ID,Country,City,Year,Count"] + [f"{k},France,Paris,2000,{k}" for k in range(7)]
         return "\n".join(rows), "\n".join(rows[:-1])
@@ -194,7 +196,7 @@ def crafted(instruction_id, kw, record):
         return " ".join(["Other" if words[0] != "Other" else "Another"] + words[1:]), \
             kw["prompt_to_repeat"]
     if instruction_id == "repeat:repeat_simple":
-        return checks.REPEAT_SIMPLE, "Sure, here it is."
+        return ifbench_format_checks.REPEAT_SIMPLE, "Sure, here it is."
     if instruction_id == "repeat:repeat_span":
         words = kw["prompt_to_repeat"].split()
         return " ".join(words[kw["n_start"]:kw["n_end"]]), \

@@ -15,6 +15,7 @@ from core.packages import package_file
 EMOJI = ("emoji==2.16.0", "emoji/unicode_codes/emoji.json")
 SYLLAPY = ("syllapy==0.8.0", "syllapy/data.csv")
 PUNCT = string.punctuation
+STRIP = PUNCT + " "  # what the checkers strip from the ends of words
 
 _ALPHABETS = "([A-Za-z])"
 _PREFIXES = "(Mr|St|Mrs|Ms|Dr)[.]"
