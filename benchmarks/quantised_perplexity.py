@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from core.checkpoint import CheckpointError
 from benchmarks.report import emit
 from core.config import load_run_config
-from core.step import make_eval_step
+from core.step import host_eval
 from lm import commands
 from lm.eval import harness
 from lm.models import transformer as model_lib
@@ -75,15 +75,9 @@ def perplexities(workdir: str, max_batches: int, formats=FORMATS) -> dict:
     config = load_run_config(workdir)
     setup = commands.build(config, workdir, need_train=False)
     params, step = saved_params(workdir)
-    eval_step = jax.jit(make_eval_step(setup.task))
-
     def score(p):
-        def run(batch):
-            sums = jax.device_get(eval_step(p, {}, batch))
-            return {"loss": float(sums.loss), "weight": float(sums.weight),
-                    **{k: float(v) for k, v in sums.extra.items()}}
         started = time.perf_counter()
-        metrics = setup.data.evaluate(run, max_batches)
+        metrics = setup.data.evaluate(host_eval(setup.task, p), max_batches)
         return {"perplexity": math.exp(metrics["loss"]), "loss": metrics["loss"],
                 "bits_per_byte": metrics.get("bits_per_byte"),
                 "seconds": round(time.perf_counter() - started, 1)}

@@ -244,9 +244,7 @@ class Engine:
             with self.scope():
                 sums = jitted(params, {} if model_state is None else model_state,
                               self.global_batch(local_batch))
-            sums = jax.device_get(sums)
-            return {"loss": float(sums.loss), "weight": float(sums.weight),
-                    **{k: float(v) for k, v in sums.extra.items()}}
+            return jax.device_get(sums).as_floats()
         return run
 
 

@@ -13,6 +13,7 @@ learning phase: each epoch shuffles the rows and takes one optimiser update per 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -149,6 +150,18 @@ def make_train_step(task, optimizer: optax.GradientTransformation,
         return new_state, metrics
 
     return train_step
+
+
+def host_eval(task, params, model_state=None) -> Callable[[Any], dict[str, float]]:
+    """`run(batch) -> summed metrics as floats` of the task's eval loss on `params`, jitted
+    once per task, without the engine's mesh (scores of a restored run, benchmarks)."""
+    eval_step = _jitted_eval_step(task)
+    return lambda batch: jax.device_get(eval_step(params, model_state or {}, batch)).as_floats()
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_eval_step(task):
+    return jax.jit(make_eval_step(task))
 
 
 def make_eval_step(task):

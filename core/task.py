@@ -30,6 +30,11 @@ class LossSums:
     weight: jax.Array
     extra: dict[str, jax.Array]
 
+    def as_floats(self) -> dict[str, float]:
+        """The sums on the host as {"loss", "weight", *extra}: what evaluators add up."""
+        return {"loss": float(self.loss), "weight": float(self.weight),
+                **{k: float(v) for k, v in self.extra.items()}}
+
 
 class Task(Protocol):
     name: str

@@ -20,6 +20,7 @@ sum over the reply's tokens of log pi - log pi_ref (k1, unbiased on the policy's
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -76,13 +77,15 @@ class FeedbackSetup:
 
 def sequence_kl(task, params, batch) -> np.ndarray:
     """[B] sum over each row's completion of log pi - log pi_ref (at temperature 1)."""
-    @jax.jit
-    def kl(params, batch):
-        policy, reference = policy_model.policy_and_reference(params)
-        logp_BT, mask_BT, _ = task.read(policy, batch)
-        ref_BT, _, _ = task.read(reference, batch)
-        return jnp.sum((logp_BT - ref_BT) * mask_BT, axis=1)
-    return np.asarray(kl(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+    return np.asarray(_sequence_kl(task, params, {k: jnp.asarray(v) for k, v in batch.items()}))
+
+
+@functools.partial(jax.jit, static_argnums=0)  # compiled once per task and row shape
+def _sequence_kl(task, params, batch):
+    policy, reference = policy_model.policy_and_reference(params)
+    logp_BT, mask_BT, _ = task.read(policy, batch)
+    ref_BT, _, _ = task.read(reference, batch)
+    return jnp.sum((logp_BT - ref_BT) * mask_BT, axis=1)
 
 
 def scores(config, setup: FeedbackSetup, params, step: int, batch_size: int = 32) -> dict:

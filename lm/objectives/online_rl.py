@@ -34,7 +34,7 @@ from core.config import ConfigError, check_choice, load_run_config
 from core.engine import restore_params
 from core.task import BatchField, LossSums
 from lm.data import rewards
-from lm.objectives import feedback, policy_losses, policy_model, registry
+from lm.objectives import feedback, policy_losses, policy_model, preference, registry
 
 log = logging.getLogger(__name__)
 LORA = True  # GRPO trains through LoRA adapters; PPO's value head needs a full fine-tune
@@ -168,7 +168,6 @@ def programmatic_scores(cache: str):
 
 def reward_model_scores(workdir: str, fingerprint: str):
     """Scores from a trained reward run's head at each row's last token."""
-    from lm.objectives import preference  # the reward run's own setup rebuilds its task
     path = pathlib.Path(workdir)
     config = load_run_config(path, ())
     if config.task != "reward":

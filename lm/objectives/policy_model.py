@@ -63,14 +63,16 @@ def row_fields(row_len: int, pairs: bool = False) -> dict[str, BatchField]:
 
 
 def rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], row_len: int,
-         pad_id: int) -> dict[str, np.ndarray]:
-    """Rows from each prompt's and completion's token ids; a DataError if one does not fit."""
+         pad_id: int, where: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Rows from each prompt's and completion's token ids; a DataError (naming `where[b]`, if
+    given) if one does not fit."""
     tokens = np.full((len(prompt_ids), row_len), pad_id, np.int32)
     segments, mask = np.zeros_like(tokens), np.zeros_like(tokens)
     for b, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
         n = len(prompt) + len(completion)
         if n > row_len:
-            raise DataError(f"a prompt of {len(prompt)} and a completion of {len(completion)} "
+            raise DataError(f"{where[b] + ': ' if where else ''}a prompt of {len(prompt)} and a "
+                            f"completion of {len(completion)} "
                             f"tokens exceed the row of {row_len}: raise feedback.max_prompt_tokens"
                             " or feedback.max_new_tokens")
         tokens[b, :n] = list(prompt) + list(completion)

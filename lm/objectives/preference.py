@@ -29,6 +29,7 @@ import numpy as np
 from core import trainer
 from core.batches import ArrayRows, BatchIterator, sum_batches
 from core.config import ConfigError, DataError, check_choice
+from core.step import host_eval
 from core.task import BatchField, LossSums
 from lm.data import chat, preferences, rewards
 from lm.objectives import feedback, policy_losses, policy_model, registry
@@ -115,26 +116,26 @@ def pair_rows(pairs: list[preferences.Pair], template, tokenizer, row_len: int,
     """[N, 2, L] rows of the pairs; the completion is the last reply, its end-of-turn included;
     with_gap adds each pair's reward difference (0 where unknown). A pair that does not fit is
     a DataError naming it."""
-    fields = {k: np.zeros((len(pairs), 2, row_len), np.int32) for k in policy_model.ROW_FIELDS}
-    fields["tokens"][:] = tokenizer.pad_id
-    gaps = np.zeros((len(pairs),), np.float32)
-    for n, pair in enumerate(pairs):
-        prompt_len = len(tokenizer.encode([template.render(list(pair.prompt),
-                                                           add_generation_prompt=True)])[0])
-        for side, reply in enumerate((pair.chosen, pair.rejected)):
+    sides = []
+    for side in ("chosen", "rejected"):
+        prompts, replies = [], []
+        for pair in pairs:
+            prompt_len = len(tokenizer.encode([template.render(list(pair.prompt),
+                                                               add_generation_prompt=True)])[0])
             ids, mask = chat.encode_conversation(template, tokenizer.encode,
-                                                 pair.conversation(reply), 0, pair.where)
-            mask[:prompt_len] = 0
+                                                 pair.conversation(getattr(pair, side)), 0,
+                                                 pair.where)
             end = int(np.nonzero(mask)[0][-1]) + 1  # through the reply's end-of-turn
-            if end > row_len:
-                raise DataError(f"pair {pair.where}: {end} tokens exceed the row of {row_len}; "
-                                "raise feedback.max_prompt_tokens or feedback.max_new_tokens")
-            fields["tokens"][n, side, :end] = ids[:end]
-            fields["segment_ids"][n, side, :end] = 1
-            fields["completion_mask"][n, side, :end] = mask[:end]
-        if pair.chosen_reward is not None and pair.rejected_reward is not None:
-            gaps[n] = pair.chosen_reward - pair.rejected_reward
-    return ArrayRows({**fields, "reward_gap": gaps} if with_gap else fields)
+            prompts.append(list(ids[:prompt_len]))
+            replies.append(list(ids[prompt_len:end]))
+        sides.append(policy_model.rows(prompts, replies, row_len, tokenizer.pad_id,
+                                       [p.where for p in pairs]))
+    fields = {k: np.stack([sides[0][k], sides[1][k]], axis=1) for k in policy_model.ROW_FIELDS}
+    if with_gap:
+        fields["reward_gap"] = np.asarray(
+            [0.0 if p.chosen_reward is None or p.rejected_reward is None
+             else p.chosen_reward - p.rejected_reward for p in pairs], np.float32)
+    return ArrayRows(fields)
 
 
 def sample_pairs(config, policy: policy_model.Policy, sampler, batch_size: int = 64
@@ -238,10 +239,4 @@ def scores(config, setup, params, step: int) -> dict:
     pair accuracy and loss."""
     if config.task == "dpo":
         return feedback.scores(config, setup, params, step)
-    loss = jax.jit(lambda p, b: setup.task.loss(p, b, None, train=False))
-
-    def run_batch(batch):
-        sums = jax.device_get(loss(params, batch))
-        return {"loss": float(sums.loss), "weight": float(sums.weight),
-                **{k: float(v) for k, v in sums.extra.items()}}
-    return {"step": step, "validation": setup.data.evaluate(run_batch, 0)}
+    return {"step": step, "validation": setup.data.evaluate(host_eval(setup.task, params), 0)}

@@ -31,6 +31,7 @@ import numpy as np
 from core import trainer
 from core.batches import ArrayRows, BatchIterator, sum_batches
 from core.config import ConfigError, DataError
+from core.step import host_eval
 from core.task import BatchField, LossSums
 from lm.data import chat, instructions
 from lm.data.bpe_tokenizer import ByteLevelBPE
@@ -260,14 +261,7 @@ SCORES_FILE = "sft_scores.json"  # lm/commands.py writes scores() here after tra
 def scores(config, setup: SFTSetup, params, step: int) -> dict:
     """Validation loss on trained tokens; for generated tasks, greedy answer accuracy per task
     in domain (held-out seed) and out of domain (longer names / more flips)."""
-    loss = jax.jit(lambda p, batch: setup.task.loss(p, batch, jax.random.key(0), train=False))
-
-    def run_batch(batch) -> dict[str, float]:
-        sums = jax.device_get(loss(params, batch))
-        return {"loss": float(sums.loss), "weight": float(sums.weight),
-                **{k: float(v) for k, v in sums.extra.items()}}
-
-    result = {"step": step, "validation": setup.data.evaluate(run_batch, 0)}
+    result = {"step": step, "validation": setup.data.evaluate(host_eval(setup.task, params), 0)}
     s = config.sft
     if not (s.dataset in instructions.TASKS or s.dataset == "cot"):
         return result
