@@ -6,6 +6,8 @@ A source is anything with `len()`, `rows(index) -> {field: array}` and `content_
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import json
 import zlib
@@ -83,10 +85,13 @@ class BatchIterator:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of global batch `step`."""
+        return self.source.rows(self.batch_rows(step))
+
     def __next__(self) -> dict[str, np.ndarray]:
-        rows = self.batch_rows(self.step)
         self.step += 1
-        return self.source.rows(rows)
+        return self.batch(self.step - 1)
 
     def get_state(self) -> dict:
         return {"step": self.step, "fingerprint": self._fingerprint}
@@ -97,6 +102,45 @@ class BatchIterator:
                             f"batch size or seed differ: fingerprint {self._fingerprint} "
                             f"expected); restore with the config the checkpoint was written with")
         self.step = int(state["step"])
+
+
+class Prefetched:
+    """An iterator whose batch `step` is a pure function `batch(step)` (BatchIterator,
+    MixtureIterator), read `depth` batches ahead in a background thread, so that reading from
+    disk overlaps the device's work. Its state is the inner one at the batch consumed last."""
+
+    def __init__(self, inner, depth: int = 2):
+        self.inner, self.depth = inner, max(1, int(depth))
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._ahead: collections.deque = collections.deque()  # (step, future)
+
+    @property
+    def step(self) -> int:
+        return self.inner.step
+
+    def __iter__(self) -> "Prefetched":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        step = self.inner.step
+        if not self._ahead or self._ahead[0][0] != step:
+            self._ahead.clear()
+        while len(self._ahead) < self.depth + 1:
+            at = step + len(self._ahead)
+            self._ahead.append((at, self._pool.submit(self.inner.batch, at)))
+        batch = self._ahead.popleft()[1].result()
+        self.inner.step = step + 1
+        return batch
+
+    def host_metrics(self) -> dict:
+        return getattr(self.inner, "host_metrics", dict)()
+
+    def get_state(self) -> dict:
+        return self.inner.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.inner.set_state(state)
+        self._ahead.clear()
 
 
 def eval_batches(source: RowSource, global_batch_size: int, process_index: int = 0,

@@ -74,8 +74,10 @@ def read_text(path: str | pathlib.Path) -> str:
     return text
 
 
-def iter_jsonl(path: str | pathlib.Path) -> Iterator[dict]:
-    """The JSON objects of a .jsonl file, one per non-blank line; refuses a blank file."""
+def iter_jsonl(path: str | pathlib.Path, offsets: bool = False) -> Iterator:
+    """The JSON objects of a .jsonl file, one per non-blank line; refuses a blank file.
+
+    offsets=True yields (bytes read so far, object) pairs, for progress over large files."""
     path = _existing(path)
     offset, seen = 0, False
     with open(path, "rb") as f:
@@ -96,7 +98,7 @@ def iter_jsonl(path: str | pathlib.Path) -> Iterator[dict]:
                 raise DataError(f"{path}:{number}: expected a JSON object per line, got a "
                                 f"{type(row).__name__}")
             seen = True
-            yield row
+            yield (offset, row) if offsets else row
     if not seen:
         raise _empty(path)
 

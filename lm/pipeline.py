@@ -16,9 +16,10 @@ import jax
 import ml_collections
 
 from core import engine as engine_lib
-from core.batches import BatchIterator
+from core.batches import BatchIterator, Prefetched
 from core.trainer import TaskData
 from lm.data import windows as data_lib
+from lm.data.mixture import MixtureIterator
 from lm.data.tokenizer import Tokenizer, TokenizerMismatchError, check_tokenizer, tokenizer_meta
 from lm.models import transformer as model_lib
 from lm.objectives import registry
@@ -58,22 +59,31 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             f"data.tokenizer.path {config.data.tokenizer.path} differs from the tokenizer this "
             f"run was trained with ({saved_tokenizer}); leave data.tokenizer.path empty to use "
             "the run's own, or start a new --workdir")
-    splits = data_lib.load_splits(config.data)
-    tokenizer = data_lib.get_tokenizer(config.data, splits["train"]["text"], workdir)
+    tokenizer = data_lib.get_tokenizer(config.data, data_lib.train_texts(config.data), workdir)
     task = registry.make_task_for(config, tokenizer)
-    # Tasks with their own rows (sentence pairs) build them; the rest take packed windows.
-    make_windows = getattr(task, "make_windows", None) or (
-        lambda split, texts: data_lib.tokenized_windows(config.data, tokenizer, split, texts))
-    validation = make_windows("validation", splits["validation"]["text"])
+    batch, seed = config.train.global_batch_size, config.train.seed
+    where = (jax.process_index(), jax.process_count())
     train_iter = None
-    if need_train:
-        train_windows = make_windows("train", splits["train"]["text"])
-        train_iter = BatchIterator(
-            train_windows, config.train.global_batch_size, config.train.seed,
-            jax.process_index(), jax.process_count())
-        log.info("train: %d windows of %d tokens; validation: %d windows, %d bytes",
-                 len(train_windows.tokens), config.data.seq_len, len(validation.tokens),
-                 validation.num_bytes)
+    if getattr(task, "make_windows", None):  # tasks with their own rows (sentence pairs)
+        splits = data_lib.load_splits(config.data)
+        validation = task.make_windows("validation", splits["validation"]["text"])
+        if need_train:
+            train_iter = BatchIterator(task.make_windows("train", splits["train"]["text"]),
+                                       batch, seed, *where)
+    else:
+        corpus = data_lib.corpus_windows(config.data, tokenizer)
+        validation = corpus.validation
+        if need_train and len(corpus.train) == 1:
+            train_iter = BatchIterator(corpus.train[0], batch, seed, *where)
+        elif need_train:
+            train_iter = MixtureIterator(corpus.train, corpus.weights, corpus.names, batch, seed,
+                                         *where)
+        if need_train and config.data.get("prefetch", 2):
+            train_iter = Prefetched(train_iter, config.data.prefetch)
+        if need_train:
+            log.info("train: %s windows of %d tokens; validation: %d windows, %d bytes",
+                     "+".join(f"{len(w):,}" for w in corpus.train), config.data.seq_len,
+                     len(validation), validation.num_bytes)
     # One microbatch: what the train step already holds in memory at once.
     eval_batch = config.train.global_batch_size // max(1, config.train.microbatches)
     data = TaskData(train=train_iter,

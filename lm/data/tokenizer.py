@@ -29,6 +29,7 @@ class Tokenizer:
 
     def __init__(self, proto: bytes, path: str | pathlib.Path | None = None):
         self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.proto = proto
         self._fingerprint = hashlib.sha256(proto).hexdigest()
         self.path = pathlib.Path(path) if path else None
 

@@ -55,6 +55,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # True: attention and positions restart at each document inside a packed window.
         "document_masking": True,
         "cache_dir": "",
+        # The token store (lm/data/token_store.py): tokenizing processes (0: one per core), text
+        # per shard (a killed build resumes from its last shard), batches read ahead of the step.
+        "workers": 0,
+        "shard_mb": 256.0,
+        "prefetch": 2,
         "tokenizer": {"path": "", "kind": "bpe", "vocab_size": vocab,
                       "max_train_chars": 20_000_000},
     })
