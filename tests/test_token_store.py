@@ -99,7 +99,7 @@ def test_an_interrupted_build_resumes_from_its_last_shard(chapters, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         token_store.build(cfg, tok, tmp_path / "cut", shard_mb=0.2, progress=False)
     stores = tmp_path / "cut" / "stores"
-    (partial,) = stores.iterdir()
+    (partial,) = [p for p in stores.iterdir() if p.is_dir()]
     assert partial.name.endswith(".partial") and not list(partial.glob("*.tmp"))
     assert len(json.loads((partial / "progress.json").read_text())["shards"]) == 2
     monkeypatch.setattr(token_store, "_finish_shard", finish)
@@ -127,7 +127,7 @@ def test_a_full_disk_leaves_no_half_store(chapters, tmp_path, monkeypatch):
     monkeypatch.setattr(token_store._ShardWriter, "write", fills)
     with pytest.raises(DataError, match="disk filled.*free space and run again"):
         token_store.build(config(root, tmp_path), tok, tmp_path, shard_mb=0.2, progress=False)
-    left = list((tmp_path / "stores").iterdir())
+    left = [p for p in (tmp_path / "stores").iterdir() if p.is_dir()]
     assert [p.suffix for p in left] == [".partial"] and not list(left[0].glob("*.tmp"))
     assert not list(left[0].glob("meta.json"))
 
@@ -243,3 +243,18 @@ def test_a_mixture_trains_and_reports_its_token_shares(tmp_path):
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
     shares = rows[-1]["mix/austen"], rows[-1]["mix/brown"]
     assert abs(shares[0] - 0.25) < 0.02 and abs(sum(shares) - 1) < 1e-9
+
+
+def test_builders_of_one_store_take_turns(chapters, tmp_path, monkeypatch):
+    """Two builders at once (test workers sharing a cache): one builds, the other waits for it."""
+    import concurrent.futures
+    root, tok = chapters
+    encode, encoded = Tokenizer.encode, []
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, texts, **k: encoded.extend(texts) or
+                        encode(self, texts, **k))
+    cfg = config(root, tmp_path)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: token_store.build(cfg, tok, tmp_path, progress=False),
+                              range(2)))
+    assert paths[0] == paths[1] and len(encoded) == 120
+    assert all_rows(paths[0])[0].num_docs + all_rows(paths[0], "validation")[0].num_docs == 120

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import time
 from typing import Iterator
 
 import numpy as np
@@ -250,11 +252,26 @@ def build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, workers: int = 0,
           shard_mb: float = 256.0, progress: bool = True) -> pathlib.Path:
     """Builds the store for data.corpus if it is not there yet (resuming a killed build) and
     returns its folder."""
+    started = time.perf_counter()
     described = describe(data_cfg, tokenizer, cache)
     root = store_path(cache, described)
     if (root / "meta.json").is_file():
         TokenStore(root, described)
         return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building it: wait, then use its store
+        if (root / "meta.json").is_file():
+            TokenStore(root, described)
+            return root
+        _build(data_cfg, tokenizer, cache, described, root, workers, shard_mb, progress)
+    log.info("token store %s built in %.1f s", root, time.perf_counter() - started)
+    return root
+
+
+def _build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, described: dict,
+           root: pathlib.Path, workers: int, shard_mb: float, progress: bool) -> None:
+    started = time.perf_counter()
     partial = root.with_name(root.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     done_path = partial / "progress.json"
@@ -309,8 +326,7 @@ def build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, workers: int = 0,
     finally:
         encoder.close()
         bar.close()
-    _publish(partial, root, described, done["shards"], files)
-    return root
+    _publish(partial, root, described, done["shards"], files, time.perf_counter() - started)
 
 
 def _finish_shard(writers: dict, done: dict, done_path: pathlib.Path, positions: dict,
@@ -323,7 +339,7 @@ def _finish_shard(writers: dict, done: dict, done_path: pathlib.Path, positions:
 
 
 def _publish(partial: pathlib.Path, root: pathlib.Path, described: dict, shards: list,
-             files: list[dict]) -> None:
+             files: list[dict], seconds: float) -> None:
     for name, sizes in (("train", [s["train"] for s in shards]),
                         ("validation", [s["validation"] for s in shards])):
         if not sum(s["docs"] for s in sizes) and name == "train":
@@ -331,6 +347,7 @@ def _publish(partial: pathlib.Path, root: pathlib.Path, described: dict, shards:
             raise DataError(f"data.corpus '{described['corpus']}' holds no non-empty documents "
                             "for training")
     meta = dict(described, files=[dict(f, sha256=_sha256(f["path"])) for f in files],
+                build_seconds=seconds,  # this (last) run of the build
                 splits={split: {"shards": [s[split] for s in shards],
                                 "tokens": sum(s[split]["tokens"] for s in shards),
                                 "docs": sum(s[split]["docs"] for s in shards),

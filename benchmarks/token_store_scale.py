@@ -1,0 +1,215 @@
+"""Memory and speed of the token store at growing corpus sizes, and whether the loader keeps up.
+
+For each size (GB of text) the benchmark writes a jsonl corpus cycled from the built-in corpora
+(each cycle's documents get new ids, so they are new documents), then runs, as child processes:
+`python -m lm.data prepare` (tokenize into the store) and `experiments.main train` for 2 steps
+on it, sampling the resident memory of the whole process tree. Tokenization throughput per core
+is set against sentencepiece's own single-thread encode speed on the same text. Then the loader:
+steps per second of the tiny GPT on the largest corpus with real batches (read from the store,
+prefetched) against the same step fed one constant batch, alternating runs.
+
+    python -m benchmarks.token_store_scale --sizes 0.25,1,4 --out benchmarks/results/cpu_token_store.json
+
+Prints one JSON object with versions. Needs about 2.5x the largest size free under --scratch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+
+from benchmarks.report import emit
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "experiments/configs/lm/gpt.py:size=tiny"
+SOURCES = ("austen", "kjv", "brown", "python_doc", "wordnet", "gcide")
+FILE_BYTES = 256 << 20
+
+
+def make_corpus(folder: pathlib.Path, gigabytes: float) -> dict:
+    """jsonl files of documents cycled from the built-in corpora, up to `gigabytes` of text."""
+    done = folder.with_name(folder.name + ".done.json")  # beside it: a .json inside is corpus
+    if done.is_file():
+        return json.loads(done.read_text())
+    from lm.data import corpora
+    docs = [json.loads(line) for name in SOURCES for line in corpora.prepare(name).open()]
+    folder.mkdir(parents=True, exist_ok=True)
+    target, written, files, cycle, out = gigabytes * 1e9, 0, 0, 0, None
+    while written < target:
+        for doc in docs:
+            if out is None or out.tell() > FILE_BYTES:
+                out = (folder / f"part{files:04d}.jsonl").open("w", encoding="utf-8")
+                files += 1
+            out.write(json.dumps({"id": f"{cycle}:{doc['source']}:{doc['id']}",
+                                  "text": doc["text"]}) + "\n")
+            written += len(doc["text"].encode("utf-8"))
+            if written >= target:
+                break
+        cycle += 1
+    out.close()
+    info = {"text_bytes": written, "files": files,
+            "file_bytes": sum(p.stat().st_size for p in folder.glob("*.jsonl"))}
+    done.write_text(json.dumps(info))
+    return info
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Runs cmd, sampling the resident memory of it and its children every 0.1 s."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    root, peak_tree, peak_main = psutil.Process(proc.pid), 0, 0
+    while proc.poll() is None:
+        try:
+            main = root.memory_info().rss
+            tree = main + sum(c.memory_info().rss for c in root.children(recursive=True))
+        except psutil.Error:
+            continue
+        peak_main, peak_tree = max(peak_main, main), max(peak_tree, tree)
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return {"seconds": time.perf_counter() - started, "peak_rss_gb": peak_main / 1e9,
+            "peak_rss_tree_gb": peak_tree / 1e9, "stdout": out}
+
+
+def raw_encode_speed(tokenizer_path: str, corpus: pathlib.Path, sample_bytes: int) -> float:
+    """sentencepiece's own encode, one thread, on the first sample_bytes of the corpus: bytes/s."""
+    import sentencepiece as spm
+    processor = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    texts, size = [], 0
+    with (corpus / "part0000.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            size += len(texts[-1].encode("utf-8"))
+            if size >= sample_bytes:
+                break
+    best = 0.0
+    for _ in range(3):
+        started = time.perf_counter()
+        processor.encode(texts, num_threads=1)
+        best = max(best, size / (time.perf_counter() - started))
+    return best
+
+
+class ConstantBatches:
+    """The first batch of `inner`, every step: the loader taken out of the step."""
+
+    def __init__(self, inner):
+        self.inner, self.first = inner, next(inner)
+
+    def __next__(self):
+        return self.first
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def loader_rates(overrides: list[str], scratch: pathlib.Path, steps: int, rounds: int) -> dict:
+    """Steps per second (the second half of each run) with real and with constant batches."""
+    from core import trainer
+    from core.config import load_config
+    from lm import pipeline
+    rates: dict[str, list[float]] = {"real": [], "constant": []}
+    for k in range(rounds):
+        for kind in rates:
+            workdir = scratch / f"loader-{kind}-{k}"
+            config = load_config(str(REPO / CONFIG.split(":")[0]) + ":" + CONFIG.split(":")[1], [
+                *overrides, f"--config.train.steps={steps}", f"--config.train.log_every={steps // 2}",
+                "--config.train.eval_every=0", "--config.train.checkpoint_every=0",
+                "--config.optim.warmup_steps=1"])
+            setup = pipeline.build(config, workdir)
+            if kind == "constant":
+                setup.data.train = ConstantBatches(setup.data.train)
+            trainer.train(config, workdir, setup.task, setup.data)
+            rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+            rates[kind].append([r for r in rows if r.get("split") == "train"][-1]["steps_per_s"])
+    real, constant = statistics.median(rates["real"]), statistics.median(rates["constant"])
+    return {"steps": steps, "rounds": rates, "real_steps_per_s": real,
+            "constant_steps_per_s": constant, "real_over_constant": real / constant}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="0.25,1,4", help="GB of text, comma-separated")
+    parser.add_argument("--scratch", default="/tmp/genlab_token_store_bench")
+    parser.add_argument("--loader-steps", type=int, default=200)
+    parser.add_argument("--loader-rounds", type=int, default=3)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    scratch = pathlib.Path(args.scratch)
+    cache = scratch / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    from core.packages import cache_dir
+    for sub in ("corpora", "packages"):
+        if not (cache / sub).exists():
+            os.symlink(cache_dir() / sub, cache / sub)
+
+    # One tokenizer for every size: the demo's (austen+kjv+brown, 4,096 pieces).
+    from core.config import load_config
+    from lm.data import windows
+    demo = load_config(str(REPO / "experiments/configs/lm/gpt.py"), [])
+    tokenizer = windows.get_tokenizer(demo.data, windows.train_texts(demo.data))
+    # A small validation split: the final evaluation reads all of it.
+    common = [f"--config.data.tokenizer.path={tokenizer.path}", f"--config.data.cache_dir={cache}",
+              "--config.model.vocab_size=0", "--config.data.val_fraction=0.002"]
+    sizes = {}
+    for gigabytes in [float(s) for s in args.sizes.split(",")]:
+        corpus = scratch / f"corpus-{gigabytes:g}gb"
+        info = make_corpus(corpus, gigabytes)
+        overrides = [*common, f"--config.data.corpus=files:{corpus}"]
+        prepare = run_measured([sys.executable, "-m", "lm.data", "prepare", "--config",
+                                CONFIG, *overrides])
+        train = run_measured([sys.executable, "-m", "experiments.main", "train", "--config",
+                              CONFIG, *overrides, "--config.train.steps=2",
+                              "--config.optim.warmup_steps=1", "--config.train.eval_batches=2",
+                              "--workdir", str(scratch / f"train-{gigabytes:g}gb")])
+        stores = json.loads(prepare.pop("stdout"))["stores"]
+        (store,) = stores.values()
+        train.pop("stdout")
+        meta = json.loads((pathlib.Path(store["store"]) / "meta.json").read_text())
+        prepare["tokenize_seconds"] = meta["build_seconds"]  # reading, tokenizing, writing
+        rate = info["text_bytes"] / meta["build_seconds"]
+        sizes[f"{gigabytes:g}"] = {
+            **info, "tokens": store["train"]["tokens"] + store["validation"]["tokens"],
+            "prepare": prepare, "train_2_steps": train,
+            "tokenize_mb_per_s": rate / 1e6, "tokenize_mb_per_s_per_core": rate / os.cpu_count() / 1e6}
+    first = sizes[args.sizes.split(",")[0].strip()]
+    last_size = args.sizes.split(",")[-1].strip()
+    last = sizes[f"{float(last_size):g}"]
+    raw = raw_encode_speed(str(tokenizer.path), scratch / f"corpus-{float(last_size):g}gb", 32 << 20)
+    peak = lambda s: max(s["prepare"]["peak_rss_tree_gb"], s["train_2_steps"]["peak_rss_tree_gb"])
+    loader = loader_rates([*common, f"--config.data.corpus=files:{scratch}/corpus-{float(last_size):g}gb"],
+                          scratch, args.loader_steps, args.loader_rounds)
+
+    import jax
+    import sentencepiece
+    return emit({
+        "benchmark": "token_store_scale", "config": CONFIG, "sizes_gb": sizes,
+        "peak_rss_ratio_largest_over_smallest": peak(last) / peak(first),
+        "raw_sentencepiece_mb_per_s_one_thread": raw / 1e6,
+        "tokenize_per_core_over_raw": last["tokenize_mb_per_s_per_core"] * 1e6 / raw,
+        "loader": loader,
+        "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                     "sentencepiece": sentencepiece.__version__, "numpy": np.__version__},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                   f"{psutil.virtual_memory().total / 1e9:.0f} GB",
+        "command": "python -m benchmarks.token_store_scale " + " ".join(argv or sys.argv[1:]),
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()
