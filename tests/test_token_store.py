@@ -258,3 +258,12 @@ def test_builders_of_one_store_take_turns(chapters, tmp_path, monkeypatch):
                               range(2)))
     assert paths[0] == paths[1] and len(encoded) == 120
     assert all_rows(paths[0])[0].num_docs + all_rows(paths[0], "validation")[0].num_docs == 120
+
+
+def test_a_corpus_of_empty_documents_is_refused_and_leaves_nothing(chapters, tmp_path):
+    _, tok = chapters
+    (tmp_path / "blank.jsonl").write_text('{"body": ""}\n{"body": null}\n')
+    with pytest.raises(DataError, match="holds no non-empty documents"):
+        token_store.build(config(tmp_path, tmp_path / "cache"), tok, tmp_path / "cache",
+                          progress=False)
+    assert not [p for p in (tmp_path / "cache" / "stores").iterdir() if p.is_dir()]

@@ -340,12 +340,10 @@ def _finish_shard(writers: dict, done: dict, done_path: pathlib.Path, positions:
 
 def _publish(partial: pathlib.Path, root: pathlib.Path, described: dict, shards: list,
              files: list[dict], seconds: float) -> None:
-    for name, sizes in (("train", [s["train"] for s in shards]),
-                        ("validation", [s["validation"] for s in shards])):
-        if not sum(s["docs"] for s in sizes) and name == "train":
-            shutil.rmtree(partial)
-            raise DataError(f"data.corpus '{described['corpus']}' holds no non-empty documents "
-                            "for training")
+    if not sum(s["train"]["docs"] for s in shards):
+        shutil.rmtree(partial)
+        raise DataError(f"data.corpus '{described['corpus']}' holds no non-empty documents for "
+                        "training")
     meta = dict(described, files=[dict(f, sha256=_sha256(f["path"])) for f in files],
                 build_seconds=seconds,  # this (last) run of the build
                 splits={split: {"shards": [s[split] for s in shards],
