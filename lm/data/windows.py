@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import pathlib
 import zlib
@@ -24,8 +23,6 @@ from core.config import DataError, check_ranges
 from core.packages import atomic_write, cache_dir
 from lm.data import corpora, documents, mixture, token_store
 from lm.data.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
 
 
 def _texts_digest(texts: list[str]) -> str:
