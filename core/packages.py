@@ -39,6 +39,8 @@ def atomic_write(path: pathlib.Path, write: Callable[[object], None], mode: str 
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # a power cut leaves the old file or the new, never an empty one
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)

@@ -163,6 +163,7 @@ def test_bad_files_are_named(tmp_path):
 def test_mixture_specs():
     assert mixture.parse("austen+kjv") == [("austen+kjv", 1.0)]
     assert mixture.parse("files:/data/web") == [("files:/data/web", 1.0)]
+    assert mixture.parse("hub:user/name:2023") == [("hub:user/name:2023", 1.0)]  # a config
     assert mixture.parse("austen:0.2+files:/data/web:0.8") == [("austen", 0.2),
                                                                ("files:/data/web", 0.8)]
     with pytest.raises(DataError, match="give every part of a mixture a weight.*'kjv'"):

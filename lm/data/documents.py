@@ -165,6 +165,19 @@ def read_hub(spec: str, text_column: str) -> dict[str, Iterator[Document]]:
     return {split: docs(split) for split in ("train", "validation") if split in given}
 
 
+def hub_revision(spec: str) -> str:
+    """What identifies the hub dataset's current data (datasets' builder hash, which follows
+    the dataset's revision and files), so that an updated dataset gets a new token store."""
+    import datasets
+    name, _, config = spec.partition(":")
+    try:
+        return str(datasets.load_dataset_builder(name, config or None).hash)
+    except Exception as error:  # offline, unknown name, gated, ...: all one user-facing error
+        raise DataError(f"datasets.load_dataset_builder('{name}', {config or None!r}) failed: "
+                        f"{error}. Without internet, use a built-in corpus or "
+                        "'files:<path>'.") from error
+
+
 def is_validation(seed: int, source: str, doc_id: str, fraction: float) -> bool:
     h = hashlib.sha256(f"{seed}\x00{source}\x00{doc_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") < fraction * 2.0 ** 64

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fractions
 import re
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -20,11 +21,12 @@ _WEIGHT = re.compile(r"^(?P<spec>.+):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]
 
 
 def parse(corpus: str) -> list[tuple[str, float]]:
-    """[(spec, weight)]: one (corpus, 1.0) unless every '+'-part ends in ':<weight>'."""
+    """[(spec, weight)]: one (corpus, 1.0) unless there are several '+'-parts, each ending in
+    ':<weight>' (a lone 'hub:name:2023' is a hub config, not a weight)."""
     corpus = corpus.strip()
     parts = [p.strip() for p in corpus.split("+")]
     matches = [_WEIGHT.match(p) for p in parts]
-    if not any(matches):
+    if len(parts) == 1 or not any(matches):
         return [(corpus, 1.0)]
     if not all(matches):
         missing = [p for p, m in zip(parts, matches) if not m]
@@ -66,6 +68,7 @@ class MixtureIterator:
         self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, permutation)
         self.tokens_seen = np.zeros(len(sources))
         self._tokens_at: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
         self._fingerprint = digest([len(s) for s in sources], [str(c) for c in self.cumulative],
                                    b, seed, [s.content_crc() for s in sources])[:16]
 
@@ -117,14 +120,20 @@ class MixtureIterator:
         tokens = np.zeros(len(self.sources))
         for k, _, rows in parts:
             tokens[k] = int((rows["segment_ids"] != 0).sum())
-        self._tokens_at[step] = tokens  # counted once consumed (a prefetcher reads ahead)
+        with self._lock:
+            self._tokens_at[step] = tokens  # counted once consumed (a prefetcher reads ahead)
+            self._fold()
         return batch
+
+    def _fold(self) -> None:
+        for step in [s for s in self._tokens_at if s < self.step]:
+            self.tokens_seen += self._tokens_at.pop(step)
 
     def host_metrics(self) -> dict[str, float]:
         """Each source's share of the real tokens of the batches this process has consumed since
         it started."""
-        for step in [s for s in list(self._tokens_at) if s < self.step]:
-            self.tokens_seen += self._tokens_at.pop(step)
+        with self._lock:
+            self._fold()
         seen = max(1.0, self.tokens_seen.sum())
         return {f"mix/{name}": float(t / seen) for name, t in zip(self.names, self.tokens_seen)}
 
@@ -137,3 +146,5 @@ class MixtureIterator:
                             f" weights, batch size or seed differ); restore with the config the "
                             "checkpoint was written with")
         self.step = int(state["step"])
+        with self._lock:
+            self._tokens_at.clear()

@@ -17,6 +17,7 @@ stream, which random-access records cannot give without reading each record whol
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import errno
 import fcntl
 import hashlib
@@ -26,6 +27,7 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import threading
 import time
 from typing import Iterator
 
@@ -64,7 +66,8 @@ def describe(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path) -> dict:
     if bos < 0:
         raise DataError(f"tokenizer {tokenizer.path} defines neither BOS nor EOS; packing needs one")
     files = [] if spec.startswith("hub:") else documents.source_files(spec, cache)
-    return {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "bos": bos,
+    revision = documents.hub_revision(spec[4:]) if spec.startswith("hub:") else ""
+    return {"revision": revision,"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "bos": bos,
             "dtype": token_dtype(tokenizer.vocab_size), "corpus": spec,
             "text_column": data_cfg.text_column, "split_seed": int(data_cfg.split_seed),
             "val_fraction": float(data_cfg.val_fraction), "files": [f.stat() for f in files]}
@@ -86,11 +89,14 @@ class TokenStream:
     The documents' starts (8 bytes a document) are memmapped: a binary search touches few pages.
     """
 
+    _OPEN_SHARDS = 64  # descriptors kept open per stream (a corpus may have thousands of shards)
+
     def __init__(self, root: pathlib.Path, split: str, meta: dict):
         shards = meta["splits"][split]["shards"]
         self.dtype = np.dtype(meta["dtype"])
-        self.files = [os.open(root / f"{split}-{k:05d}.tokens", os.O_RDONLY)
-                      for k in range(len(shards))]
+        self.paths = [root / f"{split}-{k:05d}.tokens" for k in range(len(shards))]
+        self._open: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._lock = threading.Lock()
         self.starts = [np.memmap(root / f"{split}-{k:05d}.starts", dtype=np.int64, mode="r",
                                  shape=(s["docs"],)) if s["docs"] else np.zeros(0, np.int64)
                        for k, s in enumerate(shards)]
@@ -101,8 +107,18 @@ class TokenStream:
         self.num_bytes = int(meta["splits"][split]["bytes"])
 
     def __del__(self):
-        for fd in getattr(self, "files", ()):
+        for fd in getattr(self, "_open", {}).values():
             os.close(fd)
+
+    def _pread(self, shard: int, size: int, offset: int) -> bytes:
+        with self._lock:
+            fd = self._open.pop(shard, None)
+            if fd is None:
+                fd = os.open(self.paths[shard], os.O_RDONLY)
+                if len(self._open) >= self._OPEN_SHARDS:
+                    os.close(self._open.popitem(last=False)[1])
+            self._open[shard] = fd
+            return os.pread(fd, size, offset)
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         """stream[lo:hi] as int32 (0 <= lo <= hi <= num_tokens)."""
@@ -110,7 +126,7 @@ class TokenStream:
         shard, at, size = int(np.searchsorted(self.offsets, lo, "right")) - 1, lo, self.dtype.itemsize
         while at < hi:
             base, end = int(self.offsets[shard]), min(hi, int(self.offsets[shard + 1]))
-            raw = os.pread(self.files[shard], (end - at) * size, (at - base) * size)
+            raw = self._pread(shard, (end - at) * size, (at - base) * size)
             if len(raw) != (end - at) * size:
                 raise DataError(f"token store shard {shard} of {self.num_tokens:,} tokens is "
                                 "shorter than its meta.json says: the store is damaged; delete "
@@ -214,8 +230,9 @@ class _Encoder:
     def __init__(self, tokenizer: Tokenizer, bos: int, dtype: str, workers: int):
         self.tokenizer, self.bos, self.dtype, self.pool = tokenizer, bos, dtype, None
         if workers > 1:
-            context = multiprocessing.get_context("spawn")
-            self.pool = context.Pool(workers, encode_worker.start, (tokenizer.proto,))
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=encode_worker.start, initargs=(tokenizer.proto,))
         self.depth = 2 * max(1, workers)
 
     def map(self, chunks: Iterator[tuple]) -> Iterator[tuple]:
@@ -226,20 +243,23 @@ class _Encoder:
                 yield (chunk, *encode_worker.pack(ids, self.bos, self.dtype))
             return
         pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append((chunk, self.pool.apply_async(encode_worker.encode,
-                                                         (chunk[0], self.bos, self.dtype))))
-            if len(pending) >= self.depth:
+        try:
+            for chunk in chunks:
+                pending.append((chunk, self.pool.submit(encode_worker.encode, chunk[0], self.bos,
+                                                        self.dtype)))
+                if len(pending) >= self.depth:
+                    done, result = pending.popleft()
+                    yield (done, *result.result())
+            while pending:
                 done, result = pending.popleft()
-                yield (done, *result.get())
-        while pending:
-            done, result = pending.popleft()
-            yield (done, *result.get())
+                yield (done, *result.result())
+        except concurrent.futures.BrokenExecutor:
+            raise DataError("a tokenizing worker process died (out of memory?): run again with "
+                            "fewer data.workers; the finished shards are kept") from None
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _progress_bar(total: int | None, shown: bool):
@@ -275,7 +295,12 @@ def _build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, described: dict,
     partial = root.with_name(root.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     done_path = partial / "progress.json"
-    done = json.loads(done_path.read_text()) if done_path.is_file() else {"shards": []}
+    done = {"shards": []}
+    if done_path.is_file():
+        try:
+            done = json.loads(done_path.read_text())
+        except ValueError:
+            log.warning("%s is unreadable: the build starts over", done_path)
     skip = sum(s["docs_read"] for s in done["shards"])
     positions = {split: sum(s[split]["tokens"] for s in done["shards"]) for split in SPLITS}
     files = described["files"]
@@ -283,11 +308,10 @@ def _build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, described: dict,
     workers = workers or os.cpu_count() or 1
     if total is not None and total < _POOL_MIN_BYTES:
         workers = 1
-    encoder = _Encoder(tokenizer, described["bos"], described["dtype"], workers)
-    bar = _progress_bar(total, progress)
+    encoder, bar, writers = None, _progress_bar(total, progress), {}
     bar.update(done["shards"][-1]["read_bytes"] if done["shards"] else 0)
-    writers: dict = {}
     try:
+        encoder = _Encoder(tokenizer, described["bos"], described["dtype"], workers)
         chunk_chars = int(min(_CHUNK_CHARS, shard_mb * 2 ** 18))  # >= 4 chunks a shard
         chunks = _chunks(documents.split_documents(data_cfg, cache), skip, chunk_chars)
         shard_bytes, docs_read, read = 0, 0, bar.n
@@ -324,7 +348,8 @@ def _build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, described: dict,
             writer.discard()
         raise
     finally:
-        encoder.close()
+        if encoder is not None:
+            encoder.close()
         bar.close()
     _publish(partial, root, described, done["shards"], files, time.perf_counter() - started)
 
@@ -352,8 +377,8 @@ def _publish(partial: pathlib.Path, root: pathlib.Path, described: dict, shards:
                                 "bytes": sum(s[split]["bytes"] for s in shards)}
                         for split in SPLITS})
     atomic_write(partial / "meta.json", lambda f: json.dump(meta, f, indent=1))
-    (partial / "progress.json").unlink()
     os.replace(partial, root)
+    (root / "progress.json").unlink()  # after the rename: a kill before it loses no shard
     log.info("token store %s: %s", root, ", ".join(
         f"{split} {meta['splits'][split]['docs']:,} documents, {meta['splits'][split]['tokens']:,} "
         "tokens" for split in SPLITS))

@@ -192,6 +192,16 @@ class Windows:
         return batch
 
 
+def row_indices(index, n: int) -> np.ndarray:
+    """The rows a slice or an index array picks out of n, without an index of all n rows."""
+    if isinstance(index, slice):
+        return np.arange(*index.indices(n), dtype=np.int64)
+    rows = np.asarray(index, np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise IndexError(f"row index out of range [0, {n})")
+    return rows
+
+
 class StoreWindows:
     """Windows over a token stream on disk: row i is stream[i*T : i*T+T+1], padded after the
     stream ends, so every real token is a target once. Nothing is materialised: a batch reads
@@ -211,7 +221,7 @@ class StoreWindows:
         return f"windows of {self.seq_len} tokens", " or seq_len"
 
     def rows(self, index) -> dict[str, np.ndarray]:
-        rows = np.arange(self._len)[index]
+        rows = row_indices(index, self._len)
         t, end = self.seq_len, self.num_tokens
         tokens = np.full((len(rows), t + 1), self.pad_id, np.int32)
         for row, i in enumerate(rows.tolist()):
@@ -258,7 +268,9 @@ class ConcatRows:
         return zlib.crc32(json.dumps([s.content_crc() for s in self.sources]).encode())
 
     def rows(self, index) -> dict[str, np.ndarray]:
-        rows = np.arange(len(self))[index]
+        rows = row_indices(index, len(self))
+        if not len(rows):  # a host's share of the last evaluation batch may be empty
+            return self.sources[0].rows(rows)
         owner = np.searchsorted(self.offsets, rows, "right") - 1
         parts = [(owner == k, self.sources[k].rows(rows[owner == k] - self.offsets[k]))
                  for k in np.unique(owner)]
@@ -292,11 +304,20 @@ def prepare_store(data_cfg, tokenizer: Tokenizer, progress: bool = True) -> path
     if jax.process_count() == 1:
         return token_store.build(data_cfg, tokenizer, **build)
     from jax.experimental import multihost_utils
+    failure = None
     if jax.process_index() == 0:
-        root = token_store.build(data_cfg, tokenizer, **build)
-        StoreWindows(token_store.TokenStore(root), "train", int(data_cfg.seq_len),
-                     tokenizer.pad_id).content_crc()
-    multihost_utils.sync_global_devices(f"token store {data_cfg.corpus}")
+        try:
+            root = token_store.build(data_cfg, tokenizer, **build)
+            StoreWindows(token_store.TokenStore(root), "train", int(data_cfg.seq_len),
+                         tokenizer.pad_id).content_crc()
+        except Exception as error:  # the others must hear of it, not wait at the barrier forever
+            failure = error
+    built = multihost_utils.broadcast_one_to_all(np.int32(failure is None))
+    if failure is not None:
+        raise failure
+    if not built:
+        raise DataError("process 0 failed to build the token store of data.corpus "
+                        f"'{data_cfg.corpus}'; its log says why")
     return token_store.build(data_cfg, tokenizer, **build)
 
 
@@ -309,10 +330,10 @@ def corpus_windows(data_cfg, tokenizer: Tokenizer) -> CorpusWindows:
         store = token_store.TokenStore(prepare_store(part, tokenizer))
         windows = {split: StoreWindows(store, split, int(data_cfg.seq_len), tokenizer.pad_id)
                    for split in token_store.SPLITS}
-        if float(data_cfg.val_fraction) > 0 and not windows["validation"].num_docs:
-            raise DataError(f"data.corpus '{spec}' has only {windows['train'].num_docs} documents:"
-                            f" with val_fraction={data_cfg.val_fraction} the validation split is "
-                            "empty; add documents or change val_fraction")
+        if not windows["validation"].num_docs:
+            raise DataError(f"the validation split of data.corpus '{spec}' is empty "
+                            f"({windows['train'].num_docs} documents, val_fraction="
+                            f"{data_cfg.val_fraction}): add documents or raise val_fraction")
         train.append(windows["train"])
         validation.append(windows["validation"])
     return CorpusWindows(train, [w for _, w in parts], [spec for spec, _ in parts],
