@@ -5,8 +5,9 @@ For each size (GB of text) the benchmark writes a jsonl corpus cycled from the b
 `python -m lm.data prepare` (tokenize into the store) and `experiments.main train` for 2 steps
 on it, sampling the resident memory of the whole process tree. Tokenization throughput per core
 is set against sentencepiece's own single-thread encode speed on the same text. Then the loader:
-steps per second of the tiny GPT on the largest corpus with real batches (read from the store,
-prefetched) against the same step fed one constant batch, alternating runs.
+the time of one compiled step of the tiny GPT on the largest corpus fed as the trainer feeds it
+(the prefetching iterator over the store) against the same step fed one constant batch, in
+alternating blocks of steps.
 
     python -m benchmarks.token_store_scale --sizes 0.25,1,4 --out benchmarks/results/cpu_token_store.json
 
@@ -102,52 +103,43 @@ def raw_encode_speed(tokenizer_path: str, corpus: pathlib.Path, sample_bytes: in
     return best
 
 
-class ConstantBatches:
-    """The first batch of `inner`, every step: the loader taken out of the step."""
-
-    def __init__(self, inner):
-        self.inner, self.first = inner, next(inner)
-
-    def __next__(self):
-        return self.first
-
-    def get_state(self):
-        return self.inner.get_state()
-
-    def set_state(self, state):
-        self.inner.set_state(state)
-
-
-def loader_rates(overrides: list[str], scratch: pathlib.Path, steps: int, rounds: int) -> dict:
-    """Steps per second (the second half of each run) with real and with constant batches."""
-    from core import trainer
+def loader_rates(overrides: list[str], steps: int, rounds: int) -> dict:
+    """Seconds per step of one compiled train step, fed as the trainer feeds it (next batch of
+    the prefetching iterator, then Engine.global_batch), against the same step fed one constant
+    batch; blocks of `steps` steps alternate, so machine noise hits both alike."""
+    import jax
     from core.config import load_config
+    from core.engine import Engine
     from lm import pipeline
-    rates: dict[str, list[float]] = {"real": [], "constant": []}
-    for k in range(rounds):
-        for kind in rates:
-            workdir = scratch / f"loader-{kind}-{k}"
-            config = load_config(str(REPO / CONFIG.split(":")[0]) + ":" + CONFIG.split(":")[1], [
-                *overrides, f"--config.train.steps={steps}", f"--config.train.log_every={steps // 2}",
-                "--config.train.eval_every=0", "--config.train.checkpoint_every=0",
-                "--config.optim.warmup_steps=1"])
-            setup = pipeline.build(config, workdir)
-            if kind == "constant":
-                setup.data.train = ConstantBatches(setup.data.train)
-            trainer.train(config, workdir, setup.task, setup.data)
-            rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
-            rates[kind].append([r for r in rows if r.get("split") == "train"][-1]["steps_per_s"])
-    real, constant = statistics.median(rates["real"]), statistics.median(rates["constant"])
-    return {"steps": steps, "rounds": rates, "real_steps_per_s": real,
-            "constant_steps_per_s": constant, "real_over_constant": real / constant}
+    config = load_config(str(REPO / CONFIG.split(":")[0]) + ":" + CONFIG.split(":")[1], overrides)
+    setup = pipeline.build(config, "")
+    engine = Engine(config, setup.task)
+    state, compiled = engine.init_state(), engine.compiled_train_step()
+    constant = next(setup.data.train)
+    feeds = {"real": lambda: next(setup.data.train), "constant": lambda: constant}
+    seconds: dict[str, list[float]] = {kind: [] for kind in feeds}
+    for block in range(2 * rounds + 2):
+        kind = ("real", "constant")[block % 2]
+        started = time.perf_counter()
+        for _ in range(steps):
+            with engine.scope():
+                state, metrics = compiled(state, engine.global_batch(feeds[kind]()))
+        jax.block_until_ready(metrics)
+        if block >= 2:  # the first two blocks warm up
+            seconds[kind].append((time.perf_counter() - started) / steps)
+    real, fixed = statistics.median(seconds["real"]), statistics.median(seconds["constant"])
+    return {"steps_per_block": steps, "seconds_per_step": seconds, "real_s": real,
+            "constant_s": fixed, "real_over_constant_time": real / fixed}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="0.25,1,4", help="GB of text, comma-separated")
     parser.add_argument("--scratch", default="/tmp/genlab_token_store_bench")
-    parser.add_argument("--loader-steps", type=int, default=200)
-    parser.add_argument("--loader-rounds", type=int, default=3)
+    parser.add_argument("--loader-steps", type=int, default=100, help="steps per timed block")
+    parser.add_argument("--loader-rounds", type=int, default=10, help="blocks of each kind")
+    parser.add_argument("--loader-only", action="store_true",
+                        help="only the loader, on the largest size's corpus (already prepared)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     scratch = pathlib.Path(args.scratch)
@@ -166,6 +158,13 @@ def main(argv=None) -> dict:
     # A small validation split: the final evaluation reads all of it.
     common = [f"--config.data.tokenizer.path={tokenizer.path}", f"--config.data.cache_dir={cache}",
               "--config.model.vocab_size=0", "--config.data.val_fraction=0.002"]
+    last_size = args.sizes.split(",")[-1].strip()
+    measure_loader = lambda: loader_rates(
+        [*common, f"--config.data.corpus=files:{scratch}/corpus-{float(last_size):g}gb"],
+        args.loader_steps, args.loader_rounds)
+    if args.loader_only:
+        return emit({"benchmark": "token_store_scale", "config": CONFIG,
+                     "loader": measure_loader()}, args.out)
     sizes = {}
     for gigabytes in [float(s) for s in args.sizes.split(",")]:
         corpus = scratch / f"corpus-{gigabytes:g}gb"
@@ -188,12 +187,9 @@ def main(argv=None) -> dict:
             "prepare": prepare, "train_2_steps": train,
             "tokenize_mb_per_s": rate / 1e6, "tokenize_mb_per_s_per_core": rate / os.cpu_count() / 1e6}
     first = sizes[args.sizes.split(",")[0].strip()]
-    last_size = args.sizes.split(",")[-1].strip()
     last = sizes[f"{float(last_size):g}"]
     raw = raw_encode_speed(str(tokenizer.path), scratch / f"corpus-{float(last_size):g}gb", 32 << 20)
     peak = lambda s: max(s["prepare"]["peak_rss_tree_gb"], s["train_2_steps"]["peak_rss_tree_gb"])
-    loader = loader_rates([*common, f"--config.data.corpus=files:{scratch}/corpus-{float(last_size):g}gb"],
-                          scratch, args.loader_steps, args.loader_rounds)
 
     import jax
     import sentencepiece
@@ -202,7 +198,7 @@ def main(argv=None) -> dict:
         "peak_rss_ratio_largest_over_smallest": peak(last) / peak(first),
         "raw_sentencepiece_mb_per_s_one_thread": raw / 1e6,
         "tokenize_per_core_over_raw": last["tokenize_mb_per_s_per_core"] * 1e6 / raw,
-        "loader": loader,
+        "loader": measure_loader(),
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "sentencepiece": sentencepiece.__version__, "numpy": np.__version__},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
