@@ -90,9 +90,9 @@ class MixtureIterator:
             out[epochs == epoch] = self._perms[k][1][offsets[epochs == epoch]]
         return out
 
-    def batch_rows(self, step: int) -> list[tuple[int, np.ndarray]]:
-        """(source, its row indices) for this process's rows of global batch `step`, in the
-        order they take in the local batch."""
+    def batch_rows(self, step: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(source, where its rows go in the local batch, its row indices) for this process's
+        rows of global batch `step`."""
         first, last = self.rows_before(step), self.rows_before(step + 1)
         owner = np.repeat(np.arange(len(self.sources)), last - first)
         position = np.concatenate([np.arange(a, b) for a, b in zip(first, last)])
