@@ -32,6 +32,7 @@ from benchmarks.report import emit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "experiments/configs/lm/gpt.py:size=tiny"
+CONFIG_SPEC = str(REPO / CONFIG)  # load_config's form: the file's path, then the argument
 SOURCES = ("austen", "kjv", "brown", "python_doc", "wordnet", "gcide")
 FILE_BYTES = 256 << 20
 
@@ -103,7 +104,7 @@ def raw_encode_speed(tokenizer_path: str, corpus: pathlib.Path, sample_bytes: in
     return best
 
 
-def loader_rates(overrides: list[str], steps: int, rounds: int) -> dict:
+def loader_rates(overrides: list[str], workdir: pathlib.Path, steps: int, rounds: int) -> dict:
     """Seconds per step of one compiled train step, fed as the trainer feeds it (next batch of
     the prefetching iterator, then Engine.global_batch), against the same step fed one constant
     batch; blocks of `steps` steps alternate, so machine noise hits both alike."""
@@ -111,8 +112,8 @@ def loader_rates(overrides: list[str], steps: int, rounds: int) -> dict:
     from core.config import load_config
     from core.engine import Engine
     from lm import pipeline
-    config = load_config(str(REPO / CONFIG.split(":")[0]) + ":" + CONFIG.split(":")[1], overrides)
-    setup = pipeline.build(config, "")
+    config = load_config(CONFIG_SPEC, overrides)
+    setup = pipeline.build(config, workdir)  # it keeps the run's tokenizer.model there
     engine = Engine(config, setup.task)
     state, compiled = engine.init_state(), engine.compiled_train_step()
     constant = next(setup.data.train)
@@ -161,7 +162,7 @@ def main(argv=None) -> dict:
     last_size = args.sizes.split(",")[-1].strip()
     measure_loader = lambda: loader_rates(
         [*common, f"--config.data.corpus=files:{scratch}/corpus-{float(last_size):g}gb"],
-        args.loader_steps, args.loader_rounds)
+        scratch / "loader", args.loader_steps, args.loader_rounds)
     if args.loader_only:
         return emit({"benchmark": "token_store_scale", "config": CONFIG,
                      "loader": measure_loader()}, args.out)

@@ -41,7 +41,47 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class BatchIterator:
+class StepBatches:
+    """Endless training batches whose batch `step` is a pure function `batch(step)`, so that the
+    whole state is the step (guarded by a fingerprint of the data, batch size and seed)."""
+
+    step: int
+    _fingerprint: str
+    _mismatch = "other data (examples, batch size or seed differ)"  # what a foreign state means
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self.step += 1
+        return self.batch(self.step - 1)
+
+    def get_state(self) -> dict:
+        return {"step": self.step, "fingerprint": self._fingerprint}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("fingerprint") != self._fingerprint:
+            raise DataError(f"data iterator state {state} was saved for {self._mismatch}: "
+                            f"fingerprint {self._fingerprint} expected; restore with the config "
+                            "the checkpoint was written with")
+        self.step = int(state["step"])
+
+
+def scatter_rows(parts: list[tuple[np.ndarray, dict[str, np.ndarray]]],
+                 size: int) -> dict[str, np.ndarray]:
+    """One batch of `size` rows from parts of it: (where its rows go, their fields)."""
+    out = {}
+    for name, values in parts[0][1].items():
+        out[name] = np.empty((size, *values.shape[1:]), values.dtype)
+        for at, rows in parts:
+            out[name][at] = rows[name]
+    return out
+
+
+class BatchIterator(StepBatches):
     """Endless training batches; batch `step` is a pure function of (seed, step).
 
     Epoch e = step // (N // B) visits the rows in np.random.default_rng([seed, e])
@@ -82,31 +122,13 @@ class BatchIterator:
         start = k * self.global_batch_size + self._lo
         return self._permutation(epoch)[start:start + self.local_batch_size]
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `step`."""
         return self.source.rows(self.batch_rows(step))
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        self.step += 1
-        return self.batch(self.step - 1)
-
-    def get_state(self) -> dict:
-        return {"step": self.step, "fingerprint": self._fingerprint}
-
-    def set_state(self, state: dict) -> None:
-        if state.get("fingerprint") != self._fingerprint:
-            raise DataError(f"data iterator state {state} was saved for other data (examples, "
-                            f"batch size or seed differ: fingerprint {self._fingerprint} "
-                            f"expected); restore with the config the checkpoint was written with")
-        self.step = int(state["step"])
-
 
 class Prefetched:
-    """An iterator whose batch `step` is a pure function `batch(step)` (BatchIterator,
-    MixtureIterator), read `depth` batches ahead in a background thread, so that reading from
+    """A StepBatches (BatchIterator, MixtureIterator) read `depth` batches ahead in a background thread, so that reading from
     disk overlaps the device's work. Its state is the inner one at the batch consumed last."""
 
     def __init__(self, inner, depth: int = 2):

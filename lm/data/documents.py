@@ -145,23 +145,29 @@ def read_files(files: list[SourceFile], text_column: str) -> Iterator[Document]:
         done += os.path.getsize(file.path)
 
 
+def _from_hub(load, spec: str, **kwargs):
+    """datasets' load(name, config, **kwargs) for 'name[:config]', every failure one user error."""
+    name, _, config = spec.partition(":")
+    try:
+        return load(name, config or None, **kwargs)
+    except Exception as error:  # offline, unknown name, gated, ...: all one user-facing error
+        raise DataError(f"datasets.{load.__name__}('{name}', {config or None!r}) failed: {error}. "
+                        "Without internet, use a built-in corpus or 'files:<path>'.") from error
+
+
 def read_hub(spec: str, text_column: str) -> dict[str, Iterator[Document]]:
     """{'train'[, 'validation']}: the hub dataset's splits, streamed."""
     import datasets
-    name, _, config = spec.partition(":")
-    try:
-        given = datasets.load_dataset(name, config or None, streaming=True)
-    except Exception as error:  # offline, unknown name, gated, ...: all one user-facing error
-        raise DataError(f"datasets.load_dataset('{name}', {config or None!r}) failed: {error}. "
-                        "Without internet, use a built-in corpus or 'files:<path>'.") from error
+    given = _from_hub(datasets.load_dataset, spec, streaming=True)
     if "train" not in given:
         raise DataError(f"hub dataset '{spec}' has no 'train' split (splits: {list(given)})")
+    source = f"hub:{spec.partition(':')[0]}"
 
     def docs(split: str) -> Iterator[Document]:
         for number, row in enumerate(given[split], 1):
             text = _text_of(row, text_column, f"hub:{spec}[{split}] row {number}")
             if text:
-                yield _document(row, text, f"hub:{name}")
+                yield _document(row, text, source)
     return {split: docs(split) for split in ("train", "validation") if split in given}
 
 
@@ -169,13 +175,7 @@ def hub_revision(spec: str) -> str:
     """What identifies the hub dataset's current data (datasets' builder hash, which follows
     the dataset's revision and files), so that an updated dataset gets a new token store."""
     import datasets
-    name, _, config = spec.partition(":")
-    try:
-        return str(datasets.load_dataset_builder(name, config or None).hash)
-    except Exception as error:  # offline, unknown name, gated, ...: all one user-facing error
-        raise DataError(f"datasets.load_dataset_builder('{name}', {config or None!r}) failed: "
-                        f"{error}. Without internet, use a built-in corpus or "
-                        "'files:<path>'.") from error
+    return str(_from_hub(datasets.load_dataset_builder, spec).hash)
 
 
 def is_validation(seed: int, source: str, doc_id: str, fraction: float) -> bool:

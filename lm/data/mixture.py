@@ -10,11 +10,9 @@ from __future__ import annotations
 import fractions
 import re
 import threading
-from typing import Iterator
-
 import numpy as np
 
-from core.batches import digest
+from core.batches import StepBatches, digest, scatter_rows
 from core.config import DataError
 
 _WEIGHT = re.compile(r"^(?P<spec>.+):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
@@ -38,11 +36,13 @@ def parse(corpus: str) -> list[tuple[str, float]]:
     return mix
 
 
-class MixtureIterator:
+class MixtureIterator(StepBatches):
     """Endless training batches drawn from several row sources by weight (see module doc).
 
     Each process reads only its rows of the global batch (after a fixed shuffle of the batch, so
     every process sees every source)."""
+
+    _mismatch = "another mixture (sources, weights, batch size or seed differ)"
 
     def __init__(self, sources: list, weights: list[float], names: list[str],
                  global_batch_size: int, seed: int, process_index: int = 0,
@@ -102,21 +102,10 @@ class MixtureIterator:
         return [(k, owner == k, self._source_rows(k, position[owner == k]))
                 for k in np.unique(owner)]
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        self.step += 1
-        return self.batch(self.step - 1)
-
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `step`."""
         parts = [(k, at, self.sources[k].rows(rows)) for k, at, rows in self.batch_rows(step)]
-        batch = {}
-        for name, values in parts[0][2].items():
-            batch[name] = np.empty((self.local_batch_size, *values.shape[1:]), values.dtype)
-            for _, at, rows in parts:
-                batch[name][at] = rows[name]
+        batch = scatter_rows([(at, rows) for _, at, rows in parts], self.local_batch_size)
         tokens = np.zeros(len(self.sources))
         for k, _, rows in parts:
             tokens[k] = int((rows["segment_ids"] != 0).sum())
@@ -137,14 +126,7 @@ class MixtureIterator:
         seen = max(1.0, self.tokens_seen.sum())
         return {f"mix/{name}": float(t / seen) for name, t in zip(self.names, self.tokens_seen)}
 
-    def get_state(self) -> dict:
-        return {"step": self.step, "fingerprint": self._fingerprint}
-
     def set_state(self, state: dict) -> None:
-        if state.get("fingerprint") != self._fingerprint:
-            raise DataError(f"data iterator state {state} was saved for another mixture (sources,"
-                            f" weights, batch size or seed differ); restore with the config the "
-                            "checkpoint was written with")
-        self.step = int(state["step"])
+        super().set_state(state)
         with self._lock:
             self._tokens_at.clear()

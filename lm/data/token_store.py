@@ -1,4 +1,4 @@
-"""The token store: a corpus tokenized once into flat token shards on disk, read through np.memmap.
+"""The token store: a corpus tokenized once into flat token shards on disk, read by position.
 
 Layout of `<cache>/stores/<key>/` (the key hashes everything the tokens depend on: the format
 version, tokenizer fingerprint, BOS id, corpus spec, text column, split settings and the source
@@ -11,7 +11,7 @@ files' paths, sizes and mtimes):
 A shard is the tokens of the documents read while its input text reached data.shard_mb, so shard
 boundaries fall between documents and depend only on the input. The build goes to `<key>.partial/`
 and is published by one rename, so a half-written store is never read; killed, it resumes from the
-last finished shard. Plain memmapped files (not ArrayRecord via grain): a window is a slice of the
+last finished shard. Plain flat files (not ArrayRecord via grain): a window is a slice of the
 stream, which random-access records cannot give without reading each record whole.
 """
 from __future__ import annotations
@@ -67,8 +67,8 @@ def describe(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path) -> dict:
         raise DataError(f"tokenizer {tokenizer.path} defines neither BOS nor EOS; packing needs one")
     files = [] if spec.startswith("hub:") else documents.source_files(spec, cache)
     revision = documents.hub_revision(spec[4:]) if spec.startswith("hub:") else ""
-    return {"revision": revision,"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "bos": bos,
-            "dtype": token_dtype(tokenizer.vocab_size), "corpus": spec,
+    return {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "bos": bos,
+            "dtype": token_dtype(tokenizer.vocab_size), "corpus": spec, "revision": revision,
             "text_column": data_cfg.text_column, "split_seed": int(data_cfg.split_seed),
             "val_fraction": float(data_cfg.val_fraction), "files": [f.stat() for f in files]}
 
@@ -272,7 +272,6 @@ def build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, workers: int = 0,
           shard_mb: float = 256.0, progress: bool = True) -> pathlib.Path:
     """Builds the store for data.corpus if it is not there yet (resuming a killed build) and
     returns its folder."""
-    started = time.perf_counter()
     described = describe(data_cfg, tokenizer, cache)
     root = store_path(cache, described)
     if (root / "meta.json").is_file():
@@ -285,7 +284,6 @@ def build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, workers: int = 0,
             TokenStore(root, described)
             return root
         _build(data_cfg, tokenizer, cache, described, root, workers, shard_mb, progress)
-    log.info("token store %s built in %.1f s", root, time.perf_counter() - started)
     return root
 
 
@@ -302,7 +300,6 @@ def _build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, described: dict,
         except ValueError:
             log.warning("%s is unreadable: the build starts over", done_path)
     skip = sum(s["docs_read"] for s in done["shards"])
-    positions = {split: sum(s[split]["tokens"] for s in done["shards"]) for split in SPLITS}
     files = described["files"]
     total = sum(f["size"] for f in files) or None
     workers = workers or os.cpu_count() or 1
@@ -316,9 +313,9 @@ def _build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, described: dict,
         chunks = _chunks(documents.split_documents(data_cfg, cache), skip, chunk_chars)
         shard_bytes, docs_read, read = 0, 0, bar.n
         for (texts, is_val, sizes, read_bytes), tokens, lengths in encoder.map(chunks):
-            if not writers:
-                index = len(done["shards"])
-                writers = {split: _ShardWriter(partial, split, index, positions[split])
+            if not writers:  # a new shard: its documents start where the finished ones end
+                writers = {split: _ShardWriter(partial, split, len(done["shards"]),
+                                               sum(s[split]["tokens"] for s in done["shards"]))
                            for split in SPLITS}
             per_token = np.repeat(is_val, lengths)
             sizes = np.asarray(sizes)
@@ -331,21 +328,17 @@ def _build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, described: dict,
             read = read_bytes
             bar.set_postfix(docs=f"{skip + docs_read:,}", refresh=False)
             if shard_bytes >= shard_mb * 2 ** 20:
-                _finish_shard(writers, done, done_path, positions, docs_read, read_bytes)
+                _finish_shard(writers, done, done_path, docs_read, read_bytes)
                 writers, shard_bytes, docs_read = {}, 0, 0
         if writers:
-            _finish_shard(writers, done, done_path, positions, docs_read, read)
-    except OSError as error:
+            _finish_shard(writers, done, done_path, docs_read, read)
+    except BaseException as error:  # the half shard goes; the finished ones stay for a rerun
         for writer in writers.values():
             writer.discard()
-        if error.errno == errno.ENOSPC:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             raise DataError(f"the disk filled while writing the token store {partial}: free "
                             "space and run again; the finished shards are kept and the build "
                             "continues from them") from None
-        raise
-    except BaseException:
-        for writer in writers.values():
-            writer.discard()
         raise
     finally:
         if encoder is not None:
@@ -354,11 +347,9 @@ def _build(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path, described: dict,
     _publish(partial, root, described, done["shards"], files, time.perf_counter() - started)
 
 
-def _finish_shard(writers: dict, done: dict, done_path: pathlib.Path, positions: dict,
-                  docs_read: int, read_bytes: int) -> None:
+def _finish_shard(writers: dict, done: dict, done_path: pathlib.Path, docs_read: int,
+                  read_bytes: int) -> None:
     shard = {split: writer.finish() for split, writer in writers.items()}
-    for split in SPLITS:
-        positions[split] += shard[split]["tokens"]
     done["shards"].append({**shard, "docs_read": docs_read, "read_bytes": read_bytes})
     atomic_write(done_path, lambda f: json.dump(done, f))
 
@@ -379,6 +370,6 @@ def _publish(partial: pathlib.Path, root: pathlib.Path, described: dict, shards:
     atomic_write(partial / "meta.json", lambda f: json.dump(meta, f, indent=1))
     os.replace(partial, root)
     (root / "progress.json").unlink()  # after the rename: a kill before it loses no shard
-    log.info("token store %s: %s", root, ", ".join(
+    log.info("token store %s built in %.1f s: %s", root, seconds, ", ".join(
         f"{split} {meta['splits'][split]['docs']:,} documents, {meta['splits'][split]['tokens']:,} "
         "tokens" for split in SPLITS))

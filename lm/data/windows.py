@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 import datasets
 import numpy as np
 
-from core.batches import arrays_crc, digest, sum_batches
+from core.batches import arrays_crc, digest, scatter_rows, sum_batches
 from core.config import DataError, check_ranges
 from core.packages import atomic_write, cache_dir
 from lm.data import corpora, documents, mixture, token_store
@@ -220,18 +220,30 @@ class StoreWindows:
     def describe_rows(self) -> tuple[str, str]:
         return f"windows of {self.seq_len} tokens", " or seq_len"
 
-    def rows(self, index) -> dict[str, np.ndarray]:
-        rows = row_indices(index, self._len)
+    def _tokens(self, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), T+1] windows: one read for a run of consecutive rows, else one a row."""
         t, end = self.seq_len, self.num_tokens
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1:
+            lo = int(rows[0]) * t
+            span = self.stream.read(lo, min((int(rows[-1]) + 1) * t + 1, end))
+            positions = rows[:, None] * t + np.arange(t + 1) - lo
+            tokens = np.full(positions.shape, self.pad_id, np.int32)
+            real = positions < len(span)
+            tokens[real] = span[positions[real]]
+            return tokens
         tokens = np.full((len(rows), t + 1), self.pad_id, np.int32)
         for row, i in enumerate(rows.tolist()):
             span = self.stream.read(i * t, min(i * t + t + 1, end))
             tokens[row, :len(span)] = span
-        positions = rows[:, None].astype(np.int64) * t + np.arange(t + 1)
-        real = positions < end
+        return tokens
+
+    def rows(self, index) -> dict[str, np.ndarray]:
+        rows = row_indices(index, self._len)
+        positions = rows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        real = positions < self.num_tokens
         segment_ids = np.zeros(positions.shape, np.int32)
         segment_ids[real] = self.stream.document_index(positions[real])
-        return {"tokens": tokens, "segment_ids": segment_ids}
+        return {"tokens": self._tokens(rows), "segment_ids": segment_ids}
 
     def content_crc(self) -> int:
         """CRC-32 of the windows as one [N, T+1] int32 array (as Windows.content_crc), computed
@@ -239,16 +251,10 @@ class StoreWindows:
         path = self.store.root / f"crc-{self.split}-{self.seq_len}-{self.pad_id}.json"
         if path.is_file():
             return json.loads(path.read_text())["crc"]
-        crc, t, step = 0, self.seq_len, max(1, (1 << 22) // (self.seq_len + 1))
+        crc, step = 0, max(1, (1 << 22) // (self.seq_len + 1))
         for first in range(0, self._len, step):
-            rows = np.arange(first, min(first + step, self._len))
-            lo = first * t
-            span = self.stream.read(lo, min((rows[-1] + 1) * t + 1, self.num_tokens))
-            positions = rows[:, None] * t + np.arange(t + 1) - lo
-            windows = np.full(positions.shape, self.pad_id, np.int32)
-            real = positions < len(span)
-            windows[real] = span[positions[real]]
-            crc = zlib.crc32(windows.data, crc)
+            rows = np.arange(first, min(first + step, self._len), dtype=np.int64)
+            crc = zlib.crc32(self._tokens(rows).data, crc)
         atomic_write(path, lambda f: json.dump({"crc": crc}, f))
         return crc
 
@@ -272,15 +278,8 @@ class ConcatRows:
         if not len(rows):  # a host's share of the last evaluation batch may be empty
             return self.sources[0].rows(rows)
         owner = np.searchsorted(self.offsets, rows, "right") - 1
-        parts = [(owner == k, self.sources[k].rows(rows[owner == k] - self.offsets[k]))
-                 for k in np.unique(owner)]
-        out = {}
-        for name in parts[0][1]:
-            out[name] = np.empty((len(rows), *parts[0][1][name].shape[1:]),
-                                 parts[0][1][name].dtype)
-            for at, batch in parts:
-                out[name][at] = batch[name]
-        return out
+        return scatter_rows([(owner == k, self.sources[k].rows(rows[owner == k] - self.offsets[k]))
+                             for k in np.unique(owner)], len(rows))
 
 
 @dataclasses.dataclass
