@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core.batches import padded_length
+
 NEG_INF = -1e30
 
 
@@ -32,6 +34,7 @@ class SamplingConfig:
     pad_id: int = 0
     padding: str = "left"  # "left" | "right": where a shorter prompt is padded
     seed: int = 0
+    bucket: bool = False   # pad prompts to few lengths (decoding.pad_prompts): fewer compiles
 
     def __post_init__(self):
         if self.padding not in ("left", "right"):
@@ -78,12 +81,16 @@ def choose_tokens(logits_BV: jax.Array, rng: jax.Array, sampling: SamplingConfig
 # Prompts and cache
 # ---------------------------------------------------------------------------------------------
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, padding: str):
-    """(tokens [B, P], segment_ids [B, P], positions [B, P], lengths [B]) as numpy arrays."""
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, padding: str,
+                bucket: bool = False):
+    """(tokens [B, P], segment_ids [B, P], positions [B, P], lengths [B]) as numpy arrays. P is
+    the longest prompt, or with `bucket` that rounded up to core.batches.padded_length, so that
+    prompts of many lengths share few compiled shapes."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     lengths_B = np.array([len(p) for p in prompts], np.int32)
     B, P = len(prompts), int(lengths_B.max())
+    P = padded_length(P) if bucket else P
     tokens_BP = np.full((B, P), pad_id, np.int32)
     segments_BP = np.zeros((B, P), np.int32)
     for b, prompt in enumerate(prompts):
@@ -168,7 +175,7 @@ def generate_padded(model: nn.Module, params, prompts: Sequence[Sequence[int]],
     """(padded prompts as pad_prompts gives them, new tokens [B, N]): each row's tokens run to
     its first stop token (kept) and then pad_id. `rng` (a traced key: a new one per call
     compiles nothing) defaults to sampling.seed's."""
-    prompts_np = pad_prompts(prompts, sampling.pad_id, sampling.padding)
+    prompts_np = pad_prompts(prompts, sampling.pad_id, sampling.padding, sampling.bucket)
     cache_length(model, prompts_np[0].shape[1], sampling.max_new_tokens)
     rng = jax.random.key(sampling.seed) if rng is None else rng
     out_BN = _generate_jit(model, params, tuple(jnp.asarray(a) for a in prompts_np), sampling,

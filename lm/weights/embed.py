@@ -12,13 +12,15 @@ Packaged models are fetched once from their registry package into the cache (no 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from core import cli, packages, textfiles
 from core.batches import padded_length
@@ -40,6 +42,7 @@ class SentenceEncoder:
     tokenizer: Any          # tokenizers.Tokenizer (WordPiece, adds [CLS] ... [SEP])
     pooling: str = "mean"   # "mean" over real tokens | "cls" (the first token)
     normalize: bool = True
+    fingerprint: str = ""   # of the weights, config, tokenizer and pooling: what its vectors mean
 
 
 def model_dir(name_or_dir: str, cache: str = "") -> pathlib.Path:
@@ -82,7 +85,20 @@ def load_sentence_encoder(name_or_dir: str = DEFAULT_MODEL, cache: str = "") -> 
         max_len = min(max_len, json.loads(st_config.read_text()).get("max_seq_length", max_len))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_len)
-    return SentenceEncoder(cfg, params, tokenizer, _pooling(directory))
+    pooling = _pooling(directory)
+    return SentenceEncoder(cfg, params, tokenizer, pooling,
+                           fingerprint=_fingerprint(directory, f"{pooling}:{max_len}"))
+
+
+def _fingerprint(directory: pathlib.Path, settings: str) -> str:
+    digest = hashlib.sha256(settings.encode())
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        path = directory / name
+        if path.is_file():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _pooled(model, params, tokens_BT, types_BT, segments_BT, first: bool):
@@ -94,25 +110,37 @@ def _pooled(model, params, tokens_BT, types_BT, segments_BT, first: bool):
 _pooled_jit = jax.jit(_pooled, static_argnums=(0, 5))
 
 
-def embed(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """Embeddings [len(texts), D] (float32; unit length if encoder.normalize), in order."""
+def embed(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int = 32,
+          devices: Sequence[Any] | None = None,
+          progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Embeddings [len(texts), D] (float32; unit length if encoder.normalize), in order.
+
+    Texts run longest first in padded batches (core.batches.padded_length), each split over
+    `devices` (default: this process's), rounded up to a multiple of their count."""
     if isinstance(texts, str):
         raise TypeError("embed takes a list of texts, not one string")
     model = model_lib.Transformer(encoder.cfg)
+    mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
+    rows, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    params = jax.device_put(encoder.params, replicated)
     encodings = encoder.tokenizer.encode_batch(list(texts))
     order = sorted(range(len(texts)), key=lambda i: -len(encodings[i].ids))
     out = np.zeros((len(texts), encoder.cfg.d_model), np.float32)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         T = min(encoder.cfg.max_len, padded_length(len(encodings[chunk[0]].ids)))
-        tokens, types, real = (np.zeros((len(chunk), T), np.int32) for _ in range(3))
+        B = -(-len(chunk) // mesh.size) * mesh.size
+        tokens, types, real = (np.zeros((B, T), np.int32) for _ in range(3))
         for row, index in enumerate(chunk):
             ids = encodings[index].ids
             tokens[row, :len(ids)] = ids
             types[row, :len(ids)] = encodings[index].type_ids
             real[row, :len(ids)] = 1
-        out[chunk] = np.asarray(_pooled_jit(model, encoder.params, tokens, types, real,
-                                            encoder.pooling == "cls"))
+        arrays = (jax.device_put(a, rows) for a in (tokens, types, real))
+        pooled = _pooled_jit(model, params, *arrays, encoder.pooling == "cls")
+        out[chunk] = np.asarray(pooled)[:len(chunk)]
+        if progress is not None:
+            progress(len(chunk))
     if encoder.normalize:
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out

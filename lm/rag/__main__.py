@@ -1,0 +1,190 @@
+"""Retrieval-augmented generation over your own documents, offline.
+
+    python -m lm.rag index --collection files:docs/ --index runs/rag/docs      # build (resumable)
+    python -m lm.rag ask "Who wrote Emma?" --index runs/rag/docs               # answer, citing
+    python -m lm.rag evaluate --index runs/rag/qa --out runs/rag/qa/scores.json  # the benchmark
+    python -m lm.rag train-data --index runs/rag/qa --out runs/rag/squad_reader.jsonl
+
+`index` cuts the collection (lm/rag/collections.py: qa-bench, built-in corpora, files:, hub:)
+into passages and stores BM25 and dense vectors; `ask` retrieves the k best passages (bm25, dense
+or hybrid) and lets a chat model (SmolLM2-135M-Instruct by default, or a LoRA adapter, or one of
+our chat runs) answer with a span; `evaluate` measures retrieval and answers on the offline
+benchmark (lm/rag/evaluate.py); `train-data` writes SQuAD questions of the training half of the
+articles with their retrieved passages as conversations for the sft objective (a LoRA reader).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Sequence
+
+from core import cli
+from core.packages import atomic_write, cache_dir
+from lm.rag import evaluate, index as index_lib, reader as reader_lib, retrievers
+from lm.weights import embed
+
+SETTINGS = ("closed", "top1", "top3", "top5", "gold")
+
+
+def _open(args, encoder=None) -> index_lib.Index:
+    folder = pathlib.Path(args.index)
+    if not (folder / "meta.json").is_file() and getattr(args, "collection", ""):
+        settings = index_lib.IndexSettings(collection=args.collection)
+        return index_lib.build(folder, settings, cache_dir(args.cache), encoder=encoder)
+    return index_lib.Index(folder, encoder.fingerprint if encoder else "")
+
+
+def _index(args) -> None:
+    settings = index_lib.IndexSettings(
+        collection=args.collection, text_column=args.text_column, size=args.size,
+        overlap=args.overlap, encoder=args.encoder, shard_passages=args.shard_passages,
+        approximate_above=args.approximate_above)
+    built = index_lib.build(args.index, settings, cache_dir(args.cache), args.batch_size)
+    print(f"{args.index}: {len(built)} passages, {built.meta['vector_shards']} vector shards"
+          + (f", IVF {built.meta['ivf_lists']} lists" if built.ivf is not None else ""))
+
+
+def _reader(args):
+    return reader_lib.load_reader(args.model, args.adapter, args.cache)
+
+
+def _ask(args) -> None:
+    encoder = embed.load_sentence_encoder(args.encoder, args.cache)
+    index = _open(args, encoder)
+    rows = retrievers.retrieve(args.retriever, index, [args.question], args.k, encoder)[0]
+    passages = [index.passages[int(r)] for r in rows]
+    texts = [p.text for p in passages]
+    reader = _reader(args)
+    examples = evaluate.qa_sets.examples("squad", args.cache)[:args.shots]
+    reply = reader_lib.generate(reader, [reader_lib.messages(args.question, texts, "span",
+                                                             examples)],
+                                batch_size=1, temperature=args.temperature, seed=args.seed)[0]
+    answer = reader_lib.clean(reply)
+    sources = reader_lib.cited(answer, texts, [p.id for p in passages])
+    print(answer)
+    print("sources:", ", ".join(f"passage {i} ({index.passages[i].doc_id} "
+                                f"{index.passages[i].start}:{index.passages[i].end})"
+                                for i in sources) or "none of the retrieved passages holds it")
+    if args.show_passages:
+        for n, p in enumerate(passages, 1):
+            print(f"[{n}] passage {p.id} of {p.doc_id}: {p.text[:300]}")
+
+
+def _evaluate(args) -> dict:
+    encoder = embed.load_sentence_encoder(args.encoder, args.cache)
+    index = _open(args, encoder)
+    out = pathlib.Path(args.out)
+    summary: dict = {"index": str(args.index), "retriever": args.retriever, "model": args.model,
+                     "adapter": args.adapter, "shots": args.shots, "articles": args.articles,
+                     "limit": args.limit}
+    squad = evaluate.select("squad", args.cache, 0, args.articles)
+    if not args.skip_retrieval:
+        summary["retrieval"] = evaluate.retrieval(index, encoder, squad)
+        print(json.dumps(summary["retrieval"], indent=1))
+    reader = _reader(args) if args.sets else None
+    answered = []
+    for name in args.sets:
+        questions = evaluate.select(name, args.cache, args.limit, args.articles)
+        settings = args.settings if evaluate.ANSWER_SETS[name] != "closed" else ["closed"]
+        rows = evaluate.answer(reader, index, encoder, name, questions, settings,
+                               args.retriever, args.shots, args.cache, args.batch_size)
+        answered += rows
+        summary[name] = evaluate.summarize(rows)
+        print(name, json.dumps(summary[name], indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    evaluate.write_answers(out.with_suffix(".answers.jsonl"), answered)
+    atomic_write(out, lambda f: json.dump(summary, f, indent=1))
+    print(f"wrote {out}")
+    return summary
+
+
+def _train_data(args) -> None:
+    """Conversations whose reply is the first gold answer, prompted as evaluation prompts are."""
+    encoder = embed.load_sentence_encoder(args.encoder, args.cache)
+    index = _open(args, encoder)
+    questions = evaluate.select("squad", args.cache, 0, "train")
+    rows = retrievers.retrieve(args.retriever, index, [q.question for q in questions], args.k,
+                               encoder)
+    examples = evaluate.qa_sets.examples("squad", args.cache)[:args.shots]
+
+    def write(f):
+        for q, ranked in zip(questions, rows):
+            texts = [index.passages[int(r)].text for r in ranked]
+            conversation = reader_lib.messages(q.question, texts, "span", examples)
+            conversation.append({"role": "assistant", "content": q.answers[0]})
+            f.write(json.dumps({"id": q.id, "messages": conversation}, ensure_ascii=False) + "\n")
+    atomic_write(pathlib.Path(args.out), write)
+    print(f"wrote {len(questions)} conversations ({len({q.title for q in questions})} articles) "
+          f"to {args.out}")
+
+
+def _common(parser, reading: bool) -> None:
+    parser.add_argument("--index", required=True, help="the index folder")
+    parser.add_argument("--encoder", default=embed.DEFAULT_MODEL,
+                        help="sentence encoder (packaged name or directory)")
+    parser.add_argument("--cache", default="", help="cache folder (default ~/.cache/genlab)")
+    if reading:
+        parser.add_argument("--retriever", default="hybrid", choices=retrievers.METHODS)
+        parser.add_argument("--shots", type=int, default=3,
+                            help="solved SQuAD training examples shown first")
+        parser.add_argument("--model", default="smollm2-135m-instruct",
+                            help="reader: a GGUF chat model (name or path) or a chat run's workdir")
+        parser.add_argument("--adapter", default="", help="a PEFT LoRA adapter for the reader")
+        parser.add_argument("--collection", default="",
+                            help="build the index from this collection first if it is missing")
+
+
+def main(argv: Sequence[str] | None = None):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = cli.ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("index", help="build (or resume) an index")
+    _common(p, reading=False)
+    p.add_argument("--collection", default="qa-bench",
+                   help="qa-bench | built-in corpora (austen+kjv) | files:<path> | hub:<name>")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--size", type=int, default=index_lib.IndexSettings.size,
+                   help="passage length in encoder tokens")
+    p.add_argument("--overlap", type=int, default=index_lib.IndexSettings.overlap)
+    p.add_argument("--shard-passages", type=int, default=index_lib.IndexSettings.shard_passages)
+    p.add_argument("--approximate-above", type=int,
+                   default=index_lib.IndexSettings.approximate_above,
+                   help="build and search an IVF index past this many passages")
+    p.add_argument("--batch-size", type=int, default=64)
+    p = commands.add_parser("ask", help="answer a question from the index")
+    _common(p, reading=True)
+    p.add_argument("question")
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show-passages", action="store_true")
+    p = commands.add_parser("evaluate", help="the offline benchmark")
+    _common(p, reading=True)
+    p.add_argument("--out", required=True, help="summary JSON (answers go beside it)")
+    p.add_argument("--sets", default="squad,boolq,nq_open,trivia_qa",
+                   type=lambda s: [x for x in s.split(",") if x])
+    p.add_argument("--settings", default=",".join(SETTINGS), type=lambda s: s.split(","))
+    p.add_argument("--limit", type=int, default=0, help="the first N questions of each set")
+    p.add_argument("--articles", default="all", choices=("all", "train", "test"),
+                   help="SQuAD: only one half of the articles")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--skip-retrieval", action="store_true")
+    p = commands.add_parser("train-data", help="SQuAD reader fine-tuning conversations")
+    _common(p, reading=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--k", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        unknown = [s for s in args.sets if s not in evaluate.ANSWER_SETS]
+        bad = [s for s in args.settings if s not in ("closed", "gold")
+               and not (s.startswith("top") and s[3:].isdigit() and int(s[3:]) > 0)]
+        if unknown or bad:
+            parser.error(f"unknown --sets {unknown} or --settings {bad}: sets are "
+                         f"{sorted(evaluate.ANSWER_SETS)}, settings closed, gold, top<k>")
+    return {"index": _index, "ask": _ask, "evaluate": _evaluate,
+            "train-data": _train_data}[args.command](args)
+
+
+if __name__ == "__main__":
+    cli.main_entry(main)
