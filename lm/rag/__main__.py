@@ -75,48 +75,63 @@ def _evaluate(args) -> dict:
     encoder = embed.load_sentence_encoder(args.encoder, args.cache)
     index = _open(args, encoder)
     out = pathlib.Path(args.out)
-    summary: dict = {"index": str(args.index), "retriever": args.retriever, "model": args.model,
-                     "adapter": args.adapter, "shots": args.shots, "articles": args.articles,
-                     "limit": args.limit}
-    squad = evaluate.select("squad", args.cache, 0, args.articles)
+    summary: dict = {"index": str(args.index), "passages": len(index), "retriever": args.retriever,
+                     "model": args.model, "adapter": args.adapter, "shots": args.shots,
+                     "articles": args.articles, "limit": args.limit}
+    parts = out.with_name(out.name + ".parts")
+    evaluate.check_parts(parts, {**summary, "index": index.meta["collection_fingerprint"],
+                                 "encoder": index.meta["encoder_fingerprint"],
+                                 "size": index.meta["size"], "overlap": index.meta["overlap"]})
     if not args.skip_retrieval:
+        squad = evaluate.select("squad", args.cache, 0, args.articles)
         summary["retrieval"] = evaluate.retrieval(index, encoder, squad)
         print(json.dumps(summary["retrieval"], indent=1))
     reader = _reader(args) if args.sets else None
-    answered = []
     for name in args.sets:
         questions = evaluate.select(name, args.cache, args.limit, args.articles)
         settings = args.settings if evaluate.ANSWER_SETS[name] != "closed" else ["closed"]
-        rows = evaluate.answer(reader, index, encoder, name, questions, settings,
-                               args.retriever, args.shots, args.cache, args.batch_size)
-        answered += rows
-        summary[name] = evaluate.summarize(rows)
+        records = evaluate.answer(reader, index, encoder, name, questions, settings,
+                                  args.retriever, args.shots, args.cache, parts, args.batch_size)
+        summary[name] = evaluate.summarize(records)
         print(name, json.dumps(summary[name], indent=1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    evaluate.write_answers(out.with_suffix(".answers.jsonl"), answered)
     atomic_write(out, lambda f: json.dump(summary, f, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {out} (answers in {parts})")
     return summary
 
 
 def _train_data(args) -> None:
-    """Conversations whose reply is the first gold answer, prompted as evaluation prompts are."""
+    """Conversations whose reply is the first gold answer, prompted as evaluation prompts are,
+    from the questions of the training half of the SQuAD articles. Each gets the retriever's k
+    best passages; when none of them holds an answer, the last is replaced by the gold
+    document's passage that does, so every reply can be read from its prompt."""
     encoder = embed.load_sentence_encoder(args.encoder, args.cache)
     index = _open(args, encoder)
     questions = evaluate.select("squad", args.cache, 0, "train")
     rows = retrievers.retrieve(args.retriever, index, [q.question for q in questions], args.k,
                                encoder)
     examples = evaluate.qa_sets.examples("squad", args.cache)[:args.shots]
+    gold = evaluate.gold_passages(index)
+    replaced = 0
+
+    def holding(question, candidates) -> list[int]:
+        texts = [index.passages[r].text for r in candidates]
+        return [r for a in question.answers for r in reader_lib.cited(a, texts, candidates)]
 
     def write(f):
+        nonlocal replaced
         for q, ranked in zip(questions, rows):
-            texts = [index.passages[int(r)].text for r in ranked]
+            chosen = [int(r) for r in ranked]
+            if not holding(q, chosen):
+                chosen[-1] = (holding(q, gold[q.gold_doc]) or gold[q.gold_doc])[0]
+                replaced += 1
+            texts = [index.passages[r].text for r in chosen]
             conversation = reader_lib.messages(q.question, texts, "span", examples)
             conversation.append({"role": "assistant", "content": q.answers[0]})
             f.write(json.dumps({"id": q.id, "messages": conversation}, ensure_ascii=False) + "\n")
     atomic_write(pathlib.Path(args.out), write)
-    print(f"wrote {len(questions)} conversations ({len({q.title for q in questions})} articles) "
-          f"to {args.out}")
+    print(f"wrote {len(questions)} conversations ({len({q.title for q in questions})} articles; "
+          f"{replaced} with a gold passage put in) to {args.out}")
 
 
 def _common(parser, reading: bool) -> None:
@@ -161,7 +176,8 @@ def main(argv: Sequence[str] | None = None):
     p.add_argument("--show-passages", action="store_true")
     p = commands.add_parser("evaluate", help="the offline benchmark")
     _common(p, reading=True)
-    p.add_argument("--out", required=True, help="summary JSON (answers go beside it)")
+    p.add_argument("--out", required=True,
+                   help="summary JSON; the answers go to <out>.parts/, and a rerun resumes there")
     p.add_argument("--sets", default="squad,boolq,nq_open,trivia_qa",
                    type=lambda s: [x for x in s.split(",") if x])
     p.add_argument("--settings", default=",".join(SETTINGS), type=lambda s: s.split(","))

@@ -9,14 +9,15 @@ Answers, per question set and setting:
   top<k>   the retriever's k best passages
   gold     the gold document's passages (the oracle)
 SQuAD, NQ-open and TriviaQA: exact match and F1 (SQuAD normalisation, best over the answers);
-BoolQ: accuracy of yes/no. Every mean with its 95% bootstrap interval; every answer written to
-<out>.answers.jsonl beside the summary, with the passages it was given and the ones it cites.
+BoolQ: accuracy of yes/no. Every mean with its 95% bootstrap interval; every answer kept with
+the passages it was given and the ones it cites.
 SQuAD questions can be limited to one half of the articles (`articles`: by a hash of the title),
-so a reader fine-tuned on the other half is measured on articles it never saw.
+so a reader fine-tuned on the other half is measured on articles it never saw. Answers are kept
+as they come (<out>.parts/), so a killed run resumes; parts of another reader, retriever or index
+are refused.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import time
@@ -24,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from core.packages import atomic_write
+from core.config import ConfigError
 from lm.data.documents import is_validation
 from lm.rag import index as index_lib, metrics, qa_sets, reader as reader_lib, retrievers
 from lm.weights import embed
@@ -75,17 +76,6 @@ def retrieval(index: index_lib.Index, encoder, questions: Sequence[qa_sets.Quest
     return out
 
 
-@dataclasses.dataclass
-class Answered:
-    question: qa_sets.Question
-    setting: str
-    passages: list[int]
-    reply: str
-    answer: str
-    cited: list[int]
-    scores: dict
-
-
 def _score(kind: str, answer: str, answers: Sequence[str]) -> dict:
     if kind == "yesno":
         first = (metrics.normalize_answer(answer).split() or [""])[0]
@@ -103,8 +93,12 @@ def gold_passages(index: index_lib.Index) -> dict[str, list[int]]:
 
 def answer(reader, index: index_lib.Index | None, encoder, name: str,
            questions: Sequence[qa_sets.Question], settings: Sequence[str], retriever: str,
-           shots: int, cache: str, batch_size: int = 8, progress: bool = True) -> list[Answered]:
-    """Every question answered in every setting (closed, top<k>, gold)."""
+           shots: int, cache: str, parts: pathlib.Path, batch_size: int = 8,
+           chunk: int = 64, progress: bool = True) -> list[dict]:
+    """Every question answered in every setting (closed, top<k>, gold): one record each.
+
+    Records are appended to parts/<name>.<setting>.jsonl `chunk` questions at a time, and the
+    questions found there are not asked again, so a killed evaluation resumes where it was."""
     from tqdm import tqdm
     kind = ANSWER_SETS[name]
     examples = qa_sets.examples("boolq" if kind == "yesno" else "squad", cache)[:shots]
@@ -114,48 +108,80 @@ def answer(reader, index: index_lib.Index | None, encoder, name: str,
     by_doc = gold_passages(index) if index is not None else {}
     out = []
     for setting in settings:
-        given: list[list[int]] = []
-        for q, question in enumerate(questions):
-            if setting == "closed":
-                given.append([])
-            elif setting == "gold":
-                given.append(by_doc[question.gold_doc])
-            else:
-                given.append([int(r) for r in ranked[q, :int(setting[3:])]])
-        setting_kind = "closed" if setting == "closed" and kind == "span" else kind
-        conversations = [reader_lib.messages(
-            q.question, [index.passages[r].text for r in rows], setting_kind, examples)
-            for q, rows in zip(questions, given)]
-        with tqdm(total=len(questions), desc=f"{name} {setting}", disable=not progress) as bar:
-            replies = reader_lib.generate(reader, conversations, batch_size=batch_size,
-                                          max_new_tokens=4 if kind == "yesno" else 24,
-                                          progress=bar.update)
-        for q, rows, reply in zip(questions, given, replies):
-            span = reader_lib.clean(reply)
-            texts = [index.passages[r].text for r in rows]
-            out.append(Answered(q, setting, rows, reply, span,
-                                reader_lib.cited(span, texts, rows),
-                                _score(kind, span, q.answers)))
+        path = parts / f"{name}.{setting}.jsonl"
+        done = {r["id"]: r for r in _read_jsonl(path)}
+        todo = [q for q in range(len(questions)) if questions[q].id not in done]
+        with tqdm(total=len(questions), initial=len(questions) - len(todo),
+                  desc=f"{name} {setting}", disable=not progress) as bar:
+            for start in range(0, len(todo), chunk):
+                rows = _answer_chunk(reader, index, questions, todo[start:start + chunk],
+                                     setting, kind, examples, ranked, by_doc, batch_size,
+                                     bar.update)
+                with open(path, "a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                done.update((r["id"], r) for r in rows)
+        out += [done[q.id] for q in questions]
     return out
 
 
-def summarize(answered: Sequence[Answered]) -> dict:
+def _answer_chunk(reader, index, questions, chosen: Sequence[int], setting: str, kind: str,
+                  examples, ranked, by_doc, batch_size: int, progress) -> list[dict]:
+    given: list[list[int]] = []
+    for q in chosen:
+        if setting == "closed":
+            given.append([])
+        elif setting == "gold":
+            given.append(by_doc[questions[q].gold_doc])
+        else:
+            given.append([int(r) for r in ranked[q, :int(setting[3:])]])
+    setting_kind = "closed" if setting == "closed" and kind == "span" else kind
+    conversations = [reader_lib.messages(questions[q].question,
+                                         [index.passages[r].text for r in rows], setting_kind,
+                                         examples) for q, rows in zip(chosen, given)]
+    replies = reader_lib.generate(reader, conversations, batch_size=batch_size,
+                                  max_new_tokens=4 if kind == "yesno" else 24, progress=progress)
+    records = []
+    for q, rows, reply in zip(chosen, given, replies):
+        question, span = questions[q], reader_lib.clean(reply)
+        texts = [index.passages[r].text for r in rows]
+        records.append({"id": question.id, "setting": setting, "question": question.question,
+                        "gold": list(question.answers), "passages": rows, "reply": reply,
+                        "answer": span, "cited": reader_lib.cited(span, texts, rows),
+                        **_score(kind, span, question.answers)})
+    return records
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.endswith("\n")]  # a cut last line: redo
+
+
+METRICS = ("exact_match", "f1", "accuracy")
+
+
+def summarize(records: Sequence[dict]) -> dict:
     """{setting: {metric: {mean, low, high, n}}} with the share of answers that cite a passage."""
     out: dict = {}
-    for setting in dict.fromkeys(a.setting for a in answered):
-        rows = [a for a in answered if a.setting == setting]
-        out[setting] = {m: metrics.mean_interval([a.scores[m] for a in rows])
-                        for m in rows[0].scores}
-        if rows[0].passages:
-            out[setting]["cites_a_passage"] = float(np.mean([bool(a.cited) for a in rows]))
+    for setting in dict.fromkeys(r["setting"] for r in records):
+        rows = [r for r in records if r["setting"] == setting]
+        out[setting] = {m: metrics.mean_interval([r[m] for r in rows])
+                        for m in METRICS if m in rows[0]}
+        if rows[0]["passages"]:
+            out[setting]["cites_a_passage"] = float(np.mean([bool(r["cited"]) for r in rows]))
     return out
 
 
-def write_answers(path: pathlib.Path, answered: Sequence[Answered]) -> None:
-    def write(f):
-        for a in answered:
-            f.write(json.dumps({"id": a.question.id, "setting": a.setting,
-                                "question": a.question.question, "gold": a.question.answers,
-                                "passages": a.passages, "reply": a.reply, "answer": a.answer,
-                                "cited": a.cited, **a.scores}, ensure_ascii=False) + "\n")
-    atomic_write(path, write)
+def check_parts(parts: pathlib.Path, identity: dict) -> None:
+    """Answers already in `parts` must come from the same reader, retriever, prompts and index."""
+    parts.mkdir(parents=True, exist_ok=True)
+    path = parts / "identity.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != identity:
+            different = [k for k in identity if saved.get(k) != identity[k]]
+            raise ConfigError(f"{parts} holds answers of another evaluation ({', '.join(different)}"
+                              " differ): choose another --out or delete that folder")
+    else:
+        path.write_text(json.dumps(identity, indent=1))

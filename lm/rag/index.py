@@ -67,11 +67,11 @@ def _differences(saved: dict, wanted: dict) -> list[str]:
     return [f"{k} {saved.get(k)!r} != {v!r}" for k, v in wanted.items() if saved.get(k) != v]
 
 
-def _write_json(path: pathlib.Path, value) -> None:
+def write_json(path: pathlib.Path, value) -> None:
     atomic_write(path, lambda f: json.dump(value, f, indent=1))
 
 
-def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
+def save_npy(path: pathlib.Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array), mode="wb")
 
 
@@ -169,7 +169,7 @@ def build(folder: str | pathlib.Path, settings: IndexSettings, cache: pathlib.Pa
     rank, ranks = jax.process_index(), jax.process_count()
     with _lock(folder):
         if rank == 0 and not (folder / "settings.json").is_file():
-            _write_json(folder / "settings.json", {**wanted, "settings": dataclasses.asdict(
+            write_json(folder / "settings.json", {**wanted, "settings": dataclasses.asdict(
                 settings)})
         passages = _passages(folder, settings, cache, encoder, progress and rank == 0)
     if rank == 0 and not (folder / "bm25.npz").is_file():
@@ -184,8 +184,8 @@ def build(folder: str | pathlib.Path, settings: IndexSettings, cache: pathlib.Pa
         meta = {**wanted, "passages": len(passages), "vector_shards": shards,
                 "dim": encoder.cfg.d_model, "build_seconds": round(time.time() - started, 1)}
         if len(passages) > settings.approximate_above:
-            meta.update(_build_ivf(folder, settings, shards, len(passages)))
-        _write_json(folder / "meta.json", meta)
+            meta.update(build_ivf(folder, settings, shards, len(passages)))
+        write_json(folder / "meta.json", meta)
     if ranks > 1:
         multihost_utils.sync_global_devices("rag index meta")
     return Index(folder, encoder.fingerprint)
@@ -228,7 +228,7 @@ def _encode(folder: pathlib.Path, settings: IndexSettings, encoder, passages: Se
         for k in mine:
             texts = [p.text for p in passages[k * S:(k + 1) * S]]
             vectors = embed.embed(encoder, texts, batch_size, progress=bar.update)
-            _save_npy(folder / "vectors" / f"{k}.npy", vectors)
+            save_npy(folder / "vectors" / f"{k}.npy", vectors)
     return shards
 
 
@@ -258,7 +258,7 @@ def default_nprobe(lists: int) -> int:
     return max(1, lists // 16)
 
 
-def _build_ivf(folder: pathlib.Path, settings: IndexSettings, shards: int, n: int) -> dict:
+def build_ivf(folder: pathlib.Path, settings: IndexSettings, shards: int, n: int) -> dict:
     import faiss
     vectors = [np.load(folder / "vectors" / f"{k}.npy", mmap_mode="r") for k in range(shards)]
     lists = settings.ivf_lists or default_lists(n)

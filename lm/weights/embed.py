@@ -110,6 +110,21 @@ def _pooled(model, params, tokens_BT, types_BT, segments_BT, first: bool):
 _pooled_jit = jax.jit(_pooled, static_argnums=(0, 5))
 
 
+_PLACED: dict = {}  # (id of the parameters, devices) -> (parameters, their replicated copy)
+
+
+def _placed(encoder: SentenceEncoder, mesh: Mesh):
+    """The encoder's parameters replicated on the mesh, placed once and kept: copying 90 MB on
+    every call would cost a single query's embedding more than its forward pass."""
+    key = (id(encoder.params), tuple(d.id for d in mesh.devices.flat))
+    if key not in _PLACED or _PLACED[key][0] is not encoder.params:
+        if len(_PLACED) >= 4:
+            _PLACED.clear()
+        _PLACED[key] = (encoder.params,
+                        jax.device_put(encoder.params, NamedSharding(mesh, PartitionSpec())))
+    return _PLACED[key][1]
+
+
 def embed(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int = 32,
           devices: Sequence[Any] | None = None,
           progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -121,8 +136,8 @@ def embed(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int = 32,
         raise TypeError("embed takes a list of texts, not one string")
     model = model_lib.Transformer(encoder.cfg)
     mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
-    rows, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-    params = jax.device_put(encoder.params, replicated)
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    params = _placed(encoder, mesh)
     encodings = encoder.tokenizer.encode_batch(list(texts))
     order = sorted(range(len(texts)), key=lambda i: -len(encodings[i].ids))
     out = np.zeros((len(texts), encoder.cfg.d_model), np.float32)
