@@ -134,6 +134,33 @@ def test_index_resumes_shard_by_shard_and_equals_a_fresh_encoding(small_index, e
             for k in (0, 2)} == others
 
 
+@pytest.mark.slow
+def test_two_processes_build_the_index_one_process_builds(small_index, encoder, tmp_path):
+    """Each process encodes its share of the shards (2 simulated devices each) into one folder;
+    the index equals the one a single process builds on 8 devices."""
+    import socket
+    root, settings, _ = small_index
+    one = index_lib.build(tmp_path / "one", settings, root / "cache", progress=False,
+                          encoder=encoder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "lm.rag", "index", "--collection", settings.collection,
+               "--index", str(tmp_path / "two"), "--size", "24", "--overlap", "4",
+               "--shard-passages", "16", "--cache", str(root / "cache"),
+               "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+               "--local-devices", "2"]
+    processes = [subprocess.Popen([*command, "--process-id", str(i)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+    two = index_lib.Index(tmp_path / "two", encoder.fingerprint)
+    assert two.passages == one.passages and two.meta["vector_shards"] >= 3
+    np.testing.assert_allclose(np.concatenate(two.vector_shards),
+                               np.concatenate(one.vector_shards), atol=2e-6)
+
+
 def test_a_stale_index_is_refused_and_kept(small_index, encoder):
     import dataclasses
     root, settings, index = small_index

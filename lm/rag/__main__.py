@@ -4,6 +4,7 @@
     python -m lm.rag ask "Who wrote Emma?" --index runs/rag/docs               # answer, citing
     python -m lm.rag evaluate --index runs/rag/qa --out runs/rag/qa/scores.json  # the benchmark
     python -m lm.rag train-data --index runs/rag/qa --out runs/rag/squad_reader.jsonl
+    srun python -m lm.rag index --distributed --collection files:/data --index /shared/idx
 
 `index` cuts the collection (lm/rag/collections.py: qa-bench, built-in corpora, files:, hub:)
 into passages and stores BM25 and dense vectors; `ask` retrieves the k best passages (bm25, dense
@@ -19,7 +20,8 @@ import logging
 import pathlib
 from typing import Sequence
 
-from core import cli
+from core import cli, distributed
+from core.config import distributed_config
 from core.packages import atomic_write, cache_dir
 from lm.rag import evaluate, index as index_lib, reader as reader_lib, retrievers
 from lm.weights import embed
@@ -36,6 +38,12 @@ def _open(args, encoder=None) -> index_lib.Index:
 
 
 def _index(args) -> None:
+    if args.distributed or args.num_processes:
+        cfg = distributed_config()
+        cfg.update(enabled=True, coordinator_address=args.coordinator_address,
+                   num_processes=args.num_processes, process_id=args.process_id,
+                   local_device_count=args.local_devices)
+        distributed.maybe_initialize(cfg)  # before anything starts jax's backend
     settings = index_lib.IndexSettings(
         collection=args.collection, text_column=args.text_column, size=args.size,
         overlap=args.overlap, encoder=args.encoder, shard_passages=args.shard_passages,
@@ -167,6 +175,14 @@ def main(argv: Sequence[str] | None = None):
                    default=index_lib.IndexSettings.approximate_above,
                    help="build and search an IVF index past this many passages")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--distributed", action="store_true",
+                   help="one of several processes (jax.distributed; SLURM and TPU VMs say how "
+                        "many and which); each encodes its share of the shards")
+    p.add_argument("--coordinator-address", default="", help="host:port of process 0")
+    p.add_argument("--num-processes", type=int, default=0)
+    p.add_argument("--process-id", type=int, default=-1)
+    p.add_argument("--local-devices", type=int, default=0,
+                   help="CPU only: simulated devices in this process (tests)")
     p = commands.add_parser("ask", help="answer a question from the index")
     _common(p, reading=True)
     p.add_argument("question")
