@@ -186,6 +186,17 @@ def test_a_stale_index_is_refused_and_kept(small_index, encoder):
     assert "delete the folder" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("damage", ["vectors/0.npy", "passages.jsonl", "bm25.npz"])
+def test_a_damaged_index_is_one_clear_error(small_index, tmp_path, damage):
+    import shutil
+    root, _, _ = small_index
+    shutil.copytree(root / "index", tmp_path / "index")
+    path = tmp_path / "index" / damage
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match="is damaged .*build the index again"):
+        index_lib.Index(tmp_path / "index")
+
+
 def test_ivf_probing_every_list_equals_exact_search(small_index, encoder):
     _, _, index = small_index
     queries = embed.embed(encoder, ["kalomi rute", "zopa nivu se", "dofe"])

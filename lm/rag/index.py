@@ -23,10 +23,12 @@ import logging
 import os
 import pathlib
 import time
+import zipfile
 from typing import Sequence
 
 import numpy as np
 
+from core.cli import one_line as cli_line
 from core.config import DataError
 from core.packages import atomic_write
 from lm.rag import collections
@@ -103,14 +105,23 @@ class Index:
                 f"{self.folder} was encoded with {self.meta['encoder']} (fingerprint "
                 f"{self.meta['encoder_fingerprint']}), not the query encoder ({encoder_fingerprint}):"
                 " its vectors mean something else; delete it or build another --index")
+        try:
+            self._load()
+        except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError,
+                zipfile.BadZipFile) as error:  # RuntimeError: faiss on a damaged file
+            raise DataError(f"{self.folder} is damaged ({cli_line(error)}): delete the folder and "
+                            "build the index again") from None
+
+    def _load(self) -> None:
         self.passages = read_passages(self.folder / "passages.jsonl")
-        if len(self.passages) != self.meta["passages"]:
-            raise DataError(f"{self.folder}/passages.jsonl has {len(self.passages)} passages, "
-                            f"meta.json says {self.meta['passages']}: the index is damaged; "
-                            "delete it and build again")
         self.bm25 = BM25.load(self.folder)
         self.vector_shards = [np.load(self.folder / "vectors" / f"{k}.npy", mmap_mode="r")
                               for k in range(self.meta["vector_shards"])]
+        counts = {"passages.jsonl": len(self.passages), "bm25": self.bm25.size,
+                  "vectors": sum(v.shape[0] for v in self.vector_shards)}
+        if set(counts.values()) != {self.meta["passages"]}:
+            raise ValueError(f"meta.json says {self.meta['passages']} passages, the files hold "
+                             f"{counts}")
         self.ivf = None
         if (self.folder / "ivf.faiss").is_file():
             import faiss
