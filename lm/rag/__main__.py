@@ -23,7 +23,7 @@ from typing import Sequence
 from core import cli, distributed
 from core.config import distributed_config
 from core.packages import atomic_write, cache_dir
-from lm.rag import evaluate, index as index_lib, reader as reader_lib, retrievers
+from lm.rag import evaluate, index as index_lib, qa_sets, reader as reader_lib, retrievers
 from lm.weights import embed
 
 SETTINGS = ("closed", "top1", "top3", "top5", "gold")
@@ -64,7 +64,7 @@ def _ask(args) -> None:
     passages = [index.passages[int(r)] for r in rows]
     texts = [p.text for p in passages]
     reader = _reader(args)
-    examples = evaluate.qa_sets.examples("squad", args.cache)[:args.shots]
+    examples = qa_sets.examples("squad", args.cache)[:args.shots]
     reply = reader_lib.generate(reader, [reader_lib.messages(args.question, texts, "span",
                                                              examples)],
                                 batch_size=1, temperature=args.temperature, seed=args.seed)[0]
@@ -118,7 +118,7 @@ def _train_data(args) -> None:
     questions = evaluate.select("squad", args.cache, 0, "train")
     rows = retrievers.retrieve(args.retriever, index, [q.question for q in questions], args.k,
                                encoder)
-    examples = evaluate.qa_sets.examples("squad", args.cache)[:args.shots]
+    examples = qa_sets.examples("squad", args.cache)[:args.shots]
     gold = evaluate.gold_passages(index)
     replaced = 0
 
