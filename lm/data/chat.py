@@ -40,6 +40,12 @@ class ChatTemplate:
     bos_token: str = ""
     eos_token: str = ""
 
+    @classmethod
+    def of_tokenizer(cls, tokenizer, end_of_turn: str) -> "ChatTemplate":
+        """The template a GGUF model's tokenizer carries, with its BOS and EOS texts."""
+        return cls(tokenizer.chat_template, end_of_turn, tokenizer.decode([tokenizer.bos_id]),
+                   tokenizer.decode([tokenizer.eos_id]))
+
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         """As transformers renders it (trim_blocks, lstrip_blocks)."""
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)

@@ -178,6 +178,14 @@ def hub_revision(spec: str) -> str:
     return str(_from_hub(datasets.load_dataset_builder, spec).hash)
 
 
+def identity(spec: str, cache: pathlib.Path) -> dict:
+    """What a spec reads, so that a product of it (token store, retrieval index) is rebuilt when
+    its input changes: a hub dataset's revision, or each file's path, size and mtime."""
+    if spec.startswith("hub:"):
+        return {"revision": hub_revision(spec[4:]), "files": []}
+    return {"revision": "", "files": [f.stat() for f in source_files(spec, cache)]}
+
+
 def is_validation(seed: int, source: str, doc_id: str, fraction: float) -> bool:
     h = hashlib.sha256(f"{seed}\x00{source}\x00{doc_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") < fraction * 2.0 ** 64

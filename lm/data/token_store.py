@@ -65,12 +65,12 @@ def describe(data_cfg, tokenizer: Tokenizer, cache: pathlib.Path) -> dict:
     bos = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
     if bos < 0:
         raise DataError(f"tokenizer {tokenizer.path} defines neither BOS nor EOS; packing needs one")
-    files = [] if spec.startswith("hub:") else documents.source_files(spec, cache)
-    revision = documents.hub_revision(spec[4:]) if spec.startswith("hub:") else ""
+    read = documents.identity(spec, cache)
     return {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "bos": bos,
-            "dtype": token_dtype(tokenizer.vocab_size), "corpus": spec, "revision": revision,
-            "text_column": data_cfg.text_column, "split_seed": int(data_cfg.split_seed),
-            "val_fraction": float(data_cfg.val_fraction), "files": [f.stat() for f in files]}
+            "dtype": token_dtype(tokenizer.vocab_size), "corpus": spec,
+            "revision": read["revision"], "text_column": data_cfg.text_column,
+            "split_seed": int(data_cfg.split_seed), "val_fraction": float(data_cfg.val_fraction),
+            "files": read["files"]}
 
 
 def store_path(cache: pathlib.Path, described: dict) -> pathlib.Path:

@@ -142,9 +142,7 @@ def load_model(config, section=None):
         tokenizer = ByteLevelBPE.from_gguf_metadata(gguf.metadata)
         if not tokenizer.chat_template:
             raise ConfigError(f"model {spec} has no chat template in its metadata")
-        template = chat.ChatTemplate(tokenizer.chat_template, section.end_of_turn,
-                                     tokenizer.decode([tokenizer.bos_id]),
-                                     tokenizer.decode([tokenizer.eos_id]))
+        template = chat.ChatTemplate.of_tokenizer(tokenizer, section.end_of_turn)
         return cfg, import_gguf.params_from_gguf(gguf, cfg), tokenizer, template
     if not config.data.tokenizer.path:
         raise ConfigError("sft.model is empty (a model of ours from scratch): set "

@@ -41,11 +41,6 @@ def read(spec: str, cache: pathlib.Path, text_column: str = "text") -> Iterator[
 
 def fingerprint(spec: str, cache: pathlib.Path, text_column: str = "text") -> str:
     spec = spec.strip()
-    if spec == BENCHMARK:
-        what: object = EVAL_PACKAGE
-    elif spec.startswith("hub:"):
-        what = doc_lib.hub_revision(spec[4:])
-    else:
-        what = [f.stat() for f in doc_lib.source_files(spec, cache)]
+    what = EVAL_PACKAGE if spec == BENCHMARK else doc_lib.identity(spec, cache)
     blob = json.dumps([spec, text_column, what], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

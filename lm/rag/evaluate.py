@@ -135,18 +135,17 @@ def _answer_chunk(reader, index, questions, chosen: Sequence[int], setting: str,
         else:
             given.append([int(r) for r in ranked[q, :int(setting[3:])]])
     setting_kind = "closed" if setting == "closed" and kind == "span" else kind
-    conversations = [reader_lib.messages(questions[q].question,
-                                         [index.passages[r].text for r in rows], setting_kind,
-                                         examples) for q, rows in zip(chosen, given)]
+    texts = [[index.passages[r].text for r in rows] for rows in given]
+    conversations = [reader_lib.messages(questions[q].question, shown, setting_kind, examples)
+                     for q, shown in zip(chosen, texts)]
     replies = reader_lib.generate(reader, conversations, batch_size=batch_size,
                                   max_new_tokens=4 if kind == "yesno" else 24, progress=progress)
     records = []
-    for q, rows, reply in zip(chosen, given, replies):
+    for q, rows, shown, reply in zip(chosen, given, texts, replies):
         question, span = questions[q], reader_lib.clean(reply)
-        texts = [index.passages[r].text for r in rows]
         records.append({"id": question.id, "setting": setting, "question": question.question,
                         "gold": list(question.answers), "passages": rows, "reply": reply,
-                        "answer": span, "cited": reader_lib.cited(span, texts, rows),
+                        "answer": span, "cited": reader_lib.cited(span, shown, rows),
                         **_score(kind, span, question.answers)})
     return records
 

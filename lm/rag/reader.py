@@ -63,9 +63,7 @@ def load_reader(spec: str = "smollm2-135m-instruct", adapter: str = "",
         params = lora.merge(params, adapters, lora_cfg)
     if not tokenizer.chat_template:
         raise ConfigError(f"reader {spec} has no chat template in its metadata")
-    template = chat.ChatTemplate(tokenizer.chat_template, chat.IM_END,
-                                 tokenizer.decode([tokenizer.bos_id]),
-                                 tokenizer.decode([tokenizer.eos_id]))
+    template = chat.ChatTemplate.of_tokenizer(tokenizer, chat.IM_END)
     return Reader(model_lib.Transformer(cfg), params, tokenizer, template,
                   _stop_id(tokenizer, template), spec + (f"+{adapter}" if adapter else ""))
 
