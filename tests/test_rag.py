@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from core.config import DataError, load_config
-from lm.rag import (collections, index as index_lib, metrics, passages as passages_lib,
+from lm.rag import (cloze, collections, index as index_lib, metrics, passages as passages_lib,
                     qa_sets, reader as reader_lib, retrievers, sparse)
 from lm.weights import embed
 
@@ -206,6 +206,19 @@ def test_ivf_probing_every_list_equals_exact_search(small_index, encoder):
     np.testing.assert_array_equal(ivf.search(queries, 5)[1], rows)
 
 
+def test_cloze_questions_are_their_sentence_with_the_answer_taken_out():
+    text = ("In 1879, Tesla moved to Graz in Austria, where he studied at the Polytechnic. "
+            "The city had 12,000 people then, and 40,000 by 1910. Too short to ask.")
+    asked = cloze.candidates(7, text)
+    assert {(c.answer, c.passage) for c in asked} == {
+        ("1879", 7), ("Tesla", 7), ("Graz", 7), ("Austria", 7), ("Polytechnic", 7),
+        ("12,000", 7), ("40,000", 7), ("1910", 7)}
+    for c in asked:
+        words = next(w for _, w in cloze.SPANS if w in c.question)
+        assert c.question.replace(words, c.answer, 1)[:-1] in text
+    assert len(cloze.questions([(0, text), (1, text)], 5)) == 5
+
+
 def test_squad_exact_match_and_f1():
     assert metrics.normalize_answer("The  Cat, sat!") == "cat sat"
     assert metrics.exact_match("the Denver Broncos.", ["Denver Broncos", "x"]) == 1.0
@@ -243,7 +256,6 @@ def test_a_tiny_copier_answers_from_the_one_document_that_holds_it(tmp_path, enc
     answers held-out questions when retrieval finds their document, not closed-book and not
     from an index without that document."""
     from core import trainer
-    from lm.data.tokenizer import Tokenizer
     from lm.objectives import sft
     from lm.rag import __main__ as rag_main
     rng = random.Random(1)
@@ -251,12 +263,10 @@ def test_a_tiny_copier_answers_from_the_one_document_that_holds_it(tmp_path, enc
     held_out = [_fact(rng) for _ in range(20)]
     conversations = [reader_lib.messages(f"What is the code of {n}?", [fact], "span")
                      + [{"role": "assistant", "content": v}] for n, v, fact in train]
-    texts = [m["content"] for c in conversations for m in c]
-    Tokenizer.train(texts, tmp_path / "tokenizer.model", "bpe", 512)
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
-    config = load_config(
-        f"experiments/configs/lm/sft.py:model=,size=tiny,tokenizer={tmp_path / 'tokenizer.model'},"
+    config = load_config(  # no tokenizer given: one is trained on the chats, kept in the run
+        f"experiments/configs/lm/sft.py:model=,size=tiny,vocab=512,"
         f"dataset=files:{chats},batch=32,seq_len=96,steps=500,lr=3e-3",
         ["sft.val_fraction=0.05", "train.eval_every=0", "train.async_checkpoint=false"])
     setup = sft.build_setup(config, tmp_path / "run")

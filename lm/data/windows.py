@@ -140,7 +140,8 @@ def get_tokenizer(data_cfg, train_texts: Iterable[str],
             total += len(sample[-1])
             if total >= tcfg.max_train_chars:
                 break
-        key = digest(tcfg.kind, tcfg.vocab_size, _texts_digest(sample), data_cfg.corpus)[:16]
+        key = digest(tcfg.kind, tcfg.vocab_size, _texts_digest(sample),
+                     data_cfg.get("corpus", ""))[:16]
         name = f"{tcfg.kind}{tcfg.vocab_size}-{key}.model"
         path = cache_dir(data_cfg.cache_dir) / "tokenizers" / name
         if path.is_file():

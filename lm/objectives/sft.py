@@ -13,7 +13,9 @@ The model starts from
                template (ChatML from the GGUF metadata); the run's model section gives only how it
                computes (RUNTIME_FIELDS: dtype, remat, scan_layers ...)
   sft.model = ""  the config's model section from scratch, with data.tokenizer.path (one of our
-               sentencepiece models) and ChatML, whose two markers become ids V and V+1
+               sentencepiece models; empty: one of data.tokenizer.vocab_size pieces trained on
+               the training conversations and kept in the workdir, as pretraining does) and
+               ChatML, whose two markers become ids V and V+1
 The task's parameters are the model's parameters, so a parameter transform (LoRA) can wrap it.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ from core.batches import ArrayRows, BatchIterator, sum_batches
 from core.config import ConfigError, DataError
 from core.step import host_eval
 from core.task import BatchField, LossSums
-from lm.data import chat, instructions
+from lm.data import chat, instructions, windows
 from lm.data.bpe_tokenizer import ByteLevelBPE
 from lm.data.tokenizer import Tokenizer
 from lm.decode import decoding
@@ -124,9 +126,10 @@ class SFTSetup:
     validation: list  # the validation conversations (scores decode their prompts)
 
 
-def load_model(config, section=None):
+def load_model(config, section=None, workdir=None, conversations=None):
     """(model config, host parameters or None, tokenizer, chat template) of sft.model (or of
-    `section`.model and .end_of_turn: the feedback objectives' section)."""
+    `section`.model and .end_of_turn: the feedback objectives' section). A model of ours without
+    data.tokenizer.path takes the workdir's tokenizer, else trains one on `conversations`."""
     section = config.sft if section is None else section
     spec = section.model
     if spec:
@@ -144,13 +147,23 @@ def load_model(config, section=None):
             raise ConfigError(f"model {spec} has no chat template in its metadata")
         template = chat.ChatTemplate.of_tokenizer(tokenizer, section.end_of_turn)
         return cfg, import_gguf.params_from_gguf(gguf, cfg), tokenizer, template
-    if not config.data.tokenizer.path:
-        raise ConfigError("sft.model is empty (a model of ours from scratch): set "
-                          "data.tokenizer.path to a sentencepiece tokenizer.model, e.g. a "
-                          "pretraining run's, or set sft.model=smollm2-135m-instruct")
-    tokenizer = chat.ChatTokenizer(Tokenizer.load(config.data.tokenizer.path))
+    tokenizer = chat.ChatTokenizer(_scratch_tokenizer(config.data, workdir, conversations))
     cfg = model_lib.config_from(config, model_lib.padded_vocab(tokenizer.vocab_size))
     return cfg, None, tokenizer, chat.ChatTemplate()
+
+
+def _scratch_tokenizer(data_cfg, workdir, conversations) -> Tokenizer:
+    kept = pathlib.Path(workdir or "") / "tokenizer.model"
+    if not data_cfg.tokenizer.path and workdir is not None and kept.is_file():
+        return Tokenizer.load(kept)
+    if not data_cfg.tokenizer.path and (conversations is None
+                                        or not data_cfg.tokenizer.get("vocab_size")):
+        raise ConfigError("sft.model is empty (a model of ours from scratch): set "
+                          "data.tokenizer.path to a sentencepiece tokenizer.model, e.g. a "
+                          "pretraining run's, or data.tokenizer.vocab_size to train one on the "
+                          "conversations, or set sft.model=smollm2-135m-instruct")
+    texts = (m["content"] for c in conversations or () for m in c.messages)
+    return windows.get_tokenizer(data_cfg, texts, workdir)
 
 
 def encode_all(conversations, template, tokenizer, seq_len: int,
@@ -198,11 +211,11 @@ def split(config, conversations):
 def build_setup(config, workdir=None, need_train: bool = True) -> SFTSetup:
     """The model, tokenizer and template, the conversations packed into windows, the task."""
     instructions.check_spec(config.sft.dataset)
-    cfg, params, tokenizer, template = load_model(config)
-    seq_len = config.data.seq_len
     conversations = instructions.load(config.sft.dataset, config.sft.max_examples,
                                       config.sft.seed, config.data.cache_dir)
     train, validation = split(config, conversations)
+    cfg, params, tokenizer, template = load_model(config, workdir=workdir, conversations=train)
+    seq_len = config.data.seq_len
     task = registry.with_lora(config, SFTTask(cfg, seq_len, params))
     drop = config.sft.get("drop_untrainable", False)
     val_rows = pack_conversations(encode_all(validation, template, tokenizer, seq_len, drop),

@@ -23,7 +23,7 @@ from typing import Sequence
 from core import cli, distributed
 from core.config import distributed_config
 from core.packages import atomic_write, cache_dir
-from lm.rag import evaluate, index as index_lib, qa_sets, reader as reader_lib, retrievers
+from lm.rag import cloze, evaluate, index as index_lib, qa_sets, reader as reader_lib, retrievers
 from lm.weights import embed
 
 SETTINGS = ("closed", "top1", "top3", "top5", "gold")
@@ -87,7 +87,9 @@ def _evaluate(args) -> dict:
                      "model": args.model, "adapter": args.adapter, "shots": args.shots,
                      "articles": args.articles, "limit": args.limit}
     parts = out.with_name(out.name + ".parts")
-    evaluate.check_parts(parts, {**summary, "index": index.meta["collection_fingerprint"],
+    # what an answer depends on; --limit and --articles only choose questions, so a run grows
+    answers_from = {k: v for k, v in summary.items() if k not in ("articles", "limit")}
+    evaluate.check_parts(parts, {**answers_from, "index": index.meta["collection_fingerprint"],
                                  "encoder": index.meta["encoder_fingerprint"],
                                  "size": index.meta["size"], "overlap": index.meta["overlap"]})
     if not args.skip_retrieval:
@@ -110,36 +112,45 @@ def _evaluate(args) -> dict:
 
 def _train_data(args) -> None:
     """Conversations whose reply is the first gold answer, prompted as evaluation prompts are,
-    from the questions of the training half of the SQuAD articles. Each gets the retriever's k
-    best passages; when none of them holds an answer, the last is replaced by the gold
-    document's passage that does, so every reply can be read from its prompt."""
+    from the questions of the training half of the SQuAD articles (and --cloze synthetic ones
+    from every passage but the other half's). Each gets the retriever's k best passages; when
+    none of them holds an answer, the last is replaced by the source passage that does, so
+    every reply can be read from its prompt."""
     encoder = embed.load_sentence_encoder(args.encoder, args.cache)
     index = _open(args, encoder)
-    questions = evaluate.select("squad", args.cache, 0, "train")
-    rows = retrievers.retrieve(args.retriever, index, [q.question for q in questions], args.k,
+    squad = evaluate.select("squad", args.cache, 0, "train")
+    gold = evaluate.gold_passages(index)
+    # (id, question, answers, the passages that may hold an answer)
+    items = [(q.id, q.question, q.answers, gold[q.gold_doc]) for q in squad]
+    if args.cloze:
+        held_out = {q.gold_doc for q in evaluate.select("squad", args.cache, 0, "test")}
+        readable = [(p.id, p.text) for p in index.passages if p.doc_id not in held_out]
+        items += [(f"cloze-{n}", c.question, (c.answer,), [c.passage])
+                  for n, c in enumerate(cloze.questions(readable, args.cloze, args.seed))]
+    rows = retrievers.retrieve(args.retriever, index, [q for _, q, _, _ in items], args.k,
                                encoder)
     examples = qa_sets.examples("squad", args.cache)[:args.shots]
-    gold = evaluate.gold_passages(index)
     replaced = 0
 
-    def holding(question, candidates) -> list[int]:
+    def holding(answers, candidates) -> list[int]:
         texts = [index.passages[r].text for r in candidates]
-        return [r for a in question.answers for r in reader_lib.cited(a, texts, candidates)]
+        return [r for a in answers for r in reader_lib.cited(a, texts, candidates)]
 
     def write(f):
         nonlocal replaced
-        for q, ranked in zip(questions, rows):
+        for (name, question, answers, sources), ranked in zip(items, rows):
             chosen = [int(r) for r in ranked]
-            if not holding(q, chosen):
-                chosen[-1] = (holding(q, gold[q.gold_doc]) or gold[q.gold_doc])[0]
+            if not holding(answers, chosen):
+                chosen[-1] = (holding(answers, sources) or sources)[0]
                 replaced += 1
             texts = [index.passages[r].text for r in chosen]
-            conversation = reader_lib.messages(q.question, texts, "span", examples)
-            conversation.append({"role": "assistant", "content": q.answers[0]})
-            f.write(json.dumps({"id": q.id, "messages": conversation}, ensure_ascii=False) + "\n")
+            conversation = reader_lib.messages(question, texts, "span", examples)
+            conversation.append({"role": "assistant", "content": answers[0]})
+            f.write(json.dumps({"id": name, "messages": conversation}, ensure_ascii=False) + "\n")
     atomic_write(pathlib.Path(args.out), write)
-    print(f"wrote {len(questions)} conversations ({len({q.title for q in questions})} articles; "
-          f"{replaced} with a gold passage put in) to {args.out}")
+    print(f"wrote {len(items)} conversations ({len(squad)} SQuAD questions of "
+          f"{len({q.title for q in squad})} articles, {len(items) - len(squad)} cloze; "
+          f"{replaced} with a source passage put in) to {args.out}")
 
 
 def _common(parser, reading: bool) -> None:
@@ -206,6 +217,10 @@ def main(argv: Sequence[str] | None = None):
     _common(p, reading=True)
     p.add_argument("--out", required=True)
     p.add_argument("--k", type=int, default=3)
+    p.add_argument("--cloze", type=int, default=0,
+                   help="also this many synthetic questions (lm/rag/cloze.py) from the passages "
+                        "of every document but the held-out SQuAD articles")
+    p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "evaluate":
         unknown = [s for s in args.sets if s not in evaluate.ANSWER_SETS]

@@ -13,8 +13,8 @@ BoolQ: accuracy of yes/no. Every mean with its 95% bootstrap interval; every ans
 the passages it was given and the ones it cites.
 SQuAD questions can be limited to one half of the articles (`articles`: by a hash of the title),
 so a reader fine-tuned on the other half is measured on articles it never saw. Answers are kept
-as they come (<out>.parts/), so a killed run resumes; parts of another reader, retriever or index
-are refused.
+as they come (<out>.parts/), so a killed run resumes and a larger --limit asks only the new
+questions; parts of another reader, retriever or index are refused.
 """
 from __future__ import annotations
 

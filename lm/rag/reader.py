@@ -77,7 +77,7 @@ def _from_run(path: pathlib.Path) -> Reader:
     if config.get("task") != "sft":
         raise ConfigError(f"reader {path} is a {config.get('task')!r} run; a reader is a chat "
                           "model: a GGUF model or an sft run")
-    cfg, pretrained, tokenizer, template = sft.load_model(config)
+    cfg, pretrained, tokenizer, template = sft.load_model(config, workdir=path)
     task = registry.with_lora(config, sft.SFTTask(cfg, config.data.seq_len, pretrained))
     _, params, _ = restore_params(config, task, path)
     if isinstance(params, lora.LoraParams):

@@ -13,7 +13,8 @@ with a longer recipe, and full vs LoRA vs QLoRA: docs/post-training.md. Other da
 dataset=sharegpt --config.sft.drop_untrainable=true (ShareGPT: 17,671 recovered conversations),
 dataset=files:/path/chats.jsonl (`messages` or `prompt`/`completion` per line), dataset=hub:<name>.
 A model of ours from scratch: model=,tokenizer=runs/gpt-demo/tokenizer.model (ChatML markers
-are added to its vocabulary), size=tiny for tests.
+are added to its vocabulary; without tokenizer=, one of vocab= pieces is trained on the chats),
+size=small (4 x 128, RoPE/RMSNorm/SwiGLU) or tiny for tests.
 """
 import dataclasses
 
@@ -29,8 +30,8 @@ from lm.models.lora import lora_config
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, model="smollm2-135m-instruct", dataset="cot", tokenizer="",
-                     size="smollm2", examples=1000, eval_examples=32, seq_len=160, batch=8,
-                     steps=40, lr=1e-4, seed=0)
+                     size="smollm2", vocab=4096, examples=1000, eval_examples=32, seq_len=160,
+                     batch=8, steps=40, lr=1e-4, seed=0)
     config = ml_collections.ConfigDict()
     config.task = "sft"
     config.sft = ml_collections.ConfigDict({
@@ -46,15 +47,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "drop_untrainable": False,
         "max_new_tokens": 80,         # greedy reply length when scoring generated tasks
     })
-    if args.size == "tiny":
+    if args.size in ("tiny", "small"):
+        small = dict(num_layers=4, d_model=128, num_heads=4,
+                     num_kv_heads=2) if args.size == "small" else {}
         model = model_lib.preset("tiny-llama", vocab_size=0, max_len=args.seq_len,
-                                 scan_layers=True)
+                                 scan_layers=True, **small)
     else:  # the architecture comes from the GGUF; only the runtime fields are read
         model = model_lib.preset("smollm2-135m", scan_layers=False)
     config.model = dataclasses.asdict(model)
     config.data = ml_collections.ConfigDict({
         "seq_len": args.seq_len, "cache_dir": "",
-        "tokenizer": ml_collections.ConfigDict({"path": args.tokenizer})})
+        # model="" (ours): this tokenizer, or one of vocab_size pieces trained on the chats
+        "tokenizer": ml_collections.ConfigDict({"path": args.tokenizer, "kind": "bpe",
+                                                "vocab_size": args.vocab,
+                                                "max_train_chars": 20_000_000})})
     config.train = train_config(steps=args.steps, global_batch_size=args.batch, seed=args.seed,
                                 log_every=max(1, min(25, args.steps // 10)),
                                 eval_every=args.steps, eval_batches=0,
