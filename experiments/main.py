@@ -63,13 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     from core.config import ConfigError, check_choice
     from core.distributed import maybe_initialize
     from lm.objectives.registry import OBJECTIVES
+    from multimodal.commands import TASKS as MULTIMODAL_TASKS
     from vision.pipeline import IMAGE_TASKS
     config = load(args, overrides)
     maybe_initialize(config.distributed)
-    # The two task tables: language objectives (lm/objectives/registry.py), image tasks.
-    check_choice("task", config.task, {**OBJECTIVES, **IMAGE_TASKS})
+    # The three task tables: language objectives (lm/objectives/registry.py), image tasks, and
+    # the multimodal generalist.
+    check_choice("task", config.task, {**OBJECTIVES, **IMAGE_TASKS, **MULTIMODAL_TASKS})
     if config.task in OBJECTIVES:
         from lm import commands
+    elif config.task in MULTIMODAL_TASKS:
+        from multimodal import commands
     else:
         from vision import commands
     if not hasattr(commands, args.command):

@@ -16,9 +16,11 @@ import pytest
 from conftest import REPO
 from core.config import ConfigError, load_config_module
 from lm.objectives import registry
+from multimodal.commands import TASKS as MULTIMODAL
 from vision.pipeline import IMAGE_TASKS
 
-PACKAGES = ("core", "lm", "vision", "generative", "launch", "experiments", "benchmarks")
+PACKAGES = ("core", "lm", "vision", "generative", "multimodal", "launch", "experiments",
+            "benchmarks")
 
 
 def project_files() -> list[pathlib.Path]:
@@ -163,9 +165,9 @@ def named_tasks(path: pathlib.Path) -> set[str]:
 
 
 @pytest.mark.parametrize("path", config_files(), ids=lambda p: str(p.relative_to(REPO)))
-def test_every_config_names_a_task_of_one_of_the_two_tables(path):
+def test_every_config_names_a_task_of_one_of_the_three_tables(path):
     tasks = named_tasks(path)
-    assert tasks and tasks <= set(registry.OBJECTIVES) | set(IMAGE_TASKS), tasks
+    assert tasks and tasks <= set(registry.OBJECTIVES) | set(IMAGE_TASKS) | set(MULTIMODAL), tasks
 
 
 @pytest.mark.parametrize("task", sorted(registry.OBJECTIVES))
@@ -184,6 +186,11 @@ def test_every_objective_module_has_what_the_registry_promises(task):
 @pytest.mark.parametrize("task", sorted(IMAGE_TASKS))
 def test_every_image_task_module_builds_its_task(task):
     assert callable(importlib.import_module(IMAGE_TASKS[task]).build_task)
+
+
+@pytest.mark.parametrize("task", sorted(MULTIMODAL))
+def test_every_multimodal_task_module_builds_its_setup(task):
+    assert callable(importlib.import_module(MULTIMODAL[task]).build)
 
 
 def documented_commands() -> list[str]:

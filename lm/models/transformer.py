@@ -268,7 +268,7 @@ class Transformer(nn.Module):
                  segment_ids_BT: Array | None = None, deterministic: bool = True,
                  decode: bool = False, logits_at_BK: Array | None = None,
                  token_types_BT: Array | None = None, return_hidden: bool = False,
-                 with_hidden: bool = False) -> Array:
+                 with_hidden: bool = False, added_BTD: Array | None = None) -> Array:
         """positions default to arange(T). segment_ids (0 = padding), if given, restrict attention:
         token i attends to j iff j <= i and seg[i] == seg[j]. Dropout draws from the "dropout" rng
         collection when deterministic is False. decode=True reads and writes the KV cache
@@ -277,7 +277,9 @@ class Transformer(nn.Module):
         vocabulary projection is the largest matmul of a small model. token_types (default 0)
         index the type embeddings of configs with type_vocab_size > 0. return_hidden returns
         the final hidden states (B, T, D) instead of logits (encoders' pooled embeddings);
-        with_hidden returns both, (logits, hidden): a value head reads the policy's trunk."""
+        with_hidden returns both, (logits, hidden): a value head reads the policy's trunk.
+        added_BTD is added to the input embeddings: what a token carries besides its id (the
+        generalist's image patches and positions inside an observation, multimodal/model.py)."""
         cfg = self.cfg
         if cfg.vocab_size == 0:
             raise ValueError("TransformerConfig.vocab_size is 0 (unset); set it before init")
@@ -307,6 +309,8 @@ class Transformer(nn.Module):
             if token_types_BT is None:
                 token_types_BT = jnp.zeros_like(tokens_BT)
             x_BTD = x_BTD + jnp.take(type_YD, token_types_BT, axis=0).astype(dtype)
+        if added_BTD is not None:
+            x_BTD = x_BTD + added_BTD.astype(dtype)
         if cfg.embed_norm:
             x_BTD = layers.Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, dtype, pdtype,
                                 name="embed_norm")(x_BTD)
