@@ -8,8 +8,10 @@ lm.eval.eval_requests.load_requests gives them, are
   - scored by ours: lm.eval.harness.score_requests + lm.eval.harness.metrics, no prefix token (as
     lm/eval/evaluate_tasks.py does for a GGUF model);
   - written as a local JSONL data set (one row per document) with an lm-eval task YAML that
-    rebuilds exactly those pairs (target_delimiter ""; our continuations start with a space):
-      same context for every choice (most tasks)  multiple_choice, choices as continuations
+    rebuilds exactly those pairs (our continuations start with a space):
+      same context for every choice (most tasks)  multiple_choice, the choices without that
+                                                     space and target_delimiter " ", as lm-eval's
+                                                     own tasks (acc_norm divides by len(choice))
       same continuation, contexts differ (WinoGrande)  multiple_choice, lm-eval's "multiple
                                                      input" mode (doc_to_text gives the gold int)
       one request per document (LAMBADA)            loglikelihood, metrics perplexity and acc
@@ -89,10 +91,16 @@ def write_task(task: str, requests, include_dir: pathlib.Path) -> tuple[str, str
                   "doc_to_target": "continuation", "metric_list": metric_list("perplexity", "acc")}
     elif all(len({r.context for r in rs}) == 1 for rs in docs.values()):
         mode = "choices"
-        rows = [{"doc_id": d, "context": rs[0].context, "choices": [r.continuation for r in rs],
+        # as lm-eval's own tasks: the choices without the joining space, target_delimiter " "
+        # (acc_norm divides by len(choice)); choices that do not start with a space keep ""
+        spaced = all(r.continuation.startswith(" ") for rs in docs.values() for r in rs)
+        rows = [{"doc_id": d, "context": rs[0].context,
+                 "choices": [harness.choice_text(r.continuation) if spaced else r.continuation
+                             for r in rs],
                  "gold": rs[0].gold} for d, rs in docs.items()]
         fields = {"output_type": "multiple_choice", "doc_to_text": "context",
                   "doc_to_choice": "choices", "doc_to_target": "gold",
+                  "target_delimiter": " " if spaced else "",
                   "metric_list": metric_list("acc", "acc_norm")}
     elif all(len({r.continuation for r in rs}) == 1 for rs in docs.values()):
         mode = "multiple_input"  # as lm-eval's own winogrande task: doc_to_text is the gold index
@@ -109,6 +117,7 @@ def write_task(task: str, requests, include_dir: pathlib.Path) -> tuple[str, str
     config = {"task": name, "dataset_path": "json",
               "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
               "target_delimiter": "", "num_fewshot": 0, **fields, "metadata": {"version": 1.0}}
+    # (fields may set target_delimiter " ": the choices then carry no leading space)
     (include_dir / f"{name}.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
     return name, mode
 

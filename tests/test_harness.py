@@ -70,6 +70,10 @@ def test_acc_and_acc_norm_follow_their_definitions():
     scores = [(-2.0, False, 1), (-3.0, False, 3), (-1.0, False, 1), (-5.0, False, 1)]
     result = harness.metrics(requests, scores)
     assert result == {"docs": 2, "acc": 0.5, "acc_norm": 1.0}
+    # lm-eval divides by len(choice), not len(" " + choice): -5/3 > -2/1 picks choice 1, where
+    # -5/4 < -2/2 would pick choice 0
+    close = [eval_requests.Request(0, 0, "q", " a", 1), eval_requests.Request(0, 1, "q", " cde", 1)]
+    assert harness.metrics(close, [(-2.0, False, 1), (-5.0, False, 1)])["acc_norm"] == 1.0
 
 
 def test_a_local_jsonl_file_is_a_task(tmp_path, tiny, tokenizer):

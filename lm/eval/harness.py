@@ -5,8 +5,8 @@ document has one request per choice and a gold index. Per request we compute the
 log-probability of the continuation tokens given the context and whether every one of them is
 the greedy choice. Metrics:
   acc       argmax over choices of the summed log-likelihood
-  acc_norm  the same divided by the continuation's length in characters (harness `acc_norm`,
-            OLMo's `acc_per_char`)
+  acc_norm  the same divided by the choice's length in characters, without the space that
+            joins it to the context (lm-evaluation-harness's `acc_norm`: len(choice))
   greedy    (one-choice tasks such as LAMBADA) every continuation token is the argmax
   perplexity, bits_per_byte of the continuations (one-choice tasks)
 Tokenization follows the harness: encode(context + continuation) and split off the context's
@@ -186,6 +186,12 @@ def document_perplexity(model, params, tokenizer, texts: Sequence[str], max_len:
             "bits_per_byte": -total_logp / math.log(2) / max(num_bytes, 1)}
 
 
+def choice_text(continuation: str) -> str:
+    """The choice without the target delimiter (one leading space) that joins it to the
+    context: lm-evaluation-harness divides by this length for acc_norm."""
+    return continuation[1:] if continuation.startswith(" ") else continuation
+
+
 def metrics(requests: Sequence[Request], scores: Sequence[tuple[float, bool, int]]) -> dict:
     """acc / acc_norm for multiple choice; greedy accuracy, perplexity and bpb for one choice."""
     docs: dict[int, list[tuple[Request, tuple]]] = collections.defaultdict(list)
@@ -203,7 +209,7 @@ def metrics(requests: Sequence[Request], scores: Sequence[tuple[float, bool, int
         items.sort(key=lambda item: item[0].choice)
         gold = items[0][0].gold
         loglik = np.array([s[0] for _, s in items])
-        chars = np.array([max(len(r.continuation), 1) for r, _ in items])
+        chars = np.array([max(len(choice_text(r.continuation)), 1) for r, _ in items])
         acc.append(float(np.argmax(loglik) == gold))
         acc_norm.append(float(np.argmax(loglik / chars) == gold))
     return {"docs": len(docs), "acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm))}
