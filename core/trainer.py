@@ -61,11 +61,15 @@ class _StopSignal:
         log.warning("SIGTERM received: saving a checkpoint at the next step boundary")
         self.requested = True
 
-    def any_process_requested(self, also: bool = False) -> bool:
-        """True if any process got SIGTERM (or has `also` set): all processes stop together."""
+    def any_process_requested(self, step: int, every: int, also: bool = False) -> bool:
+        """True if any process got SIGTERM (or has `also` set): all processes stop together.
+        Across processes this is a blocking gather, which would stall asynchronous dispatch
+        every step; it runs every `every` steps (the log interval) and the flag waits till then."""
         flag = self.requested or bool(also)
         if jax.process_count() == 1:
             return flag
+        if every > 1 and step % every:
+            return False
         return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
     def __exit__(self, *exc):
@@ -207,7 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
                 save(step)
             window_start += time.perf_counter() - paused  # tokens/s and MFU count steps only
             out_of_time = cfg.max_wallclock_s and time.perf_counter() - started > cfg.max_wallclock_s
-            if stop.any_process_requested(also=out_of_time):
+            if stop.any_process_requested(step, cfg.log_every, also=out_of_time):
                 log.warning("stopping at step %d (%s); saving a checkpoint", step,
                             "SIGTERM" if stop.requested or not out_of_time
                             else "train.max_wallclock_s reached")

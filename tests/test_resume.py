@@ -14,6 +14,7 @@ import pytest
 from conftest import QUIET, REPO, TINY, cli, run_cli, tiny_chat_files, tiny_pairs_file, train_losses
 from core.checkpoint import Checkpointer
 from core.config import load_config
+from core import trainer
 from core.engine import Engine
 from lm import commands
 
@@ -119,3 +120,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     stopped_at = max(train_losses(tmp_path))
     saved = [int(p.name) for p in (tmp_path / "checkpoints").glob("*") if p.name.isdigit()]
     assert stopped_at < STEPS and max(saved) == stopped_at
+
+
+def test_processes_agree_on_stopping_only_every_log_interval(monkeypatch):
+    """Across processes the stop flag is a blocking gather: once per log interval, not per step
+    (a single process reads its own flag every step)."""
+    from jax.experimental import multihost_utils
+    gathered = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda flag: gathered.append(flag) or np.array([flag, [False]]))
+    stop = trainer._StopSignal()
+    stop.requested = True
+    decisions = [stop.any_process_requested(step, every=5) for step in range(1, 11)]
+    assert len(gathered) == 2 and decisions == [False] * 4 + [True] + [False] * 4 + [True]
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    assert stop.any_process_requested(3, every=5)
