@@ -17,10 +17,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import importlib
+import json
 from typing import Callable
 
 import numpy as np
 
+from core import cli
 from core.config import check_choice
 
 Policy = Callable[[object, object], int]  # (observation, env) -> action
@@ -143,3 +145,23 @@ def mean_return(control: ControlTask, policy: Policy, episodes: int = 100,
     env = control.make()
     returns = np.array([play(control, policy, seed + i, env).ret for i in range(episodes)])
     return float(returns.mean()), float(returns.std(ddof=1) / np.sqrt(len(returns)))
+
+
+def main(argv=None) -> None:
+    """`python -m multimodal.environments`: each task's expert and random returns."""
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0, help="the first reset seed")
+    args = parser.parse_args(argv)
+    out = {}
+    for name, control in TASKS.items():
+        expert = mean_return(control, control.expert, args.episodes, args.seed)
+        chance = mean_return(control, random_policy(args.seed), args.episodes, args.seed)
+        out[name] = {"env": control.env_id, "episodes": args.episodes,
+                     "expert": expert[0], "expert_stderr": expert[1],
+                     "random": chance[0], "random_stderr": chance[1]}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    cli.main_entry(main)
