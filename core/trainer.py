@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from core import flops as flops_lib
 from core.checkpoint import Checkpointer
 from core.config import ConfigError
-from core.engine import Engine
+from core.engine import Engine, check_config
 from core.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,16 @@ def write_run_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
         tmp = workdir / "config.json.tmp"
         tmp.write_text(config.to_json_best_effort(indent=2))
         tmp.replace(workdir / "config.json")
+
+
+def build_and_train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                    build: Callable) -> dict[str, Any]:
+    """The train command of a task family: the config and the workdir are checked before
+    `build(config, workdir)` reads any data, then its (.task, .data) are trained."""
+    check_config(config)
+    check_resume(workdir, config)
+    setup = build(config, workdir)
+    return train(config, workdir, setup.task, setup.data)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,

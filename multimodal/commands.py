@@ -14,10 +14,7 @@ TASKS = {"gato": "multimodal.setup"}
 
 def train(config, args) -> dict:
     """Trains (or resumes); the config is refused before any data is read or episode played."""
-    engine.check_config(config)
-    trainer.check_resume(args.workdir, config)
-    setup = setup_lib.build(config, args.workdir)
-    return trainer.train(config, args.workdir, setup.task, setup.data)
+    return trainer.build_and_train(config, args.workdir, setup_lib.build)
 
 
 def evaluate(config, args) -> dict:

@@ -16,10 +16,7 @@ from vision import pipeline
 def train(config, args) -> dict:
     """Trains (or resumes); everything the config alone can refuse is refused before the
     images are read."""
-    engine.check_config(config)
-    trainer.check_resume(args.workdir, config)
-    setup = pipeline.build(config, args.workdir)
-    return trainer.train(config, args.workdir, setup.task, setup.data)
+    return trainer.build_and_train(config, args.workdir, pipeline.build)
 
 
 def evaluate(config, args) -> dict:
