@@ -90,6 +90,9 @@ class TransformerConfig:
     scan_layers: bool = True          # nn.scan over layers (stacked params) vs a Python loop
     init_std: float = 0.02            # output projections use init_std / sqrt(2 * num_layers)
     attention_impl: str = "xla"       # "xla" (einsum, below) | "dot_product_attention" (jax.nn)
+    # Rows per chunk of the training loss's vocabulary projection (core/losses.py: no B x T x V
+    # logits); 0 computes the full logits. A training-time field, like dtype and remat.
+    loss_chunk: int = 0
     # Attention pattern for long sequences (lm/models/efficient_attention.py); "full" uses attention_impl.
     attention: str = "full"           # "full" | "sliding_window" | "linformer" | "lsh"
     window: int = 256                 # sliding_window: keys this far on each side
@@ -465,7 +468,7 @@ def padded_vocab(vocab_size: int, added_ids: int = 0) -> int:
 # The numbers a model setting may take (core.config.in_range rules).
 RANGES = {"vocab_size": ">= 0", "num_layers": ">= 1", "d_model": ">= 1", "num_heads": ">= 1",
           "max_len": ">= 1", "rope_base": "> 0", "norm_eps": "> 0", "dropout": "[0, 1)",
-          "init_std": "> 0"}
+          "init_std": "> 0", "loss_chunk": ">= 0"}
 
 
 def check_config(model_section) -> None:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from core.losses import chunked_cross_entropy
 from core.task import LossSums
 from lm.models import transformer as model_lib
 from lm.objectives.window_task import WindowTask
@@ -34,10 +35,19 @@ class CausalLMTask(WindowTask):
         restricts which targets count."""
         tokens_BT1, segments_BT1 = batch["tokens"], batch["segment_ids"]
         inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-        logits_BTV = self.logits(params, inputs_BT, segments_BT1[:, :-1], rng, train)
         mask_BT = target_mask(segments_BT1).astype(jnp.float32)
         if weight_BT is not None:
             mask_BT = mask_BT * weight_BT
+        projection = self.projection_for_loss(params)
+        if projection is not None:  # chunks of rows through the vocabulary: no B x T x V logits
+            hidden_BTD = self.logits(params, inputs_BT, segments_BT1[:, :-1], rng, train,
+                                     return_hidden=True)
+            loss, weight, correct = chunked_cross_entropy(
+                hidden_BTD.reshape(-1, hidden_BTD.shape[-1]), projection[0],
+                targets_BT.reshape(-1), mask_BT.reshape(-1), self.model_cfg.loss_chunk,
+                vocab_major=projection[1])
+            return LossSums(loss=loss, weight=weight, extra={"accuracy": correct})
+        logits_BTV = self.logits(params, inputs_BT, segments_BT1[:, :-1], rng, train)
         nll_BT = optax.softmax_cross_entropy_with_integer_labels(
             logits_BTV.astype(jnp.float32), targets_BT)
         correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)

@@ -47,7 +47,8 @@ from lm.weights import import_gguf
 from lm.weights.gguf import GGUFFile
 
 log = logging.getLogger(__name__)
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "dropout")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "dropout",
+                  "loss_chunk")
 LORA = True  # trains through LoRA adapters when config.lora.rank > 0 (lm/objectives/lora_task.py)
 CONFIG_RANGES = {"sft": {"max_examples": ">= 0", "eval_examples": ">= 1",
                          "val_fraction": "[0, 1)"}}

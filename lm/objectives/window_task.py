@@ -45,7 +45,8 @@ class WindowTask:
         tokens_BT = jnp.zeros((1, self.seq_len), jnp.int32)
         return self.model.init({"params": rng}, tokens_BT)["params"]
 
-    def logits(self, params, tokens_BT, segment_ids_BT, rng=None, train=False):
+    def logits(self, params, tokens_BT, segment_ids_BT, rng=None, train=False, **kwargs):
+        """The model's output on packed windows (logits; kwargs such as return_hidden)."""
         if self.document_masking:
             positions_BT = positions_from_segments(segment_ids_BT)
         else:
@@ -54,7 +55,18 @@ class WindowTask:
         return self.model.apply(
             {"params": params}, tokens_BT, positions_BT,
             segment_ids_BT, deterministic=not train,
-            rngs={"dropout": rng} if train and rng is not None else None)
+            rngs={"dropout": rng} if train and rng is not None else None, **kwargs)
+
+    def projection_for_loss(self, params):
+        """(unembedding, vocab_major) when the loss may project hidden states itself, a chunk of
+        rows at a time (model.loss_chunk > 0, plain parameters, no factorised embedding); else
+        None and the loss reads the model's logits."""
+        cfg = self.model_cfg
+        if not cfg.loss_chunk or cfg.embed_dim or not isinstance(params, dict):
+            return None
+        if cfg.tie_embeddings:
+            return params["token_embed"], True
+        return params["unembed"], False
 
     def batch_fields(self):
         shape = (self.seq_len + 1,)
