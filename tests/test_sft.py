@@ -150,6 +150,23 @@ def test_build_setup_trains_every_assistant_token_once(tiny_chat, tmp_path):
         instructions.load("sharegtp")
 
 
+def test_from_scratch_without_a_tokenizer_trains_one_on_the_chats_and_keeps_it(tmp_path):
+    conversations = instructions.load("cot", 40, seed=3)
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": list(c.messages)}) + "\n"
+                            for c in conversations))
+    spec = f"experiments/configs/lm/sft.py:model=,size=tiny,dataset=files:{path},seq_len=128"
+    config = load_config(spec + ",vocab=600", ["sft.val_fraction=0.3"])
+    setup = sft.build_setup(config, tmp_path / "run", need_train=False)
+    kept = tmp_path / "run" / "tokenizer.model"
+    assert kept.is_file() and setup.tokenizer.base.vocab_size == 600
+    # reopened from the workdir (as the RAG reader does): that tokenizer, nothing retrained
+    _, _, again, _ = sft.load_model(config, workdir=tmp_path / "run")
+    assert again.fingerprint == setup.tokenizer.fingerprint
+    with pytest.raises(ConfigError, match="data.tokenizer.vocab_size to train one"):
+        sft.load_model(load_config(spec + ",vocab=0"), workdir=tmp_path / "elsewhere")
+
+
 def test_packing_keeps_conversations_whole(tiny_chat):
     conversations = instructions.load("cot", 20, seed=5)
     encoded = sft.encode_all(conversations, chat.ChatTemplate(), tiny_chat, 400)

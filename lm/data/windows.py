@@ -151,8 +151,9 @@ def get_tokenizer(data_cfg, train_texts: Iterable[str],
                 tok = Tokenizer.train(sample, path, tcfg.kind, tcfg.vocab_size)
             except (RuntimeError, ValueError) as e:
                 raise DataError(f"training a {tcfg.kind} tokenizer of {tcfg.vocab_size} pieces on "
-                                f"{total:,} chars failed: {e}. Try a smaller "
-                                f"data.tokenizer.vocab_size.") from e
+                                f"{total:,} chars failed: {e}. Change "
+                                f"data.tokenizer.vocab_size as that says (smaller for little "
+                                f"text, larger for many distinct characters).") from e
     if workdir is not None:
         dest = pathlib.Path(workdir) / "tokenizer.model"
         if not dest.is_file():  # never replaced: it is the tokenizer the run's checkpoints use
