@@ -219,6 +219,16 @@ def test_cloze_questions_are_their_sentence_with_the_answer_taken_out():
     assert len(cloze.questions([(0, text), (1, text)], 5)) == 5
 
 
+@pytest.mark.parametrize("name,count", [("squad", 1000), ("boolq", 3270), ("nq_open", 3610),
+                                        ("trivia_qa", 7993)])
+def test_every_question_set_reads_with_its_answers(name, count):
+    questions = qa_sets.questions(name)
+    assert len(questions) == count and all(q.question and q.answers for q in questions)
+    assert len({q.id for q in questions}) == count
+    if name == "nq_open":  # some rows keep their answers as a list, others as its text
+        assert any(len(q.answers) > 1 for q in questions)
+
+
 def test_squad_exact_match_and_f1():
     assert metrics.normalize_answer("The  Cat, sat!") == "cat sat"
     assert metrics.exact_match("the Denver Broncos.", ["Denver Broncos", "x"]) == 1.0

