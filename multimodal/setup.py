@@ -53,9 +53,14 @@ def build(config, workdir=None, need_train: bool = True) -> GatoSetup:
     g, seq_len = config.gato, config.data.seq_len
     mix = weights(config)
     wanted = [d for d in data_lib.DOMAINS if d in mix]
+    longest = max(sequences.observation_length(environments.task(d)) for d in data_lib.CONTROL)
+    if longest + 2 > g.local_positions:
+        raise ConfigError(f"gato.local_positions {g.local_positions} is less than a step's "
+                          f"{longest + 2} tokens")
     splits = windows.load_splits(config.data)
     images = {split: load_image_set("fashion_mnist", split, config.data.cache_dir)
               for split in ("train", "test")}
+    # training captions are also tokenizer text; the source gets the tokenizer once it exists
     train_captions = data_lib.CaptionSource(images["train"].images, images["train"].labels,
                                             None, None, g.patch_side)
     sample = np.random.default_rng(0)
@@ -63,13 +68,10 @@ def build(config, workdir=None, need_train: bool = True) -> GatoSetup:
     tokenizer = windows.get_tokenizer(config.data, [*splits["train"]["text"], *caption_texts],
                                       workdir)
     vocab = tokens.Vocabulary(tokenizer.vocab_size, g.bins, g.discrete_values)
+    train_captions.tokenizer, train_captions.vocab = tokenizer, vocab
     decoder = model_lib.config_from(config, model_lib.padded_vocab(vocab.size))
-    H, W, C = images["train"].images.shape[1:]
-    cfg = GatoConfig(decoder, vocab.image, g.patch_side, C, g.patch_channels, g.local_positions)
-    longest = max(sequences.observation_length(environments.task(d)) for d in data_lib.CONTROL)
-    if longest + 2 > g.local_positions:
-        raise ConfigError(f"gato.local_positions {g.local_positions} is less than a step's "
-                          f"{longest + 2} tokens")
+    cfg = GatoConfig(decoder, vocab.image, g.patch_side, images["train"].images.shape[-1],
+                     g.patch_channels, g.local_positions)
     task = GatoTask(cfg, seq_len, data_lib.DOMAINS)
 
     def sources(split: str) -> dict:
@@ -77,10 +79,9 @@ def build(config, workdir=None, need_train: bool = True) -> GatoSetup:
         if "text" in wanted:
             out["text"] = data_lib.TextSource(data_lib.text_ids(splits[split]["text"], tokenizer))
         if "captions" in wanted:
-            imgs = images["train" if split == "train" else "test"]
-            out["captions"] = data_lib.CaptionSource(
-                imgs.images, imgs.labels, tokenizer, vocab, g.patch_side,
-                "train" if split == "train" else "heldout")
+            out["captions"] = train_captions if split == "train" else data_lib.CaptionSource(
+                images["test"].images, images["test"].labels, tokenizer, vocab, g.patch_side,
+                "heldout")
         for name in data_lib.CONTROL:
             if name in wanted:
                 count, seed = ((g.episodes[name], 0) if split == "train"
