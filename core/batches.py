@@ -129,7 +129,8 @@ class BatchIterator(StepBatches):
 
 class Prefetched:
     """A StepBatches (BatchIterator, MixtureIterator) read `depth` batches ahead in a background
-    thread, so that reading from disk overlaps the device's work. Its state is the inner one at the batch consumed last."""
+    thread, so that reading from disk overlaps the device's work. Its state is the inner one at
+    the batch consumed last."""
 
     def __init__(self, inner, depth: int = 2):
         self.inner, self.depth = inner, max(1, int(depth))

@@ -13,7 +13,6 @@ step and a resumed run reads the same batches. A specialist is the same mixture 
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 
@@ -22,8 +21,6 @@ from core.config import DataError
 from core.packages import atomic_write, cache_dir
 from multimodal import environments, sequences, tokens
 from vision import captions as captions_lib
-
-log = logging.getLogger(__name__)
 
 DOMAINS = ("text", "captions", "cartpole", "acrobot", "minigrid")
 CONTROL = ("cartpole", "acrobot", "minigrid")
@@ -153,36 +150,46 @@ class MixedBatches(StepBatches):
         self._fingerprint = digest(self.names, list(self.p), seq_len, global_batch_size, seed,
                                    identity)[:16]
 
-    def row(self, rng: np.random.Generator) -> tuple[int, dict[str, np.ndarray]]:
+    def row(self, rng: np.random.Generator) -> tuple[str, dict[str, np.ndarray]]:
+        """(domain drawn by weight, a packed row of its examples)."""
         name = self.names[rng.choice(len(self.names), p=self.p)]
-        examples, used = [], 0
-        while True:
-            example = self.sources[name].example(rng, self.seq_len)
-            if examples and used + len(example) - 1 > self.seq_len:
-                break
-            examples.append(example)
-            used += len(example) - 1
-            if name != "captions":  # a text or control window fills its row
-                break
-        return DOMAINS.index(name), sequences.pack(examples, self.seq_len, self.pad_id)
+        return name, fill_row(self.sources[name], name, rng, self.seq_len, self.pad_id)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
-        rows = [self.row(rng) for _ in range(self.global_batch_size)][self._lo:self._lo +
-                                                                        self.local]
-        fields = {k: np.concatenate([r[k] for _, r in rows]) for k in sequences.FIELDS}
-        return sequences.PackedRows(fields, self.images, self.patch_side,
-                                    np.array([d for d, _ in rows], np.int32)).rows(slice(None))
+        rows = [self.row(rng) for _ in range(self.global_batch_size)]
+        mine = rows[self._lo:self._lo + self.local]
+        return packed_rows(mine, self.images, self.patch_side).rows(slice(None))
+
+
+def fill_row(source, domain: str, rng: np.random.Generator, seq_len: int,
+             pad_id: int) -> dict[str, np.ndarray]:
+    """One packed row of a domain's examples: a text or control window fills it alone; captions
+    are drawn until the next one does not fit."""
+    examples, used = [], 0
+    while True:
+        example = source.example(rng, seq_len)
+        if examples and used + len(example) - 1 > seq_len:
+            break
+        examples.append(example)
+        used += len(example) - 1
+        if domain != "captions":
+            break
+    return sequences.pack(examples, seq_len, pad_id)
+
+
+def packed_rows(rows: list[tuple[str, dict]], images, patch_side: int) -> sequences.PackedRows:
+    """(domain, packed row) pairs as one RowSource."""
+    fields = {k: np.concatenate([r[k] for _, r in rows]) for k in sequences.FIELDS}
+    return sequences.PackedRows(fields, images, patch_side,
+                                np.array([DOMAINS.index(d) for d, _ in rows], np.int32))
 
 
 def fixed_rows(source, domain: str, count: int, seq_len: int, pad_id: int, seed: int,
                images=None, patch_side: int = 7) -> sequences.PackedRows:
     """`count` rows of one domain drawn once (validation): the same rows at every evaluation."""
-    batches = MixedBatches({domain: source}, {domain: 1.0}, seq_len, count, seed, pad_id,
-                           images, patch_side)
+    one = MixedBatches({domain: source}, {domain: 1.0}, seq_len, count, seed, pad_id, images,
+                       patch_side)
     rng = np.random.default_rng([seed, 0])
-    rows = [batches.row(rng)[1] for _ in range(count)]
-    fields = {k: np.concatenate([r[k] for r in rows]) for k in sequences.FIELDS}
-    return sequences.PackedRows(fields, images, patch_side,
-                                np.full(count, DOMAINS.index(domain), np.int32))
+    return packed_rows([one.row(rng) for _ in range(count)], images, patch_side)
 

@@ -139,12 +139,22 @@ def play(control: ControlTask, policy: Policy, seed: int, env=None) -> Episode:
                    np.asarray(actions, np.int64), ret)
 
 
+def returns(control: ControlTask, policy: Policy, episodes: int = 100,
+            seed: int = 0) -> np.ndarray:
+    """The return of each of `episodes` episodes, reset seeds from `seed`, on one environment."""
+    env = control.make()
+    return np.array([play(control, policy, seed + i, env).ret for i in range(episodes)])
+
+
+def standard_error(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1) / np.sqrt(len(values)))
+
+
 def mean_return(control: ControlTask, policy: Policy, episodes: int = 100,
                 seed: int = 0) -> tuple[float, float]:
     """(mean, standard error) of the return over `episodes` seeds from `seed`."""
-    env = control.make()
-    returns = np.array([play(control, policy, seed + i, env).ret for i in range(episodes)])
-    return float(returns.mean()), float(returns.std(ddof=1) / np.sqrt(len(returns)))
+    got = returns(control, policy, episodes, seed)
+    return float(got.mean()), standard_error(got)
 
 
 def main(argv=None) -> None:

@@ -114,11 +114,10 @@ def play_live(setup, params, name: str, episodes: int, seq_len: int,
                                axis=1)
         logits_EV = np.asarray(context.feed(chunk, np.broadcast_to(chunk_local, chunk.shape)))
         actions = np.argmax(logits_EV[:, first_action:first_action + control.actions], axis=1)
-        step_ids = np.concatenate([obs_EO, np.full((episodes, 1), vocab.separator),
-                                   vocab.discrete_ids(actions)[:, None]], axis=1)
-        hist_ids = np.concatenate([hist_ids, step_ids], axis=1)
+        step_EW = sequences.step_tokens(vocab, obs_EO, actions)
+        hist_ids = np.concatenate([hist_ids, step_EW], axis=1)
         hist_local = np.concatenate([hist_local, np.broadcast_to(np.arange(per_step),
-                                                                  step_ids.shape)], axis=1)
+                                                                  step_EW.shape)], axis=1)
         for i in np.flatnonzero(~done):
             obs[i], reward, terminated, truncated, _ = envs[i].step(int(actions[i]))
             returns[i] += reward
@@ -129,14 +128,11 @@ def play_live(setup, params, name: str, episodes: int, seq_len: int,
 def control_scores(setup, params, name: str, episodes: int, seq_len: int) -> dict:
     agent = play_live(setup, params, name, episodes, seq_len)
     control = environments.task(name)
-    expert = np.array([environments.play(control, control.expert, EVAL_SEED + i).ret
-                       for i in range(episodes)])
-    chance = environments.random_policy(EVAL_SEED)
-    randomly = np.array([environments.play(control, chance, EVAL_SEED + i).ret
-                         for i in range(episodes)])
-    span = expert.mean() - randomly.mean()
-    normalised = (agent - randomly.mean()) / span
-    stderr = lambda x: float(x.std(ddof=1) / np.sqrt(len(x)))
+    expert = environments.returns(control, control.expert, episodes, EVAL_SEED)
+    randomly = environments.returns(control, environments.random_policy(EVAL_SEED), episodes,
+                                    EVAL_SEED)
+    normalised = (agent - randomly.mean()) / (expert.mean() - randomly.mean())
+    stderr = environments.standard_error
     return {"episodes": episodes, "mean_return": float(agent.mean()), "stderr": stderr(agent),
             "expert": float(expert.mean()), "random": float(randomly.mean()),
             "normalised": float(normalised.mean()), "normalised_stderr": stderr(normalised)}

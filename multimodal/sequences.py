@@ -65,9 +65,13 @@ def observation_length(control: environments.ControlTask) -> int:
     return control.discrete + control.continuous
 
 
-def action_place(control: environments.ControlTask) -> int:
-    """The local place of the separator is the observation's length; the action's is next."""
-    return observation_length(control) + 1
+def step_tokens(vocab: tokens.Vocabulary, obs_SO: np.ndarray,
+                actions_S: np.ndarray) -> np.ndarray:
+    """[steps, O + 2]: each step's observation ids, the separator, the action's id. A token's
+    local place is its column."""
+    S = len(obs_SO)
+    return np.concatenate([obs_SO, np.full((S, 1), vocab.separator),
+                           vocab.discrete_ids(actions_S)[:, None]], axis=1).astype(np.int32)
 
 
 def control_example(control: environments.ControlTask, vocab: tokens.Vocabulary,
@@ -76,11 +80,10 @@ def control_example(control: environments.ControlTask, vocab: tokens.Vocabulary,
     obs_SO = step_ids(control, vocab, episode.continuous[start:start + steps],
                       episode.discrete[start:start + steps])
     S, O = obs_SO.shape
-    action_S1 = vocab.discrete_ids(episode.actions[start:start + steps])[:, None]
-    ids_SW = np.concatenate([obs_SO, np.full((S, 1), vocab.separator), action_S1], axis=1)
+    ids_SW = step_tokens(vocab, obs_SO, episode.actions[start:start + steps])
     local_W = np.arange(O + 2, dtype=np.int32)
     trained_W = np.arange(O + 2) == O + 1
-    return Example(ids_SW.reshape(-1).astype(np.int32), np.tile(local_W, S),
+    return Example(ids_SW.reshape(-1), np.tile(local_W, S),
                    np.full(S * (O + 2), NO_PATCH, np.int64), np.tile(trained_W, S))
 
 
@@ -150,8 +153,8 @@ class PackedRows:
         has = ref >= 0
         if has.any():
             image, k = np.divmod(ref[has], self.per_image)
-            cut = np.stack([tokens.patches(self.images[i], self.side) for i in np.unique(image)])
-            where = np.searchsorted(np.unique(image), image)
+            unique, where = np.unique(image, return_inverse=True)
+            cut = np.stack([tokens.patches(self.images[i], self.side) for i in unique])
             patches[has] = cut[where, k]
         out["patches"] = patches
         return out

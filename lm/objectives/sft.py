@@ -154,16 +154,18 @@ def load_model(config, section=None, workdir=None, conversations=None):
 
 
 def _scratch_tokenizer(data_cfg, workdir, conversations) -> Tokenizer:
-    kept = pathlib.Path(workdir or "") / "tokenizer.model"
-    if not data_cfg.tokenizer.path and workdir is not None and kept.is_file():
-        return Tokenizer.load(kept)
-    if not data_cfg.tokenizer.path and (conversations is None
-                                        or not data_cfg.tokenizer.get("vocab_size")):
+    """data.tokenizer.path's, else the workdir's, else one trained on the conversations (by
+    windows.get_tokenizer, which keeps it in the workdir)."""
+    if data_cfg.tokenizer.path:
+        return windows.get_tokenizer(data_cfg, (), workdir)
+    if workdir is not None and (pathlib.Path(workdir) / "tokenizer.model").is_file():
+        return Tokenizer.load(pathlib.Path(workdir) / "tokenizer.model")
+    if conversations is None or not data_cfg.tokenizer.get("vocab_size"):
         raise ConfigError("sft.model is empty (a model of ours from scratch): set "
                           "data.tokenizer.path to a sentencepiece tokenizer.model, e.g. a "
                           "pretraining run's, or data.tokenizer.vocab_size to train one on the "
                           "conversations, or set sft.model=smollm2-135m-instruct")
-    texts = (m["content"] for c in conversations or () for m in c.messages)
+    texts = (m["content"] for c in conversations for m in c.messages)
     return windows.get_tokenizer(data_cfg, texts, workdir)
 
 

@@ -17,8 +17,8 @@ from core.engine import train_config
 from core.mesh import DEFAULT_RULES, mesh_config
 from core.optim import optim_config
 from lm.models import transformer as model_lib
+from multimodal.data import CONTROL, DOMAINS
 
-DOMAINS = ("text", "captions", "cartpole", "acrobot", "minigrid")
 SIZES = {
     # name: (layers, width, heads, seq_len, text vocab, batch, steps, learning rate,
     #        expert episodes (cartpole, acrobot, minigrid), validation episodes and rows)
@@ -48,7 +48,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "bins": 1024,                     # mu-law bins of continuous values
         "discrete_values": 256,           # discrete tokens (actions, grid cells)
         "local_positions": 64,            # places inside one step
-        "episodes": dict(zip(("cartpole", "acrobot", "minigrid"), episodes)),
+        "episodes": dict(zip(CONTROL, episodes)),
         "validation_episodes": val_episodes,  # other reset seeds: validation and demonstrations
         "validation_rows": val_rows,      # fixed validation rows per domain
     })
