@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core.metrics import emit
+from benchmarks.report import emit
 from lm.models import efficient_attention as ea
 
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)

@@ -44,7 +44,7 @@ import torch
 import transformers
 
 from core.batches import padded_length
-from core.metrics import emit
+from benchmarks.report import emit
 from lm.decode import decoding
 from lm.eval import harness
 from lm.eval import requests as eval_requests

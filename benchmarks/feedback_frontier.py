@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import pathlib
-import platform
 
 import jax
 import numpy as np
@@ -132,8 +131,7 @@ def main() -> None:
               "start": feedback.scores(config, setup, both, 0),
               "best_of_n": best_of_n(config, setup, args.n_max, args.task),
               "runs": [run_points(w, args.task) for w in args.runs],
-              "versions": {"jax": jax.__version__, "python": platform.python_version()},
-              "device": jax.devices()[0].device_kind}
+}
     if args.plot:
         plot(result, args.plot, args.task)
     emit(result, args.out)

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 
-import flax
 import jax
 import numpy as np
 
@@ -106,10 +104,7 @@ def main(argv=None) -> dict:
             print(name, json.dumps(results[name]), flush=True)
     result = {"config": spec, "overrides": args.set, "variants": {n: VARIANTS[n] for n in names},
               "rounds": args.rounds, "steps_per_round": args.steps, "results": results,
-              "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                           "flax": flax.__version__, "numpy": np.__version__},
-              "machine": f"{platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} "
-                         "device(s)"}
+}
     return emit(result, args.out)
 
 

@@ -52,10 +52,7 @@ import sys
 import tempfile
 import time
 
-import flax
-import jax
-
-from core.metrics import emit
+from benchmarks.report import emit
 from lm.eval import harness
 from lm.eval import requests as eval_requests
 from lm.models import transformer as model_lib
@@ -192,14 +189,6 @@ def lm_eval_versions(python: str) -> dict:
                                      text=True).stdout)
 
 
-def git_state() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], check=False, capture_output=True, text=True,
-                              cwd=pathlib.Path(__file__).resolve().parents[1]).stdout.strip()
-    return git("rev-parse", "HEAD") + (" + uncommitted changes under lm/"
-                                       if git("status", "--porcelain", "lm") else "")
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,9 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         "limit": args.limit, "batch_size": args.batch_size, "tasks": per_task,
         "max_abs_loglik_diff": max((r["max_abs_loglik_diff"] or 0) for r in per_task.values()),
         "seconds": {"ours": round(ours_seconds, 1), "lm_eval": round(theirs_seconds, 1)},
-        "versions": {"ours": {"jax": jax.__version__, "flax": flax.__version__,
-                              "git_commit": git_state(), "python": platform.python_version()},
-                     "lm_eval_venv": lm_eval_versions(args.lm_eval_python)},
+        "lm_eval_venv_versions": lm_eval_versions(args.lm_eval_python),
         "commands": {"this": shlex.join([os.path.relpath(sys.executable), "-m",
                                          "benchmarks.harness_vs_lm_eval",
                                          *(argv if argv is not None else sys.argv[1:])]),

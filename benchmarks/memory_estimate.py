@@ -18,7 +18,6 @@ yet). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import platform
 
@@ -35,7 +34,7 @@ if not os.environ.get("JAX_PLATFORMS"):  # compiling for a target needs no accel
 
 from core.config import load_config  # noqa: E402
 from core.memory import GIB  # noqa: E402
-from core.metrics import emit  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 from launch import memory  # noqa: E402
 
 BASE = "experiments/configs/lm/gpt.py:size=tiny,style=llama,corpus=austen"
@@ -112,10 +111,6 @@ RULE = {
 }
 
 
-def versions() -> dict:
-    return {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
-
-
 def gib(x: float) -> float:
     return round(x / GIB, 3)
 
@@ -167,7 +162,7 @@ def main(argv=None) -> dict:
                 / 1e9, 2), "peak_phase": est["peak_phase"],
             "lines_gb": {k: round(v / 1e9, 3) for k, v in lines.items()}})
     result = {"benchmark": "memory_estimate", "compiler": compiler,
-              "topology": args.topology or None, "versions": versions(),
+              "topology": args.topology or None, 
               "python": platform.python_version(), "compared": compared,
               "rule_of_thumb": rule}
     emit(result, args.out)

@@ -26,10 +26,8 @@ import importlib.metadata
 import json
 import math
 import pathlib
-import platform
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,9 +185,7 @@ def main(argv=None) -> dict:
     if not (args.workdir or args.tasks or args.export_dir):
         parser.error("give --workdir (perplexity of a run), --tasks (SmolLM2 before/after) "
                      "and/or --export-dir (GGUF round trip)")
-    result = {"versions": {"python": platform.python_version(), "jax": jax.__version__,
-                           "flax": flax.__version__, "numpy": np.__version__},
-              "machine": f"{platform.machine()}, {jax.devices()[0].platform}"}
+    result = {}
     if args.workdir:
         result["perplexity"] = perplexities(args.workdir, args.max_batches,
                                             args.formats.split(","))

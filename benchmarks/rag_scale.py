@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -189,9 +187,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache", default="")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    import faiss
-    import jax
-    import torch
     from core.packages import cache_dir
     from lm.weights import embed
     scratch, cache = pathlib.Path(args.scratch), cache_dir(args.cache)
@@ -205,10 +200,6 @@ def main(argv=None) -> dict:
               "queries": QUERIES, "small": small_result,
               "large": large(scratch, encoder, words, small_index, args.large) if args.large
               else None,
-              "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                           "faiss": faiss.__version__, "torch": torch.__version__,
-                           "numpy": np.__version__},
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "command": "python -m benchmarks.rag_scale " + " ".join(argv or sys.argv[1:])}
     return emit(result, args.out)
 

@@ -14,7 +14,6 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import train_throughput  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.optim import build_optimizer  # noqa: E402
 from core.step import make_train_step  # noqa: E402
@@ -110,6 +110,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=5)
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
 
     config = load_config(f"{CONFIG}:model={args.model},size={args.size}")
@@ -132,8 +133,7 @@ def main(argv=None) -> dict:
                                                     "images")
     if "torch" in result:
         result["jax_over_torch_speed"] = result["jax"]["images_per_s"] / result["torch"]["images_per_s"]
-    print(json.dumps(result, indent=2))
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

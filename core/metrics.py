@@ -81,7 +81,7 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
 def emit(result: dict, out: str = "") -> None:
     """Prints a result as indented JSON and, if `out` is set, writes it there too (reports of
     benchmarks and experiment scripts)."""
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, default=str)
     print(text)
     if out:
         pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
