@@ -10,6 +10,7 @@ import dataclasses
 import fnmatch
 import json
 import logging
+import os
 import pathlib
 import signal
 import time
@@ -239,6 +240,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task,
                "train_flops": step * flops_per_step,
                **(task.describe() if hasattr(task, "describe") else {}),
                "peak_flops_per_device": peak, "peak_source": peak_source,
+               "xla_flags": os.environ.get("XLA_FLAGS", ""),
                "memory": engine.memory_report.summary() if engine.memory_report else None, **last}
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
