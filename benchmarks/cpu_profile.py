@@ -1,0 +1,175 @@
+"""Where a training step's time goes, JAX against PyTorch, on the same model and batch: both
+steps profiled (jax.profiler, torch.profiler) and their operations put in the same buckets.
+
+Buckets: forward matmuls, input-gradient (dX) and weight-gradient (dW) matmuls of the linear
+layers, attention (its batched matmuls in JAX, the fused kernel in PyTorch), copies and
+transposes, reductions, scatters, the optimizer, and the remaining elementwise work.
+  - JAX: each profiled operation is looked up in the compiled step's HLO. A matmul is a dot or a
+    fusion (or library call) holding one; it is backward when the autodiff transpose produced it
+    (`transpose(` in its op_name), dW when its result has no row dimension (B*T), and attention
+    when its result has more than two dimensions. The optimizer is what neither the loss's
+    value nor its transpose (`jvp(`) produced: clipping, the update, the metrics.
+  - PyTorch: operators by name (aten::mm/addmm/bmm are matmuls, the scaled-dot-product kernels
+    attention), backward when an autograd node encloses them, the optimizer inside the step's
+    "optimizer" range (clipping and the update); self time, so nested operators count once.
+
+    python -m benchmarks.cpu_profile --out benchmarks/results/cpu_profile.json
+Takes the model arguments of benchmarks/train_throughput.py. Prints one JSON object: per bucket,
+milliseconds per step on each side.
+"""
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import pathlib
+import re
+import sys
+import tempfile
+
+import jax
+
+from benchmarks import train_throughput as bench
+from benchmarks.report import emit
+
+BUCKETS = ("forward matmul", "dX matmul", "dW matmul", "attention", "copy/transpose",
+           "reduction", "scatter", "optimizer", "elementwise/other")
+RUNTIME_EVENTS = ("$", "Thunk", "Slinky", "ThreadPool", "PjRt", "XlaModule", "Execute")
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its line, for the entry computation and every fused computation."""
+    out = {}
+    for line in hlo_text.splitlines():
+        match = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)", line)
+        if match:
+            out.setdefault(match.group(1), match.group(2))
+    return out
+
+
+def fused_bodies(hlo_text: str) -> dict[str, str]:
+    """Fused computation name -> its text."""
+    bodies, name, lines = {}, None, []
+    for line in hlo_text.splitlines():
+        start = re.match(r"%?([\w.\-]+)\s.*\{\s*$", line)
+        if start and not line.startswith(" "):
+            name, lines = start.group(1), []
+        elif line.startswith("}") and name:
+            bodies[name] = "\n".join(lines)
+            name = None
+        elif name:
+            lines.append(line)
+    return bodies
+
+
+def jax_bucket(line: str, bodies: dict[str, str], rows: int) -> str:
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    body = bodies.get(called.group(1), "") if called else ""
+    op = line.split("(", 1)[0]
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    if op_name and "jvp(" not in op_name.group(1):  # after the gradient: clipping, the update
+        return "optimizer"
+    is_matmul = (" dot(" in f" {op}(" or re.search(r"\bdot\(", line.split("metadata")[0]) or
+                 " dot(" in body or "convolution(" in body)
+    if is_matmul:
+        shape = re.match(r"\s*\w+\[([\d,]*)\]", line)
+        dims = [int(d) for d in shape.group(1).split(",") if d] if shape else []
+        rows_first = rows in dims or (len(dims) > 1 and dims[0] * dims[1] == rows)
+        if len(dims) > 2 and not rows_first:
+            return "attention"
+        if "transpose(" not in line:
+            return "forward matmul"
+        return "dX matmul" if rows_first else "dW matmul"
+    text = line + body
+    if "scatter" in text:
+        return "scatter"
+    if "reduce" in text:
+        return "reduction"
+    if re.search(r"\b(copy|transpose)\b", body) or op.strip().startswith(("copy", "transpose")):
+        return "copy/transpose"
+    return "elementwise/other"
+
+
+def profile_jax(trainer, steps: int, rows: int) -> dict[str, float]:
+    compiled = trainer.step.lower(trainer.state, trainer.batch).compile()
+    text = compiled.as_text()
+    lines, bodies = hlo_instructions(text), fused_bodies(text)
+    trainer.run(2)
+    with tempfile.TemporaryDirectory() as directory:
+        jax.profiler.start_trace(directory, create_perfetto_trace=True)
+        trainer.run(steps)
+        jax.profiler.stop_trace()
+        trace = next(pathlib.Path(directory).rglob("perfetto_trace.json.gz"))
+        events = json.load(gzip.open(trace))["traceEvents"]
+    out = collections.Counter()
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") != "X" or name.startswith(RUNTIME_EVENTS) or name not in lines:
+            continue
+        out[jax_bucket(lines[name], bodies, rows)] += event.get("dur", 0) / 1e3 / steps
+    return dict(out)
+
+
+def torch_bucket(event, rows: int) -> str:
+    name, parents = event.name, []
+    parent = event.cpu_parent
+    while parent is not None:
+        parents.append(parent.name)
+        parent = parent.cpu_parent
+    if "optimizer" in parents:
+        return "optimizer"
+    if any("scaled_dot_product" in n or "Sdpa" in n for n in (name, *parents)):
+        return "attention"
+    if name in ("aten::mm", "aten::addmm", "aten::bmm"):
+        if not any("Backward" in p for p in parents):
+            return "forward matmul"
+        # dX = dY W has the rows (B*T) as its first operand's first dimension; dW = dY^T X not
+        shapes = [s for s in (event.input_shapes or []) if s]
+        return "dX matmul" if shapes and shapes[0][0] == rows else "dW matmul"
+    if any(k in name for k in ("copy", "clone", "contiguous", "transpose", "cat")):
+        return "copy/transpose"
+    if any(k in name for k in ("sum", "mean", "norm", "max", "amax", "logsumexp")):
+        return "reduction"
+    if "scatter" in name or "index_put" in name or "embedding_dense_backward" in name:
+        return "scatter"
+    return "elementwise/other"
+
+
+def profile_torch(trainer, steps: int, rows: int) -> dict[str, float]:
+    import torch
+    trainer.run(2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        trainer.run(steps)
+    out = collections.Counter()
+    for event in prof.events():
+        if event.name.startswith(("ProfilerStep", "autograd::engine")) or "Backward" in event.name:
+            continue
+        out[torch_bucket(event, rows)] += event.self_cpu_time_total / 1e3 / steps
+    return dict(out)
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    steps = 3
+    if "--steps" in argv:
+        i = argv.index("--steps")
+        steps = int(argv[i + 1])
+        del argv[i:i + 2]
+    args = bench.arguments(argv, __doc__)
+    cfg = bench.model_config(args)
+    rows = args.batch * args.seq
+    jax_ms = profile_jax(bench.JaxTrainer(cfg, args), steps, rows)
+    torch_ms = profile_torch(bench.TorchTrainer(cfg, args), steps, rows)
+    table = {b: {"jax_ms": round(jax_ms.get(b, 0.0), 1), "torch_ms": round(torch_ms.get(b, 0.0), 1)}
+             for b in BUCKETS}
+    result = {"model": {"size": args.size, "seq": args.seq, "batch": args.batch,
+                        "vocab": args.vocab, "dtype": args.dtype},
+              "profiled_steps": steps, "ms_per_step": table,
+              "total_ms": {"jax": round(sum(jax_ms.values()), 1),
+                           "torch": round(sum(torch_ms.values()), 1)}}
+    return emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
