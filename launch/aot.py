@@ -18,6 +18,7 @@ default) takes `target` when its compiler is installed, else says so and estimat
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -232,9 +233,14 @@ def make_task(config):
     (model.vocab_size, or when that follows the tokenizer, the size it is trained to)."""
     if "model" not in config or "tokenizer" not in config.get("data", {}):
         raise ConfigError(f"aot compiles configs that define their model (gpt.py, bert.py, "
-                          f"t5.py); task {config.task!r} has no model or data.tokenizer section")
+                          f"t5.py, gato.py); task {config.task!r} has no model or data.tokenizer section")
     from lm.objectives import registry
-    return registry.make_task(config, config.model.vocab_size or config.data.tokenizer.vocab_size)
+    from multimodal.commands import TASKS as MULTIMODAL_TASKS
+    vocab_size = config.model.vocab_size or config.data.tokenizer.vocab_size
+    if config.task in MULTIMODAL_TASKS:  # its module builds the task from the text vocabulary
+        return importlib.import_module(MULTIMODAL_TASKS[config.task]).make_task(
+            config, vocab_size)[0]
+    return registry.make_task(config, vocab_size)
 
 
 def compile_step(engine: Engine):

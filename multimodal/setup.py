@@ -49,6 +49,17 @@ def weights(config) -> dict[str, float]:
     return {d: float(w) for d, w in mixture.items() if w > 0}
 
 
+def make_task(config, text_vocab: int, channels: int = 1) -> tuple[GatoTask, tokens.Vocabulary]:
+    """The task and its vocabulary from the config and the text tokenizer's size: all a model's
+    shapes need (launch.aot compiles it without reading data)."""
+    g = config.gato
+    vocab = tokens.Vocabulary(text_vocab, g.bins, g.discrete_values)
+    decoder = model_lib.config_from(config, model_lib.padded_vocab(vocab.size))
+    cfg = GatoConfig(decoder, vocab.image, g.patch_side, channels, g.patch_channels,
+                     g.local_positions)
+    return GatoTask(cfg, config.data.seq_len, data_lib.DOMAINS), vocab
+
+
 def build(config, workdir=None, need_train: bool = True) -> GatoSetup:
     g, seq_len = config.gato, config.data.seq_len
     mix = weights(config)
@@ -67,12 +78,8 @@ def build(config, workdir=None, need_train: bool = True) -> GatoSetup:
     caption_texts = [train_captions.caption(sample, i) for i in range(2000)]
     tokenizer = windows.get_tokenizer(config.data, [*splits["train"]["text"], *caption_texts],
                                       workdir)
-    vocab = tokens.Vocabulary(tokenizer.vocab_size, g.bins, g.discrete_values)
+    task, vocab = make_task(config, tokenizer.vocab_size, images["train"].images.shape[-1])
     train_captions.tokenizer, train_captions.vocab = tokenizer, vocab
-    decoder = model_lib.config_from(config, model_lib.padded_vocab(vocab.size))
-    cfg = GatoConfig(decoder, vocab.image, g.patch_side, images["train"].images.shape[-1],
-                     g.patch_channels, g.local_positions)
-    task = GatoTask(cfg, seq_len, data_lib.DOMAINS)
 
     def sources(split: str) -> dict:
         out = {}

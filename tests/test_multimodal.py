@@ -208,3 +208,22 @@ def test_train_then_measure_through_the_commands(tmp_path):
     assert result["cartpole"]["expert"] == 500.0 and result["cartpole"]["random"] < 100
     assert result["text"]["bits_per_byte"] > 0
     assert 0 <= result["captions"]["zero_shot_accuracy"] <= 1
+    # the study's table: this run as the generalist, no specialist measured yet
+    from multimodal import study
+    plot = tmp_path / "study.png"
+    study.main(["--generalist", str(tmp_path), "--specialists", str(tmp_path / "none-{domain}"),
+                "--plot", str(plot), "--out", str(tmp_path / "study.json")])
+    rows = json.loads((tmp_path / "study.json").read_text())
+    bpb = next(r for r in rows if r["domain"] == "text")
+    assert bpb["generalist"] == result["text"]["bits_per_byte"] and bpb["specialist"] is None
+    assert plot.stat().st_size > 0
+
+
+def test_aot_compiles_the_generalist_without_its_data(tiny):
+    """launch.aot builds the task from the config alone: same parameters as the trained setup."""
+    from launch import aot
+    config, setup, _ = tiny
+    result = aot.run(config, aot.parse_target("8xH100"), method="cpu-estimate")
+    params = setup.task.init_params(jax.random.key(0))
+    assert result["parameters"] == sum(x.size for x in jax.tree.leaves(params))
+    assert result["fits"] and result["per_device_bytes"]["arguments"] > 0

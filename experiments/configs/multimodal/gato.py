@@ -23,7 +23,7 @@ SIZES = {
     # name: (layers, width, heads, seq_len, text vocab, batch, steps, learning rate,
     #        expert episodes (cartpole, acrobot, minigrid), validation episodes and rows)
     "tiny": (2, 64, 4, 128, 512, 8, 20, 3e-3, (2, 4, 4), 2, 8),
-    "cpu": (4, 128, 4, 384, 2048, 16, 1500, 2e-3, (100, 400, 800), 20, 64),
+    "cpu": (4, 128, 4, 384, 2048, 16, 800, 2e-3, (100, 400, 800), 20, 64),
 }
 
 
