@@ -8,9 +8,9 @@ import math
 import jax
 import pytest
 
-from conftest import tiny_config
+from conftest import QUIET, REPO, tiny_config
 from core import cli
-from core.config import ConfigError
+from core.config import ConfigError, load_config
 from core.engine import Engine
 from launch import aot
 
@@ -140,3 +140,19 @@ def test_gpu_compile_for_8_h100_without_a_gpu():
     assert result["method"] == "target" and result["compiler"].startswith("jax-cuda13-plugin")
     assert result["per_device_bytes"]["arguments"] == expected_argument_bytes(tiny_config())
     assert result["fits"]
+
+
+def test_the_gpu_preset_compiles_with_bf16_activations_and_unrolled_layers():
+    """platform=gpu: bf16 compute, float32 parameters (the arguments stay float32), no layer
+    scan, jax.nn attention, no document mask; the step compiles for the target."""
+    gpt = str(REPO / "experiments/configs/lm/gpt.py")
+    config = load_config(gpt + ":size=tiny,platform=gpu", QUIET)
+    assert (config.model.dtype, config.model.param_dtype) == ("bfloat16", "float32")
+    assert not config.model.scan_layers and not config.data.document_masking
+    assert config.model.attention_impl == "dot_product_attention"
+    result = aot.run(config, aot.parse_target("8xH100"), method="cpu-estimate")
+    cpu = aot.run(load_config(gpt + ":size=tiny", QUIET), aot.parse_target("8xH100"),
+                  method="cpu-estimate")
+    assert result["fits"] and result["parameters"] == cpu["parameters"]
+    # float32 parameters and optimizer state: the same argument bytes as the float32 preset
+    assert result["per_device_bytes"]["arguments"] == cpu["per_device_bytes"]["arguments"]

@@ -7,6 +7,10 @@ Sizes: tiny (tests, seconds), demo (2 CPU cores, ~10 min; README gives the bits/
 against the xz baseline), small (the ablation sweep's model, ~2-3 min each), bench (the throughput benchmark's model: 6 layers, width 384), gpt2_124m
 (GPT-2 small, for accelerators). style=gpt2 (learned positions, LayerNorm, GELU, tied) or
 style=llama (rotary, RMSNorm, SwiGLU, grouped-query attention, untied).
+platform=cpu (the default: float32, scanned layers, document masking, what tests and the demo
+want) or platform=gpu|tpu: bfloat16 compute with float32 parameters, layers unrolled,
+jax.nn.dot_product_attention, causal attention across the window unless
+--config.data.document_masking=true (docs/performance.md says what each costs).
 Override anything, e.g. --config.train.steps=100 --config.mesh.ici.fsdp=2.
 
 The ablation sweep (get_sweep below: positions x norm x MLP, 8 members, docs/experiments.md):
@@ -34,13 +38,23 @@ SIZES = {
     "gpt2_124m": (12, 768, 12, 1024, 50304, 512, 20000, 6e-4),
 }
 
+# What a first run on each platform should use; on accelerators: bf16 matmuls, no layer scan
+# (-34% tokens/s on the H100), jax.nn attention, no dense document mask.
+_ACCELERATOR = {"model": {"dtype": "bfloat16", "param_dtype": "float32", "scan_layers": False,
+                          "attention_impl": "dot_product_attention"},
+                "document_masking": False}
+PLATFORMS = {"cpu": {"model": {}, "document_masking": True},
+             "gpu": _ACCELERATOR, "tpu": _ACCELERATOR}
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    args = parse_arg(arg, size="demo", style="gpt2", corpus="austen+kjv+brown")
+    args = parse_arg(arg, size="demo", style="gpt2", corpus="austen+kjv+brown", platform="cpu")
     check_choice("size", args.size, SIZES)
+    check_choice("platform", args.platform, PLATFORMS)
     layers, width, heads, seq_len, vocab, batch, steps, lr = SIZES[args.size]
-    model = model_lib.preset(args.style, vocab_size=vocab, num_layers=layers, d_model=width, num_heads=heads,
-                             max_len=max(seq_len, 256))
+    model = model_lib.preset(args.style, vocab_size=vocab, num_layers=layers, d_model=width,
+                             num_heads=heads, max_len=max(seq_len, 256),
+                             **PLATFORMS[args.platform]["model"])
     config = ml_collections.ConfigDict()
     config.task = "causal_lm"
     config.model = dataclasses.asdict(model)
@@ -53,7 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "split_seed": 0,
         "seq_len": seq_len,
         # True: attention and positions restart at each document inside a packed window.
-        "document_masking": True,
+        "document_masking": PLATFORMS[args.platform]["document_masking"],
         "cache_dir": "",
         # The token store (lm/data/token_store.py): tokenizing processes (0: one per core), text
         # per shard (a killed build resumes from its last shard), batches read ahead of the step.
