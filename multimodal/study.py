@@ -8,6 +8,7 @@ Each domain's measure of the generalist beside the specialist trained on that do
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 from core import cli
@@ -48,10 +49,19 @@ def rows(generalist: dict, specialists: dict[str, dict]) -> list[dict]:
             special = specialists.get(domain, {})
             out.append({"domain": domain, "measure": label, "higher_is_better": higher,
                         "generalist": value(generalist, key),
-                        "generalist_stderr": value(generalist, error),
+                        "generalist_stderr": stderr(generalist, key, error),
                         "specialist": value(special, key),
-                        "specialist_stderr": value(special, error)})
+                        "specialist_stderr": stderr(special, key, error)})
     return out
+
+
+def stderr(result: dict, key, error) -> float | None:
+    """The recorded standard error; for an accuracy over n images, the binomial one."""
+    if error is not None:
+        return value(result, error)
+    part = result.get(key[0]) or {}
+    p, n = part.get(key[1]), part.get("images")
+    return None if p is None or not n or "accuracy" not in key[1] else math.sqrt(p * (1 - p) / n)
 
 
 def _cell(mean, stderr) -> str:
