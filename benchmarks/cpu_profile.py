@@ -4,7 +4,8 @@ steps profiled (jax.profiler, torch.profiler) and their operations put in the sa
 Buckets: forward matmuls, input-gradient (dX) and weight-gradient (dW) matmuls of the linear
 layers, attention (its batched matmuls in JAX, the fused kernel in PyTorch), copies and
 transposes, reductions, scatters, the optimizer, and the remaining elementwise work.
-  - JAX: each profiled operation is looked up in the compiled step's HLO. A matmul is a dot or a
+  - JAX: each profiled operation is looked up in the compiled step's HLO (its wall time: the
+    union of its pieces on XLA's worker threads). A matmul is a dot or a
     fusion (or library call) holding one; it is backward when the autodiff transpose produced it
     (`transpose(` in its op_name), dW when its result has no row dimension (B*T), and attention
     when its result has more than two dimensions. The optimizer is what neither the loss's
@@ -101,13 +102,27 @@ def profile_jax(trainer, steps: int, rows: int) -> dict[str, float]:
         jax.profiler.stop_trace()
         trace = next(pathlib.Path(directory).rglob("perfetto_trace.json.gz"))
         events = json.load(gzip.open(trace))["traceEvents"]
-    out = collections.Counter()
+    spans = collections.defaultdict(list)  # an operation's pieces on every thread
     for event in events:
         name = event.get("name", "")
         if event.get("ph") != "X" or name.startswith(RUNTIME_EVENTS) or name not in lines:
             continue
-        out[jax_bucket(lines[name], bodies, rows)] += event.get("dur", 0) / 1e3 / steps
+        spans[name].append((event["ts"], event["ts"] + event.get("dur", 0)))
+    out = collections.Counter()
+    for name, pieces in spans.items():
+        out[jax_bucket(lines[name], bodies, rows)] += wall_time(pieces) / 1e3 / steps
     return dict(out)
+
+
+def wall_time(pieces: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) spans: an operation split over worker threads counts
+    its wall time once, not once per thread."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(pieces):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def torch_bucket(event, rows: int) -> str:

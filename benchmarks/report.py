@@ -16,7 +16,7 @@ PACKAGES = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "
             "orbax-checkpoint", "numpy", "torch", "transformers", "faiss-cpu", "bm25s",
             "lm-eval", "nvidia-cudnn-cu12", "nvidia-cudnn-cu13")
 # Environment variables that change what XLA, JAX or the frameworks' thread pools do.
-FLAG_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "TF_", "NCCL_", "CUDA_VISIBLE", "OMP_", "MKL_",
+FLAG_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "TF_CPP_", "NCCL_", "CUDA_VISIBLE", "OMP_", "MKL_",
                  "TORCH_", "TORCHINDUCTOR_")
 
 

@@ -81,3 +81,9 @@ def test_default_xla_flags_are_not_set_once_a_backend_runs(monkeypatch):
     jax.devices()
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert xla_flags.apply() == "--xla_force_host_platform_device_count=8"
+
+
+def test_an_operation_split_over_threads_counts_its_wall_time_once():
+    assert cpu_profile.wall_time([(0, 10), (0, 10)]) == 10        # two threads, same span
+    assert cpu_profile.wall_time([(0, 10), (5, 15), (20, 30)]) == 25
+    assert cpu_profile.wall_time([(0, 10), (2, 3)]) == 10
