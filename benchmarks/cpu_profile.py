@@ -5,10 +5,10 @@ Buckets: forward matmuls, input-gradient (dX) and weight-gradient (dW) matmuls o
 layers, attention (its batched matmuls in JAX, the fused kernel in PyTorch), copies and
 transposes, reductions, scatters, the optimizer, and the remaining elementwise work.
   - JAX: each profiled operation is looked up in the compiled step's HLO (its wall time: the
-    union of its pieces on XLA's worker threads). A matmul is a dot or a
-    fusion (or library call) holding one; it is backward when the autodiff transpose produced it
-    (`transpose(` in its op_name), dW when its result has no row dimension (B*T), and attention
-    when its result has more than two dimensions. The optimizer is what neither the loss's
+    union of its pieces on XLA's worker threads). A matmul is a dot or a fusion (or library
+    call) holding one; it is backward when the autodiff transpose produced it (`transpose(` in
+    its op_name), dW when its result has no row dimension (B*T), and attention when its result
+    has more than two dimensions and no row dimension. The optimizer is what neither the loss's
     value nor its transpose (`jvp(`) produced: clipping, the update, the metrics.
   - PyTorch: operators by name (aten::mm/addmm/bmm are matmuls, the scaled-dot-product kernels
     attention), backward when an autograd node encloses them, the optimizer inside the step's
@@ -70,9 +70,7 @@ def jax_bucket(line: str, bodies: dict[str, str], rows: int) -> str:
     op_name = re.search(r'op_name="([^"]*)"', line)
     if op_name and "jvp(" not in op_name.group(1):  # after the gradient: clipping, the update
         return "optimizer"
-    is_matmul = (" dot(" in f" {op}(" or re.search(r"\bdot\(", line.split("metadata")[0]) or
-                 " dot(" in body or "convolution(" in body)
-    if is_matmul:
+    if re.search(r"\b(dot|convolution)\(", line.split("metadata")[0] + body):
         shape = re.match(r"\s*\w+\[([\d,]*)\]", line)
         dims = [int(d) for d in shape.group(1).split(",") if d] if shape else []
         rows_first = rows in dims or (len(dims) > 1 and dims[0] * dims[1] == rows)

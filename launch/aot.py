@@ -233,7 +233,8 @@ def make_task(config):
     (model.vocab_size, or when that follows the tokenizer, the size it is trained to)."""
     if "model" not in config or "tokenizer" not in config.get("data", {}):
         raise ConfigError(f"aot compiles configs that define their model (gpt.py, bert.py, "
-                          f"t5.py, gato.py); task {config.task!r} has no model or data.tokenizer section")
+                          f"t5.py, gato.py); task {config.task!r} has no model or "
+                          "data.tokenizer section")
     from lm.objectives import registry
     from multimodal.commands import TASKS as MULTIMODAL_TASKS
     vocab_size = config.model.vocab_size or config.data.tokenizer.vocab_size
