@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -187,9 +186,6 @@ def main(argv=None) -> dict:
         "benchmark": "attention_scaling",
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "jax": jax.__version__,
         "shape": {"B": 1, "N": N, "K": N, "H": H, "dtype": "float32", "causal": False},
         "repeats": args.repeats,
         "load_average_before": [round(x, 2) for x in load_before],

@@ -50,6 +50,16 @@ def operands(kind: str, M: int, K: int, N: int) -> tuple[tuple, tuple, str]:
             "dW": ((M, K), (M, N), "aTb")}[kind]      # X^T dY
 
 
+KINDS = ("forward", "dX", "dW")
+
+
+def matmuls():
+    """(name, M*K*N, shape a, shape b, contraction) of every matmul timed: each layer's three."""
+    for name, (M, K, N, _) in bench_shapes().items():
+        for kind in KINDS:
+            yield f"{name} {kind}", M * K * N, *operands(kind, M, K, N)
+
+
 def median_seconds(run, repeats: int) -> float:
     run()
     times = []
@@ -65,26 +75,21 @@ def time_jax(repeats: int) -> dict:
     from jax import lax
     dims = {"ab": ((1,), (0,)), "abT": ((1,), (1,)), "aTb": ((0,), (0,))}
     out = {}
-    for name, (M, K, N, _) in bench_shapes().items():
-        for kind in ("forward", "dX", "dW"):
-            shape_a, shape_b, contraction = operands(kind, M, K, N)
-            a = jax.random.normal(jax.random.key(0), shape_a)
-            b = jax.random.normal(jax.random.key(1), shape_b)
-            matmul = jax.jit(lambda x, y, c=dims[contraction]: lax.dot_general(x, y, (c, ((), ()))))
-            out[f"{name} {kind}"] = median_seconds(lambda: matmul(a, b).block_until_ready(),
-                                                   repeats)
+    for key, _, shape_a, shape_b, contraction in matmuls():
+        a = jax.random.normal(jax.random.key(0), shape_a)
+        b = jax.random.normal(jax.random.key(1), shape_b)
+        matmul = jax.jit(lambda x, y, c=dims[contraction]: lax.dot_general(x, y, (c, ((), ()))))
+        out[key] = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
     return out
 
 
 def time_torch(repeats: int) -> dict:
     import torch
     out = {}
-    for name, (M, K, N, _) in bench_shapes().items():
-        for kind in ("forward", "dX", "dW"):
-            shape_a, shape_b, contraction = operands(kind, M, K, N)
-            a, b = torch.randn(*shape_a), torch.randn(*shape_b)
-            x, y = {"ab": (a, b), "abT": (a, b.t()), "aTb": (a.t(), b)}[contraction]
-            out[f"{name} {kind}"] = median_seconds(lambda: torch.mm(x, y), repeats)
+    for key, _, shape_a, shape_b, contraction in matmuls():
+        a, b = torch.randn(*shape_a), torch.randn(*shape_b)
+        x, y = {"ab": (a, b), "abT": (a, b.t()), "aTb": (a.t(), b)}[contraction]
+        out[key] = median_seconds(lambda: torch.mm(x, y), repeats)
     return out
 
 
@@ -92,13 +97,12 @@ def summary(seconds: dict) -> dict:
     """GFLOP/s per matmul, and the step's matmul seconds: our layout (q, k, v apart) and the
     same with q, k and v fused into one matmul."""
     shapes = bench_shapes()
-    gflops = {key: 2 * shapes[key.rsplit(" ", 1)[0]][0] * shapes[key.rsplit(" ", 1)[0]][1]
-              * shapes[key.rsplit(" ", 1)[0]][2] / s / 1e9 for key, s in seconds.items()}
+    gflops = {key: 2 * size / seconds[key] / 1e9 for key, size, *_ in matmuls()}
     per_step = sum(seconds[f"{name} {kind}"] * count for name, (*_, count) in shapes.items()
-                   for kind in ("forward", "dX", "dW"))
+                   for kind in KINDS)
     layers = shapes["mlp up"][3]
     fused = per_step + layers * sum(seconds[f"qkv fused {k}"] - 3 * seconds[f"q|k|v|out {k}"]
-                                    for k in ("forward", "dX", "dW"))
+                                    for k in KINDS)
     return {"gflops": gflops, "step_matmul_seconds": per_step,
             "step_matmul_seconds_qkv_fused": fused}
 

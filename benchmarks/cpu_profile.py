@@ -25,7 +25,6 @@ import gzip
 import json
 import pathlib
 import re
-import sys
 import tempfile
 
 import jax
@@ -163,13 +162,10 @@ def profile_torch(trainer, steps: int, rows: int) -> dict[str, float]:
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    steps = 3
-    if "--steps" in argv:
-        i = argv.index("--steps")
-        steps = int(argv[i + 1])
-        del argv[i:i + 2]
-    args = bench.arguments(argv, __doc__)
+    parser = bench.argument_parser(__doc__)
+    parser.add_argument("--steps", type=int, default=3, help="steps profiled on each side")
+    args = parser.parse_args(argv)
+    steps = args.steps
     cfg = bench.model_config(args)
     rows = args.batch * args.seq
     jax_ms = profile_jax(bench.JaxTrainer(cfg, args), steps, rows)

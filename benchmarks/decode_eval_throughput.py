@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -171,11 +170,6 @@ def main(argv=None) -> dict:
     all_requests = eval_requests.load_requests("hellaswag")
 
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or
-                    platform.machine(), "cpu_count": os.cpu_count(),
-                    "torch_num_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()],
-                    "transformers": transformers.__version__},
         "settings": {"model": MODEL, "dtype": "float32", "params": int(sum(
             x.size for x in jax.tree.leaves(params))), "batch_sizes": args.batch_sizes,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "docs": args.docs,

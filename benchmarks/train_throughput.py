@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -154,15 +153,14 @@ def timed_rounds(trainers: dict, rounds: int, steps_per_round: int) -> dict[str,
 
 
 def machine_and_peak(dtype: str) -> tuple[float, dict]:
-    """(the peak MFU is judged by, a description of the machine and where the peak came from):
-    the datasheet on an accelerator, the best measured matmul (either framework) on CPU."""
+    """(the peak MFU is judged by, the device and where the peak came from): the datasheet on an
+    accelerator, the best measured matmul (either framework) on CPU. report.emit adds the rest
+    of the machine."""
     device = jax.devices()[0]
     datasheet = flops_lib.known_peak_flops(device)
     measured = measured_peak(dtype, 2048 if device.platform == "cpu" else 8192)
     peak = datasheet or max(measured.values())
-    return peak, {"device": device.device_kind, "platform": device.platform,
-                  "host": platform.processor() or platform.machine(),
-                  "cpu_count": os.cpu_count(), "peak_flops": peak,
+    return peak, {"device": device.device_kind, "peak_flops": peak,
                   "peak_source": "datasheet bf16" if datasheet else
                   "best measured matmul (jax or torch)", "measured_matmul_flops": measured}
 
@@ -177,8 +175,12 @@ def side_result(step_times: list[float], units_per_step: float, flops_per_unit: 
             "mfu": units_per_step * flops_per_unit / step_s / peak}
 
 
-def arguments(argv=None, description: str = __doc__) -> argparse.Namespace:
-    """The bench's model, batch and peers from the command line (shared by cpu_profile)."""
+def arguments(argv=None) -> argparse.Namespace:
+    return argument_parser().parse_args(argv)
+
+
+def argument_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The bench's model, batch and peers on the command line (cpu_profile adds its own)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="bench")
@@ -198,7 +200,7 @@ def arguments(argv=None, description: str = __doc__) -> argparse.Namespace:
     parser.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the PyTorch step with the model under torch.compile")
     parser.add_argument("--out", default="", help="also write the JSON here")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv=None) -> dict:

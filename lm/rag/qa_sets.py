@@ -127,6 +127,7 @@ def questions(name: str, cache: str = "") -> list[Question]:
                 for i, r in enumerate(_hf(root, "nq_open/none"))]
     if name == "trivia_qa":
         return [Question(r["question_id"], r["question"].strip(),
-                         _unique([_value(r["answer"])["value"], *_value(r["answer"])["aliases"]]))
-                for r in _hf(root, "trivia_qa/rc.wikipedia.nocontext")]
+                         _unique([answer["value"], *answer["aliases"]]))
+                for r in _hf(root, "trivia_qa/rc.wikipedia.nocontext")
+                for answer in [_value(r["answer"])]]
     raise DataError(f"unknown question set {name!r}; known: {', '.join(SETS)}")
