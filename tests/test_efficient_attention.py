@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from core.config import ConfigError
 from lm.models import efficient_attention as ea
 from lm.models import attention
 
@@ -242,3 +243,62 @@ def test_model_attention_choices_train_and_refuse_what_they_cannot_do():
             jax.random.key(0), tokens, decode=True)
     with pytest.raises(ValueError, match="attention="):
         model_lib.preset("tiny-gpt2", attention="sparse")
+
+
+# --- causal attention by query blocks (the CPU's XLA path) -----------------------------------
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("blocks", [2, 4, 8])
+def test_causal_blocks_equal_full_attention(dtype, atol, blocks):
+    """Same outputs and gradients as the unblocked XLA path, packed and padded rows, GQA
+    (bfloat16: within 2e-2, absolute or relative, one rounding of a value near 4 is 0.03)."""
+    t = 32
+    segments_BT = jnp.array([[1] * 9 + [2] * 20 + [0] * 3, [1] * t], jnp.int32)
+    mask_BTT = attention.attention_mask(segments_BT, t, True)
+    q, k, v = (x.astype(dtype) for x in qkv(5, t))
+    cotangent = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape), dtype)
+
+    def value_and_grads(fn):
+        out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, mask_BTT), q, k, v)
+        return (out, *pullback(cotangent))
+
+    blocked = jax.jit(lambda: value_and_grads(functools.partial(
+        attention.causal_block_attention, blocks=blocks)))()
+    full = jax.jit(lambda: value_and_grads(attention.dot_product_attention))()
+    for got, want in zip(blocked, full):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   atol=atol, rtol=atol)
+
+
+def test_causal_blocks_default_and_refusal():
+    assert attention.causal_blocks(256) == 4 and attention.causal_blocks(64) == 1
+    assert attention.causal_blocks(4096) == attention.MAX_BLOCKS
+    assert attention.causal_blocks(200) == 1  # 3 blocks of 64 do not divide it
+    q, k, v = qkv(0, 30)
+    with pytest.raises(ValueError, match="do not divide"):
+        attention.causal_block_attention(q, k, v, attention.attention_mask(None, 30), blocks=4)
+
+
+# --- cuDNN's packed segments (the kernel itself needs a GPU) ---------------------------------
+
+def test_packed_segments_rebuild_the_rows():
+    """Each run of equal ids (padding included, as attention_mask treats it) is one segment;
+    the lengths and starts cuDNN receives rebuild every row, and -1 fills the rest."""
+    segments_BT = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [1] * 8, [1, 2, 3, 4, 5, 6, 7, 8]])
+    lengths_BM, starts_BM1 = (np.asarray(x) for x in attention.packed_segments(
+        jnp.asarray(segments_BT)))
+    assert lengths_BM.shape == (3, 8) and starts_BM1.shape == (3, 9)
+    for row, lengths, starts in zip(segments_BT, lengths_BM, starts_BM1):
+        used = lengths[lengths > 0]
+        assert (lengths[len(used):] == -1).all() and (starts[len(used):] == -1).all()
+        rebuilt = np.concatenate([np.full(n, row[s]) for s, n in zip(starts, used)])
+        np.testing.assert_array_equal(rebuilt, row)
+        assert (np.diff(starts[:len(used)]) == used[:-1]).all()
+
+
+def test_cudnn_attention_without_a_gpu_is_one_clear_error():
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is here")
+    q, k, v = qkv()
+    with pytest.raises(ConfigError, match="needs an NVIDIA GPU.*attention_impl=xla"):
+        attention.cudnn_attention(q, k, v, SEGMENTS_BT, True)

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.models import efficient_attention as efficient, lora
-from lm.models.attention import attention_mask, cross_attention_mask, dot_product_attention
+from lm.models.attention import (attention_mask, causal_block_attention, cross_attention_mask,
+                                 cudnn_attention, dot_product_attention)
 
 Array = jax.Array
 
@@ -225,6 +226,8 @@ class Attention(nn.Module):
                                                                     segment_ids_BT)
             out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS,
                                              bias(k_positions_BS))
+        elif cfg.attention_impl == "cudnn" and rel_table_RN is None:
+            out_BTNH = cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg.causal)
         else:
             mask_BTS = (None if segment_ids_BT is None and cfg.attention_impl != "xla" else
                         attention_mask(segment_ids_BT, T, cfg.causal))
@@ -240,9 +243,12 @@ class Attention(nn.Module):
         return out_BTD
 
     def _full(self, q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, causal: bool) -> Array:
-        """Full attention by the config's attention_impl: "xla" (the einsums above) or
-        jax.nn.dot_product_attention (cuDNN flash attention where available)."""
+        """Full attention by the config's attention_impl: "xla" (the einsums above, by query
+        blocks when causal) or jax.nn.dot_product_attention's XLA path ("dot_product_attention",
+        and "cudnn" where the kernel cannot serve: cross-attention, T5's bias)."""
         if self.cfg.attention_impl == "xla":
+            if causal and bias_BNTS is None:
+                return causal_block_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
             return dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS)
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS,

@@ -50,7 +50,7 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLPS = ("gelu", "gelu_exact", "swiglu")
 REMATS = ("none", "full", "dots")
-ATTENTION_IMPLS = ("xla", "dot_product_attention")
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
 ATTENTIONS = ("full", "sliding_window", "linformer", "lsh")  # lm/models/efficient_attention.py
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -89,7 +89,9 @@ class TransformerConfig:
     remat: str = "none"               # "none" | "full" (save nothing) | "dots" (save projections)
     scan_layers: bool = True          # nn.scan over layers (stacked params) vs a Python loop
     init_std: float = 0.02            # output projections use init_std / sqrt(2 * num_layers)
-    attention_impl: str = "xla"       # "xla" (einsum, below) | "dot_product_attention" (jax.nn)
+    # "xla" (einsums; causal by query blocks) | "dot_product_attention" (jax.nn's XLA path) |
+    # "cudnn" (NVIDIA GPUs: the fused flash kernel, packed rows as segments)
+    attention_impl: str = "xla"
     # Rows per chunk of the training loss's vocabulary projection (core/losses.py: no B x T x V
     # logits); 0 computes the full logits. A training-time field, like dtype and remat.
     loss_chunk: int = 0
