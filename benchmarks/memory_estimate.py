@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
         task = aot.make_task(config)
         est = memory.estimate(config, devices, task)
         if target:
-            report, seconds = aot.compile_step(Engine(config, task, target_devices))
+            report, _, seconds = aot.compile_step(Engine(config, task, target_devices))
             actual = {"peak": report.peak_bytes, "temporaries": report.temp_bytes}
         else:
             actual = memory.compiled(config, devices, task)

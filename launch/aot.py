@@ -17,6 +17,7 @@ default) takes `target` when its compiler is installed, else says so and estimat
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
 import importlib.metadata
@@ -245,11 +246,20 @@ def make_task(config):
 
 
 def compile_step(engine: Engine):
-    """(memory report, seconds) of the engine's real train step compiled for its devices; the
-    check against the target's HBM is the caller's (the engine's own would use this machine's)."""
+    """(memory report, library calls, seconds) of the engine's real train step compiled for its
+    devices; the check against the target's HBM is the caller's (the engine's own would use
+    this machine's)."""
     started = time.perf_counter()
     compiled = engine.lower_train_step().compile()
-    return memory_report(compiled), time.perf_counter() - started
+    return memory_report(compiled), library_calls(compiled.as_text()), \
+        time.perf_counter() - started
+
+
+def library_calls(hlo_text: str) -> dict[str, int]:
+    """The compiled step's custom calls into kernel libraries, by target, e.g. cuDNN's fused
+    attention (`__cudnn$fmhaSoftmax` and its backward): which kernels the step really runs."""
+    return dict(sorted(collections.Counter(
+        re.findall(r'custom_call_target="([^"]+)"', hlo_text)).items()))
 
 
 def run(config, target: Target, method: str = "auto", memory_fraction: float = 0.0) -> dict:
@@ -258,7 +268,7 @@ def run(config, target: Target, method: str = "auto", memory_fraction: float = 0
     fraction = memory_fraction or (GPU_MEMORY_FRACTION if target.platform == "gpu" else 1.0)
     if not 0 < fraction <= 1:
         raise ConfigError(f"--memory-fraction {fraction} must be in (0, 1]")
-    task, note = make_task(config), ""
+    note = ""
     if method in ("auto", "target"):
         try:
             devices, compiler = target_devices(target)
@@ -277,7 +287,13 @@ def run(config, target: Target, method: str = "auto", memory_fraction: float = 0
         note += ("CPU-compiled estimate: arguments and outputs are the per-device sizes of the "
                  "sharded arrays (without the accelerator's layout padding); temporaries come "
                  "from XLA:CPU's fusion and scheduling, not the target compiler's.")
-    engine = Engine(config, task, devices)
+        if config.get("model", {}).get("attention_impl") == "cudnn":
+            config = config.copy_and_resolve_references()
+            config.model.attention_impl = "dot_product_attention"
+            note += (" cuDNN attention does not compile for XLA:CPU, so the estimate uses "
+                     "jax.nn's XLA attention, which keeps the scores the flash kernel does not: "
+                     "an over-estimate.")
+    engine = Engine(config, make_task(config), devices)
     usable = int(target.hbm_bytes * fraction)
     params = sum(math.prod(x.shape)
                  for x in jax.tree_util.tree_leaves(engine.abstract_state.params))
@@ -290,7 +306,7 @@ def run(config, target: Target, method: str = "auto", memory_fraction: float = 0
         "microbatches": config.train.microbatches,
         "hbm_bytes": target.hbm_bytes, "memory_fraction": fraction, "usable_bytes": usable}
     try:
-        report, seconds = compile_step(engine)
+        report, calls, seconds = compile_step(engine)
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
@@ -303,6 +319,7 @@ def run(config, target: Target, method: str = "auto", memory_fraction: float = 0
             "arguments": report.argument_bytes, "outputs": report.output_bytes,
             "donated": report.alias_bytes, "temporaries": report.temp_bytes,
             "generated_code": report.code_bytes, "peak": report.peak_bytes},
+        "library_calls": calls,
         "fits": report.peak_bytes <= usable, "headroom_bytes": usable - report.peak_bytes,
         "summary": (f"{report.summary()}; {usable / GIB:.3f} GiB usable of "
                     f"{target.hbm_bytes / GIB:.0f}"),

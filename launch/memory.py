@@ -249,7 +249,7 @@ def compiled(config: ml_collections.ConfigDict, num_devices: int, task=None) -> 
     """XLA's memory_analysis() of the real step compiled for `num_devices` simulated CPU
     devices (launch/aot.py's CPU estimate): what the estimate is checked against."""
     from launch import aot
-    report, seconds = aot.compile_step(Engine(config, task or aot.make_task(config),
+    report, _, seconds = aot.compile_step(Engine(config, task or aot.make_task(config),
                                               aot.cpu_devices(num_devices)))
     return {"arguments": report.argument_bytes, "outputs": report.output_bytes,
             "donated": report.alias_bytes, "temporaries": report.temp_bytes,

@@ -142,15 +142,29 @@ def test_gpu_compile_for_8_h100_without_a_gpu():
     assert result["fits"]
 
 
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="jax's CUDA plugin is not installed")
+def test_the_gpu_preset_runs_cudnn_flash_attention_in_the_compiled_step():
+    """One fused cuDNN attention forward and backward per layer in the step the GPU compiler
+    builds for an H100 (no GPU needed)."""
+    gpt = str(REPO / "experiments/configs/lm/gpt.py")
+    config = load_config(gpt + ":size=tiny,platform=gpu", QUIET)
+    result = aot.run(config, aot.parse_target("1xH100"), method="target")
+    layers = config.model.num_layers
+    assert result["library_calls"]["__cudnn$fmhaSoftmax"] == layers
+    assert result["library_calls"]["__cudnn$fmhaSoftmaxBackward"] == layers
+
+
 def test_the_gpu_preset_compiles_with_bf16_activations_and_unrolled_layers():
     """platform=gpu: bf16 compute, float32 parameters (the arguments stay float32), no layer
-    scan, jax.nn attention, no document mask; the step compiles for the target."""
+    scan, cuDNN attention, no document mask; the step compiles for the target (XLA:CPU's
+    estimate swaps in jax.nn's XLA attention, and says so)."""
     gpt = str(REPO / "experiments/configs/lm/gpt.py")
     config = load_config(gpt + ":size=tiny,platform=gpu", QUIET)
     assert (config.model.dtype, config.model.param_dtype) == ("bfloat16", "float32")
     assert not config.model.scan_layers and not config.data.document_masking
-    assert config.model.attention_impl == "dot_product_attention"
+    assert config.model.attention_impl == "cudnn"
     result = aot.run(config, aot.parse_target("8xH100"), method="cpu-estimate")
+    assert "cuDNN attention does not compile for XLA:CPU" in result["note"]
     cpu = aot.run(load_config(gpt + ":size=tiny", QUIET), aot.parse_target("8xH100"),
                   method="cpu-estimate")
     assert result["fits"] and result["parameters"] == cpu["parameters"]

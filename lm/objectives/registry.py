@@ -27,10 +27,13 @@ A decoder-only objective without encode_prompt samples by streaming a continuati
 from __future__ import annotations
 
 import importlib
+import logging
 from types import ModuleType
 
 from core.config import ConfigError, check_choice, check_ranges
 from lm.models import lora
+
+log = logging.getLogger(__name__)
 
 OBJECTIVES = {
     "causal_lm": "lm.objectives.causal_lm",
@@ -90,7 +93,19 @@ def make_task(config, vocab_size: int):
     if not hasattr(module, "build_task"):
         raise ConfigError(f"task {config.task!r} builds its task from its data "
                           f"({module.__name__}.build_setup), not from a tokenizer")
+    if "attention_impl" in config.get("model", {}):
+        log.info("attention: %s", attention_choice(config.model))
     return with_lora(config, module.build_task(config, vocab_size))
+
+
+def attention_choice(model) -> str:
+    """What the model's attention runs as, in words (logged when the task is built)."""
+    if model.get("attention", "full") != "full":
+        return f"{model.attention} (lm/models/efficient_attention.py)"
+    return {"xla": "XLA einsums (causal: by query blocks)",
+            "dot_product_attention": "jax.nn.dot_product_attention, XLA path",
+            "cudnn": "cuDNN fused flash attention (packed rows as segments)"}[
+                model.attention_impl]
 
 
 def with_lora(config, task):
