@@ -85,7 +85,8 @@ RESUME_SAFE = ("train.steps", "train.log_every", "train.eval_every", "train.eval
                "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
                "train.memory_limit_bytes", "train.peak_flops", "train.max_wallclock_s",
                "train.microbatches", "mesh.*", "sharding_rules", "distributed.*",
-               "data.cache_dir", "data.tokenizer.path", "model.remat", "model.attention_impl")
+               "data.cache_dir", "data.tokenizer.path", "model.remat", "model.attention_impl",
+               "model.loss_chunk")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

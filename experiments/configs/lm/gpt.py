@@ -7,9 +7,10 @@ Sizes: tiny (tests, seconds), demo (2 CPU cores, ~10 min; README gives the bits/
 against the xz baseline), small (the ablation sweep's model, ~2-3 min each), bench (the throughput benchmark's model: 6 layers, width 384), gpt2_124m
 (GPT-2 small, for accelerators). style=gpt2 (learned positions, LayerNorm, GELU, tied) or
 style=llama (rotary, RMSNorm, SwiGLU, grouped-query attention, untied).
-platform=cpu (the default: float32, scanned layers, document masking, what tests and the demo
-want) or platform=gpu|tpu: bfloat16 compute with float32 parameters, layers unrolled,
-jax.nn.dot_product_attention, causal attention across the window unless
+platform=cpu (the default: float32, scanned layers, document masking, the loss by chunks of
+4,096 rows, what tests and the demo want) or platform=gpu|tpu: bfloat16 compute with float32
+parameters, layers unrolled, the loss by chunks of 8,192 rows, cuDNN flash attention (gpu) or
+jax.nn.dot_product_attention (tpu), causal attention across the window unless
 --config.data.document_masking=true (docs/performance.md says what each costs).
 Override anything, e.g. --config.train.steps=100 --config.mesh.ici.fsdp=2.
 
@@ -38,13 +39,17 @@ SIZES = {
     "gpt2_124m": (12, 768, 12, 1024, 50304, 512, 20000, 6e-4),
 }
 
-# What a first run on each platform should use; on accelerators: bf16 matmuls, no layer scan
-# (-34% tokens/s on the H100), jax.nn attention, no dense document mask.
-_ACCELERATOR = {"model": {"dtype": "bfloat16", "param_dtype": "float32", "scan_layers": False,
-                          "attention_impl": "dot_product_attention"},
-                "document_masking": False}
-PLATFORMS = {"cpu": {"model": {}, "document_masking": True},
-             "gpu": _ACCELERATOR, "tpu": _ACCELERATOR}
+# What a first run on each platform should use. Everywhere the loss by chunks of rows (no
+# B x T x V logits; 6% faster on the CPU bench, docs/performance.md). On accelerators: bf16
+# matmuls, no layer scan (-34% tokens/s on the H100), no dense document mask, chunks of 8,192
+# rows; cuDNN's flash attention on GPUs.
+_ACCELERATOR = {"dtype": "bfloat16", "param_dtype": "float32", "scan_layers": False,
+                "loss_chunk": 8192}
+PLATFORMS = {"cpu": {"model": {"loss_chunk": 4096}, "document_masking": True},
+             "gpu": {"model": {**_ACCELERATOR, "attention_impl": "cudnn"},
+                     "document_masking": False},
+             "tpu": {"model": {**_ACCELERATOR, "attention_impl": "dot_product_attention"},
+                     "document_masking": False}}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
