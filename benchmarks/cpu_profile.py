@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import math
 import pathlib
 import re
 import tempfile
@@ -86,6 +87,39 @@ def jax_bucket(line: str, bodies: dict[str, str], rows: int) -> str:
     if re.search(r"\b(copy|transpose)\b", body) or op.strip().startswith(("copy", "transpose")):
         return "copy/transpose"
     return "elementwise/other"
+
+
+LAYOUT_OPS = {"parameter", "constant", "bitcast", "copy", "transpose", "reshape", "broadcast",
+              "slice", "concatenate"}
+
+
+def layout_copies(hlo_text: str) -> dict[str, tuple[int, str]]:
+    """The compiled step's operations that only move data (a copy or transpose, or a fusion of
+    nothing but layout operations): name -> (bytes written, op_name). What XLA adds to lay
+    operands out for its matmuls; PyTorch passes strided views instead."""
+    lines, bodies = hlo_instructions(hlo_text), fused_bodies(hlo_text)
+    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    out = {}
+    for name in re.findall(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", entry, re.M):
+        line = lines[name]
+        shape, _, rest = line.partition(" ")
+        op = rest.split("(", 1)[0].strip()
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        body_ops = set(re.findall(r"=\s*\S+\s+([a-z\-]+)\(",
+                                  bodies.get(called.group(1), ""))) if called else set()
+        if op in ("copy", "transpose") or (op == "fusion" and body_ops
+                                            and body_ops <= LAYOUT_OPS):
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            out[name] = (shape_bytes(shape), op_name.group(1) if op_name else "")
+    return out
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO result shape such as f32[16,256,384]{2,1,0} (a tuple: its parts)."""
+    width = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1,
+             "f64": 8, "s64": 8}
+    return sum(width.get(kind, 4) * math.prod(int(d) for d in dims.split(",") if d)
+               for kind, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape))
 
 
 def profile_jax(trainer, steps: int, rows: int) -> dict[str, float]:

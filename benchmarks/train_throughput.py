@@ -43,7 +43,7 @@ def model_config(args) -> model_lib.TransformerConfig:
     return model_lib.preset("gpt2", vocab_size=args.vocab, num_layers=layers, d_model=width,
                             num_heads=heads, max_len=args.seq, dtype=args.dtype,
                             scan_layers=args.scan, remat=args.remat,
-                            attention_impl=args.attention)
+                            attention_impl=args.attention, loss_chunk=args.loss_chunk)
 
 
 def batch_of_tokens(args) -> np.ndarray:
@@ -190,7 +190,9 @@ def argument_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--remat", default="none")
-    parser.add_argument("--attention", default="xla", choices=("xla", "dot_product_attention"))
+    parser.add_argument("--attention", default="xla", choices=model_lib.ATTENTION_IMPLS)
+    parser.add_argument("--loss-chunk", type=int, default=0,
+                        help="rows per chunk of the fused loss (core/losses.py); 0: full logits")
     parser.add_argument("--document-masking", action=argparse.BooleanOptionalAction, default=False,
                         help="restrict attention to documents (the torch peer attends causally)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -221,6 +223,7 @@ def main(argv=None) -> dict:
         "model": {"size": args.size, "params": int(trainers["jax"].num_params), "seq": args.seq,
                   "batch": args.batch, "vocab": args.vocab, "dtype": args.dtype,
                   "scan_layers": args.scan, "remat": args.remat, "attention": args.attention,
+                  "loss_chunk": args.loss_chunk,
                   "document_masking": args.document_masking},
         "flops_per_token": flops_per_token, "causal_attention_flops_halved": False, **machine,
     }

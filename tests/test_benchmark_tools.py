@@ -87,3 +87,19 @@ def test_an_operation_split_over_threads_counts_its_wall_time_once():
     assert cpu_profile.wall_time([(0, 10), (0, 10)]) == 10        # two threads, same span
     assert cpu_profile.wall_time([(0, 10), (5, 15), (20, 30)]) == 25
     assert cpu_profile.wall_time([(0, 10), (2, 3)]) == 10
+
+
+def test_the_compiled_cpu_step_copies_few_bytes_per_layer():
+    """XLA lays matmul operands out with explicit copies and transposes that PyTorch does not
+    make. Per layer of the bench's step (B1 T256), the pure layout operations write 11
+    activations' worth (B x T x D float32) today; attention's scores einsums without query
+    blocks wrote 16. A change that brings copies back fails here."""
+    args = bench.arguments(["--seq", "256", "--batch", "1", "--vocab", "512", "--no-torch"])
+    cfg = bench.model_config(args)
+    trainer = bench.JaxTrainer(cfg, args)
+    text = trainer.step.lower(trainer.state, trainer.batch).compile().as_text()
+    copies = cpu_profile.layout_copies(text)
+    per_layer = sum(size for size, op_name in copies.values()
+                    if re.search(r"/layers_\d+/", op_name)) / cfg.num_layers
+    activation = args.batch * args.seq * cfg.d_model * 4
+    assert 0 < per_layer <= 12 * activation, per_layer / activation
