@@ -19,6 +19,18 @@ from core import cli
 CONFIG = "experiments/configs/lm/gpt.py:size=demo"
 
 
+def trained_params(config, task, workdir) -> dict:
+    """The parameters of the run's latest good checkpoint, on the host."""
+    import jax
+
+    from core.checkpoint import Checkpointer
+    from core.engine import Engine
+    engine = Engine(config, task)
+    saved, _, _ = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False
+                               ).restore_latest_good(engine.saved_state(engine.abstract_state))
+    return jax.device_get(saved["params"])
+
+
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -45,15 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     compressors = {name: baseline.compressor_bits_per_byte(train_text, val_text, name)
                    for name in ("xz", "bzip2", "gzip")}
 
-    import jax
-
-    from core.checkpoint import Checkpointer
-    from core.engine import Engine
-    engine = Engine(config, setup.task)
-    state, _, _ = Checkpointer(pathlib.Path(args.workdir) / "checkpoints",
-                               async_save=False).restore_latest_good(engine.abstract_state)
     print("\n--- sample (temperature 0.8, top-k 40) ---")
-    sample = sampling.sample_text(setup.task, setup.tokenizer, jax.device_get(state.params),
+    sample = sampling.sample_text(setup.task, setup.tokenizer,
+                                  trained_params(config, setup.task, args.workdir),
                                   "It is a truth universally acknowledged", 120,
                                   temperature=0.8, top_k=40, seed=0, stream=print)
     model_bpb = summary["eval_bits_per_byte"]

@@ -136,3 +136,20 @@ def test_processes_agree_on_stopping_only_every_log_interval(monkeypatch):
     assert len(gathered) == 2 and decisions == [False] * 4 + [True] + [False] * 4 + [True]
     monkeypatch.setattr(jax, "process_count", lambda: 1)
     assert stop.any_process_requested(3, every=5)
+
+
+def test_the_demo_samples_from_the_checkpoint_it_wrote(tmp_path):
+    """`make demo` reads its last checkpoint back to sample: the saved tree (no frozen
+    parameters), restored whole, with nothing moved aside as corrupt."""
+    from conftest import tiny_config, train_tiny
+    from experiments import demo
+    from lm import pipeline
+    steps = ("--config.train.steps=4", "--config.optim.warmup_steps=1")
+    train_tiny(tmp_path, *steps)
+    config = tiny_config(*steps)
+    setup = pipeline.build(config, tmp_path)
+    params = demo.trained_params(config, setup.task, tmp_path)
+    expected = Engine(config, setup.task).abstract_state.params
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(expected)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(params))
+    assert not list((tmp_path / "checkpoints").glob("*.corrupt*"))
