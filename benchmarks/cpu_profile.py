@@ -63,9 +63,14 @@ def fused_bodies(hlo_text: str) -> dict[str, str]:
     return bodies
 
 
-def jax_bucket(line: str, bodies: dict[str, str], rows: int) -> str:
+def fused_body(line: str, bodies: dict[str, str]) -> str:
+    """The text of the computation an instruction calls (a fusion's body), or ""."""
     called = re.search(r"calls=%?([\w.\-]+)", line)
-    body = bodies.get(called.group(1), "") if called else ""
+    return bodies.get(called.group(1), "") if called else ""
+
+
+def jax_bucket(line: str, bodies: dict[str, str], rows: int) -> str:
+    body = fused_body(line, bodies)
     op = line.split("(", 1)[0]
     op_name = re.search(r'op_name="([^"]*)"', line)
     if op_name and "jvp(" not in op_name.group(1):  # after the gradient: clipping, the update
@@ -104,9 +109,7 @@ def layout_copies(hlo_text: str) -> dict[str, tuple[int, str]]:
         line = lines[name]
         shape, _, rest = line.partition(" ")
         op = rest.split("(", 1)[0].strip()
-        called = re.search(r"calls=%?([\w.\-]+)", line)
-        body_ops = set(re.findall(r"=\s*\S+\s+([a-z\-]+)\(",
-                                  bodies.get(called.group(1), ""))) if called else set()
+        body_ops = set(re.findall(r"=\s*\S+\s+([a-z\-]+)\(", fused_body(line, bodies)))
         if op in ("copy", "transpose") or (op == "fusion" and body_ops
                                             and body_ops <= LAYOUT_OPS):
             op_name = re.search(r'op_name="([^"]*)"', line)

@@ -23,12 +23,8 @@ def trained_params(config, task, workdir) -> dict:
     """The parameters of the run's latest good checkpoint, on the host."""
     import jax
 
-    from core.checkpoint import Checkpointer
-    from core.engine import Engine
-    engine = Engine(config, task)
-    saved, _, _ = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False
-                               ).restore_latest_good(engine.saved_state(engine.abstract_state))
-    return jax.device_get(saved["params"])
+    from core.engine import restore_params
+    return jax.device_get(restore_params(config, task, workdir)[1])
 
 
 def main(argv: list[str] | None = None) -> dict:

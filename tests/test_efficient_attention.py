@@ -296,9 +296,19 @@ def test_packed_segments_rebuild_the_rows():
         assert (np.diff(starts[:len(used)]) == used[:-1]).all()
 
 
-def test_cudnn_attention_without_a_gpu_is_one_clear_error():
-    if jax.default_backend() == "gpu":
-        pytest.skip("a GPU is here")
+@pytest.mark.parametrize("refusal,advice", [
+    (RuntimeError("cuDNN is not detected."), "needs an NVIDIA GPU.*attention_impl=xla"),
+    (NotImplementedError("Packed layout requires a GPU with at least Hopper architecture."),
+     "cannot run this step.*document_masking=false")])
+def test_cudnn_refusals_are_one_clear_error(monkeypatch, refusal, advice):
+    """What jax's cuDNN entry raises without a GPU, or on a GPU that cannot run the packed
+    layout, becomes one line that says what to use instead (on any machine: the entry is
+    replaced by one that refuses)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    def refuse(*args, **kwargs):
+        raise refusal
+    monkeypatch.setattr(cudnn, "dot_product_attention", refuse)
     q, k, v = qkv()
-    with pytest.raises(ConfigError, match="needs an NVIDIA GPU.*attention_impl=xla"):
+    with pytest.raises(ConfigError, match=advice):
         attention.cudnn_attention(q, k, v, SEGMENTS_BT, True)

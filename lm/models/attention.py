@@ -137,12 +137,12 @@ def cudnn_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array,
             q_BTNH, k_BTKH, v_BTKH, q_seqlen=lengths_BM, kv_seqlen=lengths_BM,
             q_offsets=starts_BM1, kv_offsets=starts_BM1, scale=1 / math.sqrt(q_BTNH.shape[-1]),
             mask_type=mask)
-    except RuntimeError as error:
-        if "cuDNN" not in str(error):
-            raise
-        raise ConfigError(f"attention_impl='cudnn' needs an NVIDIA GPU with cuDNN ({error}); "
-                          "use --config.model.attention_impl=xla here") from None
     except NotImplementedError as error:  # e.g. packed rows before Hopper, a head width
         raise ConfigError(f"cuDNN attention cannot run this step: {error} Use "
                           "--config.data.document_masking=false (no packed segments) or "
                           "--config.model.attention_impl=dot_product_attention") from None
+    except RuntimeError as error:  # (after NotImplementedError, which is one)
+        if "cuDNN" not in str(error):
+            raise
+        raise ConfigError(f"attention_impl='cudnn' needs an NVIDIA GPU with cuDNN ({error}); "
+                          "use --config.model.attention_impl=xla here") from None
