@@ -61,3 +61,15 @@ def test_parse_arg_and_apply_overrides_on_plain_dicts():
     config = parse_arg("", a=1)
     with pytest.raises(ConfigError, match="'b'.*'a'"):
         apply_overrides(config, ["b=2"])
+
+
+def test_rope_swiglu_style_is_gpt2_with_rotary_and_swiglu_at_its_parameter_count():
+    gpt2 = load_config(f"{GPT}:size=demo").model
+    best = load_config(f"{GPT}:size=demo,style=rope_swiglu").model
+    assert {k for k in gpt2 if gpt2[k] != best[k]} == {"pos_emb", "mlp", "d_ff"}
+    assert (best.pos_emb, best.mlp) == ("rope", "swiglu")
+    # three SwiGLU matrices against GELU's two, so the MLP's parameters agree within 1%
+    gelu_ff = 4 * gpt2.d_model  # d_ff None: GELU's default
+    assert abs(3 * best.d_ff - 2 * gelu_ff) / (2 * gelu_ff) < 0.01 and best.d_ff % 8 == 0
+    with pytest.raises(ConfigError, match=r"style 'rope_swigul' .*did you mean 'rope_swiglu'"):
+        load_config(f"{GPT}:size=demo,style=rope_swigul")

@@ -5,8 +5,10 @@ Run the demo model (what `make demo` trains):
       --workdir runs/gpt-demo
 Sizes: tiny (tests, seconds), demo (2 CPU cores, ~10 min; README gives the bits/byte it reaches
 against the xz baseline), small (the ablation sweep's model, ~2-3 min each), bench (the throughput benchmark's model: 6 layers, width 384), gpt2_124m
-(GPT-2 small, for accelerators). style=gpt2 (learned positions, LayerNorm, GELU, tied) or
-style=llama (rotary, RMSNorm, SwiGLU, grouped-query attention, untied).
+(GPT-2 small, for accelerators). style=gpt2 (learned positions, LayerNorm, GELU, tied),
+style=rope_swiglu (GPT-2 with rotary positions and SwiGLU at the same parameter count: the
+ablation's best, what `make demo` trains) or style=llama (rotary, RMSNorm, SwiGLU, grouped-query
+attention, untied).
 platform=cpu (the default: float32, scanned layers, document masking, the loss by chunks of
 4,096 rows, what tests and the demo want) or platform=gpu|tpu: bfloat16 compute with float32
 parameters, layers unrolled, the loss by chunks of 8,192 rows, cuDNN flash attention (gpu) or
@@ -52,13 +54,29 @@ PLATFORMS = {"cpu": {"model": {"loss_chunk": 4096}, "document_masking": True},
                      "document_masking": False}}
 
 
+def swiglu_width(width: int) -> int:
+    """SwiGLU's hidden width at GELU's parameter count: three matrices to GELU's two of 4 x width,
+    so 2/3 of 4 x width, rounded to a multiple of 8."""
+    return 8 * round(4 * width * 2 / 3 / 8)
+
+
+# style -> (transformer preset, its fields replaced for a width)
+STYLES = {"gpt2": ("gpt2", lambda width: {}),
+          "llama": ("llama", lambda width: {}),
+          # the ablation's best (docs/experiments.md): rotary positions + SwiGLU, -0.30 nats
+          "rope_swiglu": ("gpt2", lambda width: {"pos_emb": "rope", "mlp": "swiglu",
+                                                 "d_ff": swiglu_width(width)})}
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="demo", style="gpt2", corpus="austen+kjv+brown", platform="cpu")
     check_choice("size", args.size, SIZES)
     check_choice("platform", args.platform, PLATFORMS)
+    check_choice("style", args.style, STYLES)
     layers, width, heads, seq_len, vocab, batch, steps, lr = SIZES[args.size]
-    model = model_lib.preset(args.style, vocab_size=vocab, num_layers=layers, d_model=width,
-                             num_heads=heads, max_len=max(seq_len, 256),
+    preset, fields = STYLES[args.style]
+    model = model_lib.preset(preset, vocab_size=vocab, num_layers=layers, d_model=width,
+                             num_heads=heads, max_len=max(seq_len, 256), **fields(width),
                              **PLATFORMS[args.platform]["model"])
     config = ml_collections.ConfigDict()
     config.task = "causal_lm"
@@ -98,10 +116,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 def get_sweep(arg: str = "") -> list[dict]:
     """The architecture ablation: learned vs rotary positions, LayerNorm vs RMSNorm, GELU vs SwiGLU.
 
-    SwiGLU has three MLP matrices to GELU's two, so its width is 2/3 of GELU's (rounded to a
-    multiple of 8) and every member has the same parameter count within 1%."""
+    SwiGLU's width is swiglu_width's, so every member has the same parameter count within 1%."""
     width = get_config(arg).model.d_model
-    gelu_ff, swiglu_ff = 4 * width, 8 * round(4 * width * 2 / 3 / 8)
+    gelu_ff, swiglu_ff = 4 * width, swiglu_width(width)
     return product(axis("model.pos_emb", ["learned", "rope"]),
                    axis("model.norm", ["layernorm", "rmsnorm"]),
                    zipped(axis("model.mlp", ["gelu", "swiglu"]),
