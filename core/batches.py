@@ -228,7 +228,8 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def padded_length(n: int) -> int:
-    """n rounded up to a multiple of 16, or of a quarter of the power of two below n when that is
-    larger: at most 25% padding (or 15 tokens), and few distinct shapes to compile."""
-    return round_up(max(n, 1), max(16, (1 << (max(n, 1).bit_length() - 1)) // 4))
+def padded_length(n: int, granule: int = 16) -> int:
+    """n rounded up to a multiple of `granule`, or of a quarter of the power of two below n when
+    that is larger: at most 25% padding (or granule - 1 tokens), and few distinct shapes to
+    compile. A smaller granule suits short rows (answers of a few tokens)."""
+    return round_up(max(n, 1), max(granule, (1 << (max(n, 1).bit_length() - 1)) // 4))

@@ -396,8 +396,10 @@ def _inner(params):
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:
-    """Per-layer params (layers_0 ... layers_{L-1}, scan_layers=False) -> stacked ("layers")."""
-    params = dict(_inner(params))
+    """Per-layer params (layers_0 ... layers_{L-1}, scan_layers=False) -> stacked ("layers").
+    Boxed params (model.init's, with logical axis names) come back unboxed: a box names the axes
+    of one layer, not of the stack."""
+    params = dict(nn.meta.unbox(_inner(params)))
     per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
     params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
     return params
