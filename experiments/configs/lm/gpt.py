@@ -60,21 +60,21 @@ def swiglu_width(width: int) -> int:
     return 8 * round(4 * width * 2 / 3 / 8)
 
 
-# style -> (transformer preset, its fields replaced for a width)
-STYLES = {"gpt2": ("gpt2", lambda width: {}),
-          "llama": ("llama", lambda width: {}),
-          # the ablation's best (docs/experiments.md): rotary positions + SwiGLU, -0.30 nats
-          "rope_swiglu": ("gpt2", lambda width: {"pos_emb": "rope", "mlp": "swiglu",
-                                                 "d_ff": swiglu_width(width)})}
+# A style is any transformer preset (its fields at this size), or a recipe: style -> (preset,
+# its fields replaced for a width).
+RECIPES = {
+    # the ablation's best (docs/experiments.md): rotary positions + SwiGLU, -0.30 nats
+    "rope_swiglu": ("gpt2", lambda width: {"pos_emb": "rope", "mlp": "swiglu",
+                                           "d_ff": swiglu_width(width)})}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="demo", style="gpt2", corpus="austen+kjv+brown", platform="cpu")
     check_choice("size", args.size, SIZES)
     check_choice("platform", args.platform, PLATFORMS)
-    check_choice("style", args.style, STYLES)
+    check_choice("style", args.style, {**model_lib.PRESETS, **RECIPES})
     layers, width, heads, seq_len, vocab, batch, steps, lr = SIZES[args.size]
-    preset, fields = STYLES[args.style]
+    preset, fields = RECIPES.get(args.style, (args.style, lambda width: {}))
     model = model_lib.preset(preset, vocab_size=vocab, num_layers=layers, d_model=width,
                              num_heads=heads, max_len=max(seq_len, 256), **fields(width),
                              **PLATFORMS[args.platform]["model"])
