@@ -50,8 +50,8 @@ def test_scores_equal_a_direct_forward_pass(tokenizer, preset, scan, share_conte
                 eval_requests.Request(2, 1, "Sarah was a better surgeon than Maria so Maria", " won", 0),
                 eval_requests.Request(3, 0, "Q: " + "word " * 40, " yes", 0),
                 eval_requests.Request(3, 1, "Q: " + "word " * 40, " no", 0),
-                # more shared contexts than a batch holds: a later batch's KV cache has room for
-                # doc 0's longest choice, its own choices are shorter
+                # more shared contexts than a batch holds: batches of different context and
+                # choice lengths, doc 0's three choices over two calls
                 eval_requests.Request(4, 0, "It rained, so we", " stayed in", 1),
                 eval_requests.Request(4, 1, "It rained, so we", " went out", 1),
                 eval_requests.Request(5, 0, "Two and two make", " four", 0),

@@ -285,6 +285,7 @@ def evaluate_tasks(model, params, tokenizer, tasks: Iterable[str], shots: Sequen
     Generation tasks (GSM8K) use their own pre-rendered 8-shot chain-of-thought prompts."""
     from tqdm import tqdm
     results = {}
+    scoring_model, scoring_params = with_scanned_layers(model, params)  # stacked once, not per task
     for k in shots:
         for task in tasks:
             if task in GENERATION_TASKS:
@@ -298,7 +299,7 @@ def evaluate_tasks(model, params, tokenizer, tasks: Iterable[str], shots: Sequen
             requests = limit_docs(requests, limit)
             with tqdm(total=len(requests), desc=f"{task} {k}-shot",
                       disable=not show_progress) as bar:
-                scores = score_requests(model, params, tokenizer, requests, batch_size,
-                                        prefix_ids=prefix_ids, progress=bar.update)
+                scores = score_requests(scoring_model, scoring_params, tokenizer, requests,
+                                        batch_size, prefix_ids=prefix_ids, progress=bar.update)
             results[f"{task}/{k}shot"] = {**metrics(requests, scores), "shots_from": shots_from}
     return results

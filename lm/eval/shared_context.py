@@ -24,6 +24,10 @@ from lm.decode import decoding
 CONTINUATION_GRANULE = 8  # continuations padded to multiples of 8 tokens (or 25%)
 
 
+def _padded_continuation(n: int) -> int:
+    return padded_length(n, CONTINUATION_GRANULE)
+
+
 def summed_logp_and_greedy(logits_BKV, targets_BK, scored_BK) -> tuple[jax.Array, jax.Array]:
     """(summed log-prob [B], all greedy [B]) of the scored targets under float32 logits."""
     logits_BKV = logits_BKV.astype(jnp.float32)
@@ -73,10 +77,9 @@ def score_groups(model, params, groups: Sequence[tuple[Sequence[int], Sequence[S
     padded length, those with the longest continuations first, so that a batch's continuations
     are alike. Its continuations then run in calls of up to batch_size rows sorted by length, so
     each call pads only to its own longest continuation (in steps of CONTINUATION_GRANULE: answers
-    are often a few tokens) and holds at most logits_budget bytes of logits. (A KV cache with
-    room for the task's longest continuation in every batch compiles fewer shapes, but PIQA's
-    longest choice is 231 tokens against 23 on average: every call then attends over and copies
-    a cache ten times too long.)"""
+    are often a few tokens) and holds at most logits_budget bytes of logits. Each batch's KV cache
+    fits its own continuations: one sized for the task's longest compiles fewer shapes but made
+    PIQA slower (docs/performance.md)."""
     vocab = model.cfg.vocab_size
     rows_sharding, replicated = mesh.data_parallel()
     params = jax.device_put(params, replicated)
@@ -99,14 +102,14 @@ def score_groups(model, params, groups: Sequence[tuple[Sequence[int], Sequence[S
                        for k in range(len(groups[index][1]))),
                       key=lambda bk: -len(groups[chunk[bk[0]]][1][bk[1]]))
         continuation = lambda bk: groups[chunk[bk[0]]][1][bk[1]]
-        cache_length = P + padded_length(len(continuation(rows[0])), CONTINUATION_GRANULE)
+        cache_length = P + _padded_continuation(len(continuation(rows[0])))
         context_lengths_B, = put(context_lengths_B)
         last_logits_BV, cache = _prefill_jit(model, params, *put(contexts_BP), context_lengths_B,
                                              cache_length)
         scores = {}
         at = 0
         while at < len(rows):
-            C = padded_length(len(continuation(rows[at])), CONTINUATION_GRANULE)
+            C = _padded_continuation(len(continuation(rows[at])))
             fits = max(1, logits_budget // (C * vocab * 4))
             call = rows[at:at + min(batch_size, fits)]
             R = round_up(len(call), multiple)
