@@ -1,5 +1,6 @@
 """SFT: labels token-exact against TRL's SFTTrainer, 4 microbatches equal 1 batch, packing,
-the ShareGPT recovery, the generated chain-of-thought tasks and their checker, bad input."""
+the ShareGPT recovery, the generated chain-of-thought tasks and their checker, bad input, the
+prompt's loss weight and a run of ours as the starting model."""
 import json
 import re
 
@@ -203,6 +204,63 @@ def test_four_microbatches_equal_one_batch(tiny_chat):
     np.testing.assert_allclose(four.loss / four.weight, one.loss / one.weight, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_one), jax.tree.leaves(grads_four)):
         np.testing.assert_allclose(b / four.weight, a / one.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_loss_weight_adds_the_prompt_tokens_at_that_weight(tiny_chat):
+    """Training sums reply + w * prompt tokens (padding never); validation stays on replies."""
+    encoded = sft.encode_all(instructions.load("cot", 12, seed=4), chat.ChatTemplate(),
+                             tiny_chat, 128)
+    batch = {k: v[:4] for k, v in sft.pack_conversations(encoded, 128, 0).fields.items()}
+    cfg = model_lib.preset("tiny-llama", vocab_size=model_lib.padded_vocab(tiny_chat.vocab_size),
+                           max_len=128, num_layers=1)
+    params = jax.tree.map(lambda x: getattr(x, "value", x),
+                          sft.SFTTask(cfg, 128).init_params(jax.random.key(0)),
+                          is_leaf=lambda x: hasattr(x, "value"))
+    rng = jax.random.key(1)
+    reply = sft.SFTTask(cfg, 128).loss(params, batch, rng, train=True)
+    every = sft.SFTTask(cfg, 128).loss(params, {**batch, "loss_mask": batch["segment_ids"]},
+                                       rng, train=True)
+    weighted = sft.SFTTask(cfg, 128, prompt_loss_weight=0.25)
+    got = weighted.loss(params, batch, rng, train=True)
+    prompt_loss, prompt_tokens = every.loss - reply.loss, every.weight - reply.weight
+    assert float(reply.weight) > 0 and float(prompt_tokens) > 0
+    np.testing.assert_allclose(got.weight, reply.weight + 0.25 * prompt_tokens, rtol=1e-6)
+    np.testing.assert_allclose(got.loss, reply.loss + 0.25 * prompt_loss, rtol=1e-5)
+    held_out = weighted.loss(params, batch, rng, train=False)
+    np.testing.assert_allclose(held_out.loss, reply.loss, rtol=1e-6)
+
+
+def test_sft_continues_a_pretraining_run_of_ours(tmp_path):
+    """sft.model = a run directory: its weights and tokenizer, the embedding grown for ChatML's
+    two markers, layers restacked for the config's scan_layers; the run trains and reads back."""
+    from conftest import tiny_chat_files, train_tiny
+    from core import trainer
+    from lm.objectives import saved_run
+    from lm.rag import reader as reader_lib
+    train_tiny(tmp_path / "lm", "--config.train.steps=3")
+    pretrained = saved_run.load_run(tmp_path / "lm")
+    _, chats = tiny_chat_files(tmp_path / "chats")
+    spec = f"experiments/configs/lm/sft.py:model={tmp_path / 'lm'},dataset=files:{chats}"
+    config = load_config(f"{spec},seq_len=64,batch=8,steps=2",
+                         ["sft.val_fraction=0.2", "sft.drop_untrainable=true",
+                          "train.eval_every=0", "train.async_checkpoint=false"])
+    setup = sft.build_setup(config, tmp_path / "sft")
+    assert setup.tokenizer.base.fingerprint == pretrained.tokenizer.fingerprint
+    cfg, old_cfg = setup.task.model_cfg, pretrained.task.model_cfg
+    assert old_cfg.scan_layers and not cfg.scan_layers  # sft.py's default runtime fields
+    assert cfg.vocab_size == model_lib.padded_vocab(old_cfg.vocab_size + 2) > old_cfg.vocab_size
+    start = setup.task.pretrained_params()
+    old = model_lib.unstack_layers(pretrained.params)
+    np.testing.assert_array_equal(start["token_embed"][:old_cfg.vocab_size], old["token_embed"])
+    for a, b in zip(jax.tree.leaves(start["layers_1"]), jax.tree.leaves(old["layers_1"])):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(start["token_embed"]).all()
+    summary = trainer.train(config, tmp_path / "sft", setup.task, setup.data)
+    assert summary["step"] == 2 and np.isfinite(summary["loss"])
+    reader = reader_lib.load_reader(str(tmp_path / "sft"))  # decodes with the run's ChatML
+    assert reader.tokenizer.fingerprint == setup.tokenizer.fingerprint
+    with pytest.raises(ConfigError, match="learned positions"):
+        sft.build_setup(load_config(f"{spec},seq_len={old_cfg.max_len + 1}"), tmp_path / "long")
 
 
 def test_sharegpt_recovers_the_complete_conversations():

@@ -16,6 +16,13 @@ The model starts from
                sentencepiece models; empty: one of data.tokenizer.vocab_size pieces trained on
                the training conversations and kept in the workdir, as pretraining does) and
                ChatML, whose two markers become ids V and V+1
+  sft.model = "runs/pretrain"  a run directory of ours (a pretraining or an earlier sft run): its
+               model section, parameters and tokenizer, with ChatML's markers added as above (the
+               embedding grows by the rows they need, initialised at the mean row); the config's
+               model section gives only RUNTIME_FIELDS, as for a GGUF
+sft.prompt_loss_weight > 0 also trains the prompt's tokens at that weight (validation stays on the
+reply tokens): a model that has to learn to read from scratch gets the passage and the question,
+which echoes it, as copying practice, not only the answer's few tokens.
 The task's parameters are the model's parameters, so a parameter transform (LoRA) can wrap it.
 """
 from __future__ import annotations
@@ -51,16 +58,17 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_imp
                   "loss_chunk")
 LORA = True  # trains through LoRA adapters when config.lora.rank > 0 (lm/objectives/lora_task.py)
 CONFIG_RANGES = {"sft": {"max_examples": ">= 0", "eval_examples": ">= 1",
-                         "val_fraction": "[0, 1)"}}
+                         "val_fraction": "[0, 1)", "prompt_loss_weight": "[0, 1]"}}
 
 
 class SFTTask(CausalLMTask):
     """The causal LM with a per-token weight: `loss_mask` marks the trained tokens."""
     name = "sft"
 
-    def __init__(self, model_cfg, seq_len: int, pretrained=None):
+    def __init__(self, model_cfg, seq_len: int, pretrained=None, prompt_loss_weight: float = 0.0):
         super().__init__(model_cfg, seq_len)
         self._pretrained = pretrained  # host arrays of the whole model, or None (scratch)
+        self.prompt_loss_weight = prompt_loss_weight
 
     def pretrained_params(self) -> dict:
         return {} if self._pretrained is None else dict(self._pretrained)
@@ -70,8 +78,10 @@ class SFTTask(CausalLMTask):
                 "loss_mask": BatchField((self.seq_len + 1,), jnp.int32, ("batch", "length"))}
 
     def loss(self, params, batch, rng, train: bool) -> LossSums:
-        return super().loss(params, batch, rng, train,
-                            (batch["loss_mask"][:, 1:] > 0).astype(jnp.float32))
+        reply_BT = (batch["loss_mask"][:, 1:] > 0).astype(jnp.float32)
+        if train and self.prompt_loss_weight:  # the padding is masked by the segment ids
+            reply_BT = reply_BT + self.prompt_loss_weight * (1.0 - reply_BT)
+        return super().loss(params, batch, rng, train, reply_BT)
 
     @staticmethod
     def metrics(sums: dict[str, float], num_bytes: float = 0.0) -> dict[str, float]:
@@ -133,6 +143,8 @@ def load_model(config, section=None, workdir=None, conversations=None):
     data.tokenizer.path takes the workdir's tokenizer, else trains one on `conversations`."""
     section = config.sft if section is None else section
     spec = section.model
+    if spec and (pathlib.Path(spec) / "config.json").is_file():
+        return _from_run(config, spec, section.get("seed", 0))
     if spec:
         path = pathlib.Path(spec)
         if path.suffix != ".gguf":
@@ -151,6 +163,50 @@ def load_model(config, section=None, workdir=None, conversations=None):
     tokenizer = chat.ChatTokenizer(_scratch_tokenizer(config.data, workdir, conversations))
     cfg = model_lib.config_from(config, model_lib.padded_vocab(tokenizer.vocab_size))
     return cfg, None, tokenizer, chat.ChatTemplate()
+
+
+def _from_run(config, workdir: str, seed: int):
+    """A run of ours continued as a chat model: its architecture with config.model's
+    RUNTIME_FIELDS, its newest parameters with embedding rows added for ChatML's markers."""
+    from lm.objectives import saved_run  # it imports the registry, which imports this module
+    run = saved_run.load_run(workdir, what="sft.model")
+    if not isinstance(run.task, CausalLMTask) or not getattr(run.task.model_cfg, "causal", False):
+        raise ConfigError(f"sft.model {workdir} is a {run.config.get('task')!r} run; start a chat "
+                          "model from a causal LM run (task lm or sft)")
+    tokenizer = chat.ChatTokenizer(run.tokenizer)
+    fields = dict(run.config.model)
+    fields.update({k: config.model[k] for k in RUNTIME_FIELDS if k in config.get("model", {})})
+    fields["vocab_size"] = max(run.task.model_cfg.vocab_size,
+                               model_lib.padded_vocab(tokenizer.vocab_size))
+    cfg = model_lib.TransformerConfig(**fields)
+    if cfg.pos_emb == "learned" and config.data.seq_len > cfg.max_len:
+        raise ConfigError(f"data.seq_len {config.data.seq_len} is longer than the {cfg.max_len} "
+                          f"learned positions of sft.model {workdir}; set data.seq_len <= "
+                          f"{cfg.max_len} or start from a run with rotary positions")
+    params = model_lib.unstack_layers(run.params) if "layers" in run.params else dict(run.params)
+    if cfg.scan_layers:
+        params = model_lib.stack_layers(params, cfg.num_layers)
+    params = with_vocab(params, cfg.vocab_size, seed)
+    log.info("sft: %s (step %d) as the starting model, vocabulary %d -> %d", workdir, run.step,
+             run.task.model_cfg.vocab_size, cfg.vocab_size)
+    return cfg, jax.device_get(params), tokenizer, chat.ChatTemplate()
+
+
+def with_vocab(params: dict, vocab_size: int, seed: int = 0) -> dict:
+    """The parameters with token_embed (V, E) and an untied unembed (D, V) grown to vocab_size.
+    New rows start at the mean row plus a little noise of its spread, so that the new tokens
+    begin as an average token rather than as outliers the softmax favours or never picks."""
+    params, rng = dict(params), np.random.default_rng(seed)
+    for name, axis in (("token_embed", 0), ("unembed", 1)):
+        if name not in params or params[name].shape[axis] >= vocab_size:
+            continue
+        table = np.asarray(params[name])
+        mean = table.mean(axis=axis, keepdims=True)
+        shape = list(table.shape)
+        shape[axis] = vocab_size - table.shape[axis]
+        noise = rng.normal(0.0, 1.0, shape) * table.std(axis=axis, keepdims=True) * 0.1
+        params[name] = np.concatenate([table, (mean + noise).astype(table.dtype)], axis=axis)
+    return params
 
 
 def _scratch_tokenizer(data_cfg, workdir, conversations) -> Tokenizer:
@@ -219,7 +275,8 @@ def build_setup(config, workdir=None, need_train: bool = True) -> SFTSetup:
     train, validation = split(config, conversations)
     cfg, params, tokenizer, template = load_model(config, workdir=workdir, conversations=train)
     seq_len = config.data.seq_len
-    task = registry.with_lora(config, SFTTask(cfg, seq_len, params))
+    task = registry.with_lora(config, SFTTask(cfg, seq_len, params,
+                                              config.sft.get("prompt_loss_weight", 0.0)))
     drop = config.sft.get("drop_untrainable", False)
     val_rows = pack_conversations(encode_all(validation, template, tokenizer, seq_len, drop),
                                   seq_len, tokenizer.pad_id)

@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "sft"
     config.sft = ml_collections.ConfigDict({
-        "model": args.model,          # packaged name or .gguf path; "" = the model section
+        "model": args.model,          # packaged name, .gguf path or a run of ours; "" = scratch
         "dataset": args.dataset,      # cot | last_letters | coin_flip | sharegpt | files: | hub:
         "max_examples": args.examples,  # generated: per task; else the first N (0: all)
         "eval_examples": args.eval_examples,  # per task and length (generated tasks)
@@ -45,6 +45,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # A conversation with no reply token within seq_len+1 tokens is an error naming it;
         # true drops such conversations instead (ShareGPT's long prompts), counted in the log.
         "drop_untrainable": False,
+        # > 0: the prompt's tokens are trained too, at this weight (reading from scratch)
+        "prompt_loss_weight": 0.0,
         "max_new_tokens": 80,         # greedy reply length when scoring generated tasks
     })
     if args.size in ("tiny", "small"):
