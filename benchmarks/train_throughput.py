@@ -29,6 +29,7 @@ from core import flops as flops_lib
 from core.optim import build_optimizer, optim_config
 from core.step import make_train_step
 from core.train_state import TrainState
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 from lm.objectives.causal_lm import CausalLMTask
 
@@ -217,7 +218,7 @@ def main(argv=None) -> dict:
     times = timed_rounds(trainers, args.rounds, args.steps_per_round)
 
     tokens_per_step = args.batch * args.seq
-    flops_per_token = model_lib.flops_per_token(cfg, args.seq)
+    flops_per_token = param_tree.flops_per_token(cfg, args.seq)
     peak, machine = machine_and_peak(args.dtype)
     result = {
         "model": {"size": args.size, "params": int(trainers["jax"].num_params), "seq": args.seq,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from core.task import BatchField, LossSums
-from lm.models import transformer as model_lib
+from lm.models import param_tree
 from multimodal.model import Gato, GatoConfig
 
 
@@ -64,7 +64,7 @@ class GatoTask:
                 "domain": BatchField((), jnp.int32, ("batch",))}
 
     def train_flops_per_example(self) -> float:
-        return model_lib.flops_per_token(self.cfg.decoder, self.seq_len) * self.seq_len
+        return param_tree.flops_per_token(self.cfg.decoder, self.seq_len) * self.seq_len
 
     def units_per_example(self):
         return "tokens", self.seq_len

@@ -10,6 +10,7 @@ import pytest
 from lm.weights import embed as embed_lib
 from lm.weights import hf_bert, hf_checkpoint
 from lm.models import attention
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 
 SENTENCES = [
@@ -116,8 +117,8 @@ def test_albert_shared_layers_equal_identical_unshared_layers():
     np.testing.assert_allclose(model_lib.Transformer(shared_cfg).apply({"params": shared}, tokens),
                                model_lib.Transformer(plain_cfg).apply({"params": plain}, tokens),
                                atol=1e-5)
-    block = model_lib.count_params(shared["layers_shared"])
-    assert model_lib.count_params(plain) - model_lib.count_params(shared) == 2 * block
+    block = param_tree.count_params(shared["layers_shared"])
+    assert param_tree.count_params(plain) - param_tree.count_params(shared) == 2 * block
     with pytest.raises(ValueError, match="share_layers"):
         model_lib.Transformer(shared_cfg).init(jax.random.key(0), tokens, decode=True)
 
@@ -133,5 +134,5 @@ def test_albert_factorised_embeddings_with_identity_projection_are_plain_embeddi
                                model_lib.Transformer(plain_cfg).apply({"params": plain}, tokens),
                                atol=1e-5)
     small = model_lib.preset("tiny-bert", embed_dim=16)
-    shapes = nn.meta.unbox(model_lib._param_shapes(small))
+    shapes = nn.meta.unbox(param_tree._param_shapes(small))
     assert shapes["token_embed"].shape == (256, 16) and shapes["embed_proj"].shape == (16, 64)

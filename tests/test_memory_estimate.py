@@ -9,7 +9,7 @@ from conftest import tiny_config
 from core import cli
 from core.engine import Engine
 from launch import aot, memory
-from lm.models import transformer as model_lib
+from lm.models import param_tree
 
 VOCAB = "--config.model.vocab_size=512"
 
@@ -28,7 +28,7 @@ def test_parameter_and_optimizer_lines_equal_the_engines_shards(overrides):
     config = tiny_config(VOCAB, "--config.train.global_batch_size=32", *overrides)
     task = aot.make_task(config)
     result = memory.estimate(config, 8, task)
-    assert result["parameters"] == model_lib.num_params(task.model_cfg)
+    assert result["parameters"] == param_tree.num_params(task.model_cfg)
     state = Engine(config, task, jax.devices()[:8]).abstract_state
     assert result["bytes"]["parameters"] == shard_bytes(state.params)
     scalars = sum(x.dtype.itemsize for x in jax.tree_util.tree_leaves(state.opt_state)
@@ -97,7 +97,7 @@ def test_rule_of_thumb_16_bytes_per_parameter():
     for moments, per_param in [("", 16), ("bfloat16", 12), ("int8", 10)]:
         lines = memory.estimate(config, 1, task, moment_dtype=moments)["bytes"]
         total = lines["parameters"] + lines["gradients"] + lines["optimizer state"]
-        assert total == per_param * model_lib.num_params(task.model_cfg)
+        assert total == per_param * param_tree.num_params(task.model_cfg)
 
 
 def test_a_step_that_does_not_fit_is_one_clear_line(capsys):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks.torch_gpt import TorchDecoder, load_flax_params
+from lm.models import param_tree
 from lm.models import transformer as M
 
 B, T, V = 2, 16, 128
@@ -108,14 +109,14 @@ def test_packed_equals_separate(style):
 def test_scan_equals_loop():
     scanned = init(LLAMA)
     loop_cfg = dataclasses.replace(LLAMA, scan_layers=False)
-    looped = M.unstack_layers(scanned)
+    looped = param_tree.unstack_layers(scanned)
     assert set(looped) == {"token_embed", "unembed", "final_norm", "layers_0", "layers_1"}
     fresh_loop = nn.meta.unbox(shapes(loop_cfg))
     assert jax.tree.structure(fresh_loop) == jax.tree.structure(looped)
-    assert M.count_params(fresh_loop) == M.count_params(scanned)
+    assert param_tree.count_params(fresh_loop) == param_tree.count_params(scanned)
     np.testing.assert_allclose(logits_fn(loop_cfg)(looped, tokens()),
                                logits_fn(LLAMA)(scanned, tokens()), atol=1e-6, rtol=0)
-    restacked = M.stack_layers(looped, LLAMA.num_layers)
+    restacked = param_tree.stack_layers(looped, LLAMA.num_layers)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), restacked, scanned))
 
 
@@ -219,17 +220,19 @@ def test_dropout_uses_rng():
 
 def test_gpt2_124m_param_count_and_flops():
     cfg = M.preset("gpt2")
-    n = M.count_params(shapes(cfg))
+    n = param_tree.count_params(shapes(cfg))
     assert n == 124_439_808
-    assert M.count_params(shapes(cfg), exclude_embeddings=True) == n - (50257 + 1024) * 768
+    n_non_embedding = param_tree.count_params(shapes(cfg), exclude_embeddings=True)
+    assert n_non_embedding == n - (50257 + 1024) * 768
     # nanoGPT's estimate: 6 * (all params minus the position table) + 12 L d T
     n_matmul = n - 1024 * 768
-    assert M.flops_per_token(cfg, 1024) == 6 * n_matmul + 12 * 12 * 768 * 1024
-    assert M.flops_per_token(cfg, 1024, causal_halved=True) == 6 * n_matmul + 6 * 12 * 768 * 1024
+    assert param_tree.flops_per_token(cfg, 1024) == 6 * n_matmul + 12 * 12 * 768 * 1024
+    assert (param_tree.flops_per_token(cfg, 1024, causal_halved=True)
+            == 6 * n_matmul + 6 * 12 * 768 * 1024)
     # untied LLaMA-style: the unembedding is a matmul, the input table is not
     llama = M.preset("llama")
-    n_llama = M.count_params(shapes(llama))
-    assert M.flops_per_token(llama, 0) == 6 * (n_llama - 32000 * 768)
+    n_llama = param_tree.count_params(shapes(llama))
+    assert param_tree.flops_per_token(llama, 0) == 6 * (n_llama - 32000 * 768)
 
 
 def test_init():

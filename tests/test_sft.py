@@ -13,6 +13,7 @@ from core.step import summed_loss_and_grads
 from lm.data import chat, instructions
 from lm.data.bpe_tokenizer import ByteLevelBPE
 from lm.data.tokenizer import Tokenizer
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 from lm.objectives import sft
 from lm.weights import import_gguf
@@ -250,7 +251,7 @@ def test_sft_continues_a_pretraining_run_of_ours(tmp_path):
     assert old_cfg.scan_layers and not cfg.scan_layers  # sft.py's default runtime fields
     assert cfg.vocab_size == model_lib.padded_vocab(old_cfg.vocab_size + 2) > old_cfg.vocab_size
     start = setup.task.pretrained_params()
-    old = model_lib.unstack_layers(pretrained.params)
+    old = param_tree.unstack_layers(pretrained.params)
     np.testing.assert_array_equal(start["token_embed"][:old_cfg.vocab_size], old["token_embed"])
     for a, b in zip(jax.tree.leaves(start["layers_1"]), jax.tree.leaves(old["layers_1"])):
         np.testing.assert_array_equal(a, b)

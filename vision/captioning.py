@@ -33,7 +33,7 @@ import optax
 from core import cli
 from core.task import LossSums
 from lm.decode import decoding
-from lm.models import transformer as model_lib
+from lm.models import param_tree
 from lm.models.encoder_decoder import EncoderDecoder
 from lm.models.transformer import TransformerConfig
 from vision import augment, captions
@@ -170,7 +170,7 @@ class CaptioningTask:
         decoder: T caption positions, cross-attention keys/values over the N image tokens."""
         T, S = self.table.length - 1, self.vit_cfg.num_tokens
         shapes = nn.meta.unbox(jax.eval_shape(self.init_params, jax.random.key(0)))
-        decoder = model_lib.count_params(shapes["decoder"])
+        decoder = param_tree.count_params(shapes["decoder"])
         cross_kv = 0
         for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["decoder"]):
             names = [getattr(key, "key", None) for key in path]

@@ -40,6 +40,7 @@ import optax
 
 from core import cli
 from core.task import LossSums
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 from lm.models.transformer import TransformerConfig
 from vision import augment, captions
@@ -168,11 +169,11 @@ def padded_vocab(size: int, multiple: int = 64) -> int:
 
 def vit_flops_per_example(cfg: ViTConfig, channels: int) -> float:
     """Training FLOPs of one image through the ViT's patch embedding and blocks: 6 x matmul
-    parameters x tokens + 12 L D T^2 (attention), as lm/model.flops_per_token counts (a hybrid's
+    parameters x tokens + 12 L D T^2 (attention), as param_tree.flops_per_token counts (a hybrid's
     CNN stem is not counted)."""
     from vision.vit import param_shapes
     shapes = nn.meta.unbox(param_shapes(cfg, channels)["params"])
-    blocks = model_lib.count_params({k: v for k, v in shapes.items() if k.startswith("layers")})
+    blocks = param_tree.count_params({k: v for k, v in shapes.items() if k.startswith("layers")})
     patch = cfg.patch * cfg.patch * channels * cfg.d_model
     T = cfg.num_tokens
     attention = 12.0 * cfg.num_layers * cfg.d_model * T * T
@@ -270,7 +271,7 @@ class ClipTask:
 
     def train_flops_per_example(self) -> float:
         L = self.table.length
-        text = model_lib.flops_per_token(self.cfg.text, L) * L
+        text = param_tree.flops_per_token(self.cfg.text, L) * L
         # flops_per_token counts the (unused) vocabulary projection; the text tower returns the
         # hidden state at [EOS] only, so that term is taken out.
         text -= 6.0 * self.cfg.text.vocab_size * self.cfg.text.d_model * L

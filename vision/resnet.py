@@ -232,5 +232,5 @@ def param_shapes(cfg: ResNetConfig, image_shape: tuple[int, int, int] = (224, 22
 
 def num_params(cfg: ResNetConfig, image_shape: tuple[int, int, int] = (224, 224, 3)) -> int:
     """Trainable parameters (not the BatchNorm statistics)."""
-    from lm.models.transformer import count_params
+    from lm.models.param_tree import count_params
     return count_params(param_shapes(cfg, image_shape)["params"])

@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from lm.models import layers
-from lm.models.transformer import TransformerConfig, count_params, run_blocks
+from lm.models.param_tree import count_params
+from lm.models.transformer import TransformerConfig, run_blocks
 from vision.resnet import ResNet, ResNetConfig
 
 Array = jax.Array

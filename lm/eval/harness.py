@@ -18,7 +18,6 @@ split over all devices (data parallel, parameters replicated).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import re
 from typing import Callable, Iterable, Sequence
@@ -31,7 +30,7 @@ from core import mesh
 from core.batches import padded_length
 from lm.decode import decoding
 from lm.eval import shared_context
-from lm.models import transformer as model_lib
+from lm.models import param_tree
 from lm.eval.requests import (FEW_SHOT_SEED, GENERATION_TASKS, GenerationRequest, Request,
                               limit_docs, load_generation_requests, task_requests)
 
@@ -63,19 +62,6 @@ def _score_block(model, params, tokens_BT, segments_BT, predict_at_BK, scored_BK
 
 
 _score_block_jit = jax.jit(_score_block, static_argnums=0)  # module level: compiled once per shape
-
-
-def with_scanned_layers(model, params):
-    """The same transformer with its layers scanned (parameters stacked), for scoring.
-
-    A whole task compiles tens of shapes: XLA then compiles one layer per shape instead of all
-    of them (SmolLM2's 30 layers: 14 s instead of 36 s for 48 HellaSwag documents, 2.5x less),
-    and warm scoring runs as fast (17.6 vs 18.1 s, alternating; docs/performance.md)."""
-    if (type(model) is not model_lib.Transformer or model.cfg.scan_layers
-            or "layers_0" not in params):
-        return model, params
-    return (model_lib.Transformer(dataclasses.replace(model.cfg, scan_layers=True)),
-            model_lib.stack_layers(params, model.cfg.num_layers))
 
 
 def score_rows(model, params, rows: Sequence[tuple[Sequence[int], int]], batch_size: int,
@@ -129,8 +115,8 @@ def score_requests(model, params, tokenizer, requests: Sequence[Request], batch_
 
     Choices of one document with the same context are scored with the context run once
     (lm/eval/shared_context.py); the rest row by row, a pair longer than max_len keeping the end of
-    its context. The model runs with its layers scanned (with_scanned_layers)."""
-    model, params = with_scanned_layers(model, params)
+    its context. The model runs with its layers scanned (param_tree.with_scanned_layers)."""
+    model, params = param_tree.with_scanned_layers(model, params)
     max_len = max_len or model.cfg.max_len
     encoded = []
     for r in requests:
@@ -186,7 +172,7 @@ def document_perplexity(model, params, tokenizer, texts: Sequence[str], max_len:
     """Perplexity (per token) and bits per byte of whole documents, scored in rolling windows.
 
     Each document starts after `prefix_ids` (e.g. BOS), so its first token is scored too."""
-    model, params = with_scanned_layers(model, params)
+    model, params = param_tree.with_scanned_layers(model, params)
     max_len = max_len or model.cfg.max_len
     stride = stride or max_len // 2
     rows = []
@@ -285,7 +271,8 @@ def evaluate_tasks(model, params, tokenizer, tasks: Iterable[str], shots: Sequen
     Generation tasks (GSM8K) use their own pre-rendered 8-shot chain-of-thought prompts."""
     from tqdm import tqdm
     results = {}
-    scoring_model, scoring_params = with_scanned_layers(model, params)  # stacked once, not per task
+    # stacked once, not per task
+    scoring_model, scoring_params = param_tree.with_scanned_layers(model, params)
     for k in shots:
         for task in tasks:
             if task in GENERATION_TASKS:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.models import layers
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 from lm.models.transformer import TransformerConfig
 
@@ -160,13 +161,13 @@ def param_shapes(cfg: TransformerConfig):
 
 
 def flops_per_example(cfg: TransformerConfig, inputs_len: int, targets_len: int) -> float:
-    """Training FLOPs of one (inputs, targets) pair, as model_lib.flops_per_token counts them:
+    """Training FLOPs of one (inputs, targets) pair, as param_tree.flops_per_token counts them:
     6 x (matmul parameters x the tokens they see) + 12 L d_attn per query-key pair. The encoder
     and the decoder's cross-attention keys/values see the S inputs, the rest of the decoder and
     the output projection (V x D) the T targets; pairs are S^2 + T^2 + T S per layer."""
     shapes = nn.meta.unbox(param_shapes(cfg))
-    encoder = model_lib.count_params(shapes["encoder"])
-    decoder = model_lib.count_params(shapes["decoder"])
+    encoder = param_tree.count_params(shapes["encoder"])
+    decoder = param_tree.count_params(shapes["decoder"])
     cross_kv = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["decoder"]):
         names = [getattr(key, "key", None) for key in path]

@@ -1,4 +1,4 @@
-"""The transformer: config, presets, the Flax module, parameter and FLOP counts.
+"""The transformer: config, presets and the Flax module.
 
 One module covers the GPT-2 family (learned positions, LayerNorm, GELU, biases, tied embeddings),
 the LLaMA family (RoPE, RMSNorm, SwiGLU, no biases, untied, grouped-query attention) and, with
@@ -28,7 +28,8 @@ Parameters (`Transformer(cfg).init(rng, tokens_BT)["params"]`), with their logic
      mlp/w_down (F, D) ("mlp", "embed"), b_down (D,) ("embed",)
   final_norm/{scale,bias}                                             norm_position="pre" only
   unembed      (D, V)        ("embed", "vocab")                       tie_embeddings=False only
-`stack_layers` / `unstack_layers` convert between the two layer layouts.
+`stack_layers` / `unstack_layers` (lm/models/param_tree.py, with the parameter and FLOP counts)
+convert between the two layer layouts.
 """
 from __future__ import annotations
 
@@ -384,83 +385,6 @@ def pool_hidden(hidden_BTD: Array, real_BT: Array, first: bool = False) -> Array
     real_BT = real_BT.astype(hidden_BTD.dtype)
     return (jnp.sum(hidden_BTD * real_BT[..., None], axis=1) /
             jnp.maximum(jnp.sum(real_BT, axis=1, keepdims=True), 1.0))
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameter-tree utilities
-# ---------------------------------------------------------------------------------------------
-
-def _inner(params):
-    """Accepts either the full variables {"params": {...}} or the params dict itself."""
-    return params["params"] if set(params) == {"params"} else params
-
-
-def stack_layers(params: dict, num_layers: int) -> dict:
-    """Per-layer params (layers_0 ... layers_{L-1}, scan_layers=False) -> stacked ("layers").
-    Boxed params (model.init's, with logical axis names) come back unboxed: a box names the axes
-    of one layer, not of the stack."""
-    params = dict(nn.meta.unbox(_inner(params)))
-    per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
-    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
-    return params
-
-
-def unstack_layers(params: dict) -> dict:
-    """Stacked params (scan_layers=True) -> per-layer subtrees layers_0 ... layers_{L-1}."""
-    params = dict(_inner(params))
-    stacked = params.pop("layers")
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
-    for i in range(num_layers):
-        params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
-    return params
-
-
-_EMBEDDING_PARAMS = ("token_embed", "pos_embed", "type_embed", "unembed")
-
-
-def count_params(params: Any, exclude_embeddings: bool = False) -> int:
-    """Number of parameters. Works on arrays, boxed params or jax.eval_shape's ShapeDtypeStructs.
-
-    exclude_embeddings drops every vocabulary- or position-sized table (token_embed, pos_embed,
-    unembed): Kaplan et al.'s "non-embedding" count.
-    """
-    params = nn.meta.unbox(_inner(params))
-    total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        if exclude_embeddings and getattr(path[0], "key", None) in _EMBEDDING_PARAMS:
-            continue
-        total += math.prod(leaf.shape)
-    return total
-
-
-def _param_shapes(cfg: TransformerConfig):
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)["params"]
-
-
-def num_params(cfg: TransformerConfig, exclude_embeddings: bool = False) -> int:
-    """Parameter count of a config, without allocating the parameters."""
-    return count_params(_param_shapes(cfg), exclude_embeddings)
-
-
-def flops_per_token(cfg: TransformerConfig, seq_len: int, causal_halved: bool = False) -> float:
-    """Training FLOPs per token: 6 N + 12 L d_attn T (PaLM, Chowdhery et al. 2022, appendix B).
-
-    N counts the parameters that take part in a matmul for every token: every non-embedding
-    parameter plus the output projection (V * D, whether tied or not). The input token table and
-    the learned position table are lookups, not matmuls, so they are left out. (PaLM writes N for
-    all parameters; with tied embeddings the two agree except for the position table, and this
-    equals nanoGPT's estimate_mfu, which counts all parameters minus the position table.)
-    The attention term 12 L d_attn T counts QK^T and AV over all T keys (forward and backward);
-    causal_halved=True halves it, since a causal query sees on average T/2 keys.
-    """
-    shapes = _param_shapes(cfg)
-    n = count_params(shapes, exclude_embeddings=True) + cfg.vocab_size * (cfg.embed_dim or
-                                                                            cfg.d_model)
-    if cfg.share_layers:  # one block's parameters, run num_layers times
-        n += (cfg.num_layers - 1) * count_params(shapes["layers_shared"])
-    attn = 12 * cfg.num_layers * cfg.d_attn * seq_len
-    return 6.0 * n + (attn / 2 if causal_halved else attn)
 
 
 def padded_vocab(vocab_size: int, added_ids: int = 0) -> int:

@@ -35,6 +35,7 @@ from lm.data import brown_pos
 from lm.data import windows as data_lib
 from lm.data.labelled import brown_genres, document_split, eval_package_task, labelled_windows
 from lm.models import layers
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 from lm.objectives import saved_run
 from lm.weights import embed
@@ -149,7 +150,7 @@ class ClassificationTask:
     def train_flops_per_example(self) -> float:
         """The encoder's (without the vocabulary projection it does not run) plus the head's."""
         cfg = self.model_cfg
-        encoder = model_lib.flops_per_token(cfg, self.seq_len) - 6 * cfg.vocab_size * cfg.d_model
+        encoder = param_tree.flops_per_token(cfg, self.seq_len) - 6 * cfg.vocab_size * cfg.d_model
         head = 6 * cfg.d_model * self.num_classes * (self.seq_len if self.per_token else 1)
         return encoder * self.seq_len + head
 
@@ -208,7 +209,7 @@ def load_encoder(spec: str, init: str, cache: str = "") -> Encoder:
         log.info("encoder: %s at step %d", workdir, run.step)
     cfg = dataclasses.replace(run.task.model_cfg, scan_layers=False)
     if params is not None and "layers" in params:  # scanned: one subtree per layer here
-        params = model_lib.unstack_layers(params)
+        params = param_tree.unstack_layers(params)
     tokenizer = run.tokenizer
     return Encoder(cfg, params, lambda texts: tokenizer.encode(list(texts)), (tokenizer.bos_id,),
                    (tokenizer.eos_id,), tokenizer.fingerprint)

@@ -27,6 +27,7 @@ import optax
 
 from core.config import ConfigError, load_run_config
 from core.task import LossSums
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 from lm.objectives import saved_run
 from lm.objectives.masking import MaskedLMTask, choose_positions, corrupt
@@ -61,7 +62,7 @@ def cosine_loss(a_BTD, b_BTD, eps: float = 1e-8) -> jax.Array:
 def layer_list(params) -> list:
     """The per-layer subtrees of a stacked (scan_layers) or per-layer parameter tree."""
     if "layers" in params:
-        params = model_lib.unstack_layers(params)
+        params = param_tree.unstack_layers(params)
     return [params[f"layers_{i}"] for i in range(sum(k.startswith("layers_") for k in params))]
 
 
@@ -157,8 +158,8 @@ class DistillationTask(MaskedLMTask):
 
     def train_flops_per_example(self) -> float:
         """The student forward and backward plus the teacher forward (a third of 6N)."""
-        return (model_lib.flops_per_token(self.model_cfg, self.seq_len)
-                + model_lib.flops_per_token(self.teacher_cfg, self.seq_len) / 3) * self.seq_len
+        return (param_tree.flops_per_token(self.model_cfg, self.seq_len)
+                + param_tree.flops_per_token(self.teacher_cfg, self.seq_len) / 3) * self.seq_len
 
     @staticmethod
     def metrics(sums: dict[str, float], num_bytes: float) -> dict[str, float]:

@@ -32,6 +32,7 @@ import optax
 from core.config import ConfigError
 from core.task import LossSums
 from lm.models import layers
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 from lm.objectives.masking import MaskedLMTask, choose_positions
 from lm.objectives.window_task import positions_from_segments
@@ -157,16 +158,16 @@ class ElectraTask(MaskedLMTask):
 
     def train_flops_per_example(self) -> float:
         """Both encoders forward and backward, plus the head's two matmuls per token."""
-        per_token = (model_lib.flops_per_token(self.model_cfg, self.seq_len)
-                     + model_lib.flops_per_token(self.generator_cfg, self.seq_len)
+        per_token = (param_tree.flops_per_token(self.model_cfg, self.seq_len)
+                     + param_tree.flops_per_token(self.generator_cfg, self.seq_len)
                      + 6 * (self.model_cfg.d_model ** 2 + self.model_cfg.d_model))
         return per_token * self.seq_len
 
     def describe(self) -> dict[str, float]:
         """The discriminator's size (the model kept for fine-tuning) and the joint FLOPs."""
-        return {"params_non_embedding": model_lib.num_params(self.model_cfg,
-                                                             exclude_embeddings=True),
-                "generator_params_non_embedding": model_lib.num_params(
+        return {"params_non_embedding": param_tree.num_params(self.model_cfg,
+                                                              exclude_embeddings=True),
+                "generator_params_non_embedding": param_tree.num_params(
                     self.generator_cfg, exclude_embeddings=True),
                 "train_flops_per_token": self.train_flops_per_example() / self.seq_len}
 

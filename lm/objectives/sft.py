@@ -46,7 +46,7 @@ from lm.data import chat, instructions, windows
 from lm.data.bpe_tokenizer import ByteLevelBPE
 from lm.data.tokenizer import Tokenizer
 from lm.decode import decoding
-from lm.models import lora, transformer as model_lib
+from lm.models import lora, param_tree, transformer as model_lib
 from lm.objectives import registry
 from lm.objectives.causal_lm import CausalLMTask
 from lm.objectives.window_task import prediction_metrics
@@ -183,9 +183,9 @@ def _from_run(config, workdir: str, seed: int):
         raise ConfigError(f"data.seq_len {config.data.seq_len} is longer than the {cfg.max_len} "
                           f"learned positions of sft.model {workdir}; set data.seq_len <= "
                           f"{cfg.max_len} or start from a run with rotary positions")
-    params = model_lib.unstack_layers(run.params) if "layers" in run.params else dict(run.params)
+    params = param_tree.unstack_layers(run.params) if "layers" in run.params else dict(run.params)
     if cfg.scan_layers:
-        params = model_lib.stack_layers(params, cfg.num_layers)
+        params = param_tree.stack_layers(params, cfg.num_layers)
     params = with_vocab(params, cfg.vocab_size, seed)
     log.info("sft: %s (step %d) as the starting model, vocabulary %d -> %d", workdir, run.step,
              run.task.model_cfg.vocab_size, cfg.vocab_size)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from core.task import BatchField
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 
 
@@ -74,7 +75,7 @@ class WindowTask:
                 "segment_ids": BatchField(shape, jnp.int32, ("batch", "length"))}
 
     def train_flops_per_example(self) -> float:
-        return model_lib.flops_per_token(self.model_cfg, self.seq_len) * self.seq_len
+        return param_tree.flops_per_token(self.model_cfg, self.seq_len) * self.seq_len
 
     def units_per_example(self):
         return "tokens", self.seq_len
@@ -82,7 +83,7 @@ class WindowTask:
     def describe(self) -> dict[str, float]:
         """Sizes a run's summary records for scaling-law fits (both of Kaplan's and PaLM's N)."""
         shapes = jax.eval_shape(self.init_params, jax.random.key(0))
-        return {"params_non_embedding": model_lib.count_params(shapes, exclude_embeddings=True),
+        return {"params_non_embedding": param_tree.count_params(shapes, exclude_embeddings=True),
                 "train_flops_per_token": self.train_flops_per_example() / self.seq_len}
 
 

@@ -19,6 +19,7 @@ import flax.linen as nn
 import numpy as np
 
 from core.config import ConfigError
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 from lm.weights import quantize as quant
 from lm.weights.gguf import GGML_TYPES, MAGIC
@@ -58,7 +59,7 @@ def llama_tensors(params: dict, cfg: model_lib.TransformerConfig) -> dict[str, n
         raise ConfigError("GGUF export writes LLaMA-shaped models (rope, rmsnorm, swiglu, no "
                           "biases, pre-norm, causal); this config is not one (use style=llama)")
     params = nn.meta.unbox(params)
-    params = model_lib.unstack_layers(params) if "layers" in params else dict(params)
+    params = param_tree.unstack_layers(params) if "layers" in params else dict(params)
     f32 = lambda x: np.asarray(x, np.float32)
     D, N, K = cfg.d_model, cfg.num_heads, cfg.resolved_num_kv_heads
     tensors = {"token_embd.weight": f32(params["token_embed"]),

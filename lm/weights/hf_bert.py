@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 
 
@@ -66,5 +67,5 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], cfg: model_lib.TransformerCo
                     "b_down": t(pre + "output.dense.bias")},
         }
     if cfg.scan_layers:
-        params = model_lib.stack_layers(params, cfg.num_layers)
+        params = param_tree.stack_layers(params, cfg.num_layers)
     return params

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 
 
@@ -43,7 +44,7 @@ def config_from_hf(hf: dict, **overrides) -> model_lib.TransformerConfig:
 
 
 def to_hf_tensors(params: dict, cfg: model_lib.TransformerConfig) -> dict[str, np.ndarray]:
-    params = model_lib.unstack_layers(params) if "layers" in params else dict(params)
+    params = param_tree.unstack_layers(params) if "layers" in params else dict(params)
     f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
     D = cfg.d_model
     out = {"model.embed_tokens.weight": f32(params["token_embed"]),
@@ -84,5 +85,5 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], cfg: model_lib.TransformerCo
                     "w_down": t(pre + "mlp.down_proj.weight").T},
         }
     if cfg.scan_layers:
-        params = model_lib.stack_layers(params, cfg.num_layers)
+        params = param_tree.stack_layers(params, cfg.num_layers)
     return params

@@ -14,6 +14,7 @@ import numpy as np
 
 from core import packages
 from lm.data.bpe_tokenizer import ByteLevelBPE
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 from lm.weights.gguf import GGUFError, GGUFFile
 
@@ -70,7 +71,7 @@ def params_from_gguf(gguf: GGUFFile, cfg: model_lib.TransformerConfig) -> dict:
     params = {k: (np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v)
               for k, v in params.items()}
     if cfg.scan_layers:
-        params = model_lib.stack_layers(params, cfg.num_layers)
+        params = param_tree.stack_layers(params, cfg.num_layers)
     return params
 
 

@@ -15,7 +15,7 @@ import pathlib
 import numpy as np
 
 from core.config import DataError
-from lm.models import lora, transformer as model_lib
+from lm.models import lora, param_tree, transformer as model_lib
 from lm.weights import hf_llama
 
 # Our kernel -> (Hugging Face module under a decoder layer), as lm/weights/hf_llama.py maps them.
@@ -113,7 +113,7 @@ def import_adapter(directory: str | pathlib.Path, model_cfg: model_lib.Transform
         layers.setdefault(f"layers_{index}", {}).setdefault(group, {}).setdefault(
             kernel, {})["a" if which == "A.weight" else "b"] = value
     if model_cfg.scan_layers:
-        layers = model_lib.stack_layers(layers, model_cfg.num_layers)
+        layers = param_tree.stack_layers(layers, model_cfg.num_layers)
     return layers, _with_targets(cfg, peft_cfg.get("target_modules") or [])
 
 

@@ -23,6 +23,7 @@ import ml_collections
 
 from core.config import ConfigError, parse_arg
 from experiments.configs.lm import gpt
+from lm.models import param_tree
 from lm.models import transformer as model_lib
 
 SEQ_LEN, BATCH, VOCAB = 128, 16, 512
@@ -62,7 +63,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def flops_per_token(width: int) -> float:
-    return model_lib.flops_per_token(model_config(width), SEQ_LEN)
+    return param_tree.flops_per_token(model_config(width), SEQ_LEN)
 
 
 def get_sweep(arg: str = "") -> list[dict]:
@@ -72,7 +73,7 @@ def get_sweep(arg: str = "") -> list[dict]:
     for budget in BUDGETS:
         for width in WIDTHS:
             tokens = budget / flops_per_token(width)
-            params = model_lib.num_params(model_config(width))
+            params = param_tree.num_params(model_config(width))
             if tokens <= MAX_TOKENS and MIN_TOKENS_PER_PARAM <= tokens / params <= MAX_TOKENS_PER_PARAM:
                 members.append({"arg.width": width, "arg.tokens": float(f"{tokens:.4g}")})
     return members
