@@ -178,6 +178,8 @@ def _from_run(config, workdir: str, seed: int):
     fields.update({k: config.model[k] for k in RUNTIME_FIELDS if k in config.get("model", {})})
     fields["vocab_size"] = max(run.task.model_cfg.vocab_size,
                                model_lib.padded_vocab(tokenizer.vocab_size))
+    if fields["pos_emb"] != "learned":  # no table of positions: max_len is only a bound
+        fields["max_len"] = max(fields["max_len"], config.data.seq_len)
     cfg = model_lib.TransformerConfig(**fields)
     if cfg.pos_emb == "learned" and config.data.seq_len > cfg.max_len:
         raise ConfigError(f"data.seq_len {config.data.seq_len} is longer than the {cfg.max_len} "
