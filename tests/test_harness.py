@@ -69,6 +69,28 @@ def test_scores_equal_a_direct_forward_pass(tokenizer, preset, scan, share_conte
         assert greedy == all(logp_all[p].argmax() == ids[p + 1] for p in positions)
 
 
+def test_contexts_are_shared_where_that_saves_enough_tokens(tokenizer, tiny, monkeypatch):
+    """Long contexts with short answers (ARC-like) share; short ones with long answers (PIQA-like)
+    run as rows, with the same scores."""
+    calls = []
+    real = harness.shared_context.score_groups
+    monkeypatch.setattr(harness.shared_context, "score_groups",
+                        lambda model, params, groups, *a: calls.append(len(groups)) or
+                        real(model, params, groups, *a))
+    model, params = tiny
+    long_context = [eval_requests.Request(d, c, "Question: " + "why " * 20 + f"{d}?", f" {c}", 0)
+                    for d in range(3) for c in range(4)]
+    short_context = [eval_requests.Request(d, c, f"Goal {d}:", " do " * 20 + f"{c}", 0)
+                     for d in range(3) for c in range(2)]
+    for requests, shares in ((long_context, True), (short_context, False)):
+        calls.clear()
+        auto = harness.score_requests(model, params, tokenizer, requests, 4, max_len=64)
+        assert (calls[0] > 0) == shares
+        forced = harness.score_requests(model, params, tokenizer, requests, 4, max_len=64,
+                                        share_contexts=not shares)
+        np.testing.assert_allclose([s[0] for s in auto], [s[0] for s in forced], atol=1e-4)
+
+
 def test_acc_and_acc_norm_follow_their_definitions():
     requests = [eval_requests.Request(0, 0, "q", " a", 1), eval_requests.Request(0, 1, "q", " bbbbbbbb", 1),
                 eval_requests.Request(1, 0, "q", " yes", 0), eval_requests.Request(1, 1, "q", " no", 0)]
