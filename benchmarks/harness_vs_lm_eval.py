@@ -53,6 +53,7 @@ import tempfile
 import time
 
 from benchmarks.report import emit
+from core import compile_cache
 from lm.eval import harness
 from lm.eval import requests as eval_requests
 from lm.models import transformer as model_lib
@@ -200,7 +201,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--workdir", help="model export, task files, lm-eval output (default: "
                                           "a temporary directory)")
+    parser.add_argument("--compile-cache", default="",
+                        help="our compiled programs from/to this folder (core/compile_cache.py, "
+                             "on for every command); default: none, every program compiled")
     args = parser.parse_args(argv)
+    cache_entries = 0
+    if args.compile_cache:
+        compile_cache.enable({"GENLAB_COMPILE_CACHE": args.compile_cache})
+        folder = pathlib.Path(args.compile_cache)
+        cache_entries = len(list(folder.iterdir())) if folder.is_dir() else 0
     tasks = [t for t in args.tasks.split(",") if t]
     workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="harness_vs_lm_eval_"))
     model_dir, include_dir = workdir / "model", workdir / "tasks"
@@ -246,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
         # starts, loads the exported model and scores
         "seconds": {"ours": round(ours_seconds, 1), "lm_eval": round(theirs_seconds, 1),
                     "lm_eval_over_ours": round(theirs_seconds / ours_seconds, 2)},
+        "compile_cache": {"folder": args.compile_cache, "entries_before": cache_entries},
         "lm_eval_venv_versions": lm_eval_versions(args.lm_eval_python),
         "commands": {"this": shlex.join([os.path.relpath(sys.executable), "-m",
                                          "benchmarks.harness_vs_lm_eval",

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
-from core import xla_flags
+from core import compile_cache, xla_flags
 from core.config import ConfigError, UserError
 
 # A missing or unreadable path named on the command line is the user's to fix, wherever it is
@@ -59,6 +59,7 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
 
 def main_entry(main: Callable[[Sequence[str] | None], Any]) -> NoReturn:
     """The last line of every entry point (its `__main__` block): the default XLA flags set
-    before any backend starts, then the command."""
+    before any backend starts, the compilation cache on, then the command."""
     xla_flags.apply()
+    compile_cache.enable()
     sys.exit(run(main, sys.argv[1:]))

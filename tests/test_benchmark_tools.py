@@ -1,15 +1,19 @@
 """The benchmarks' shared tools: the environment every result records, the measured matmul peak,
 the profile's buckets on a real compiled training step; and the default XLA flags every command
-starts with."""
+starts with, and the compilation cache every command keeps."""
 import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
 
 from benchmarks import cpu_gemm, cpu_profile, report
 from benchmarks import train_throughput as bench
-from core import flops, xla_flags
+from conftest import REPO
+from core import compile_cache, flops, xla_flags
 
 
 def test_emit_records_versions_flags_and_devices(tmp_path, monkeypatch, capsys):
@@ -81,6 +85,24 @@ def test_default_xla_flags_are_not_set_once_a_backend_runs(monkeypatch):
     jax.devices()
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert xla_flags.apply() == "--xla_force_host_platform_device_count=8"
+
+
+def test_commands_keep_compiled_programs_in_the_cache_folder(tmp_path):
+    """$GENLAB_COMPILE_CACHE points JAX's persistent cache at a folder (a fresh process, as a
+    command is); `off` turns it off; JAX's own variable wins."""
+    assert compile_cache.enable({"GENLAB_COMPILE_CACHE": "off"}) == ""
+    assert compile_cache.enable({"JAX_COMPILATION_CACHE_DIR": "/x",
+                                 "GENLAB_COMPILE_CACHE": "off"}) == "/x"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    script = ("import jax, jax.numpy as jnp; from core import compile_cache; "
+              "print(compile_cache.enable()); "
+              "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
+              "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, env={**env, "GENLAB_COMPILE_CACHE": str(tmp_path / "xla")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path / "xla")
+    assert any(path.name.startswith("jit_") for path in (tmp_path / "xla").iterdir())
 
 
 def test_an_operation_split_over_threads_counts_its_wall_time_once():
