@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm.eval import harness
+from lm.eval import harness, shared_context
 from lm.weights import import_gguf
 from lm.models import transformer as model_lib
 from lm.data.bpe_tokenizer import ByteLevelBPE
@@ -73,8 +73,8 @@ def test_contexts_are_shared_where_that_saves_enough_tokens(tokenizer, tiny, mon
     """Long contexts with short answers (ARC-like) share; short ones with long answers (PIQA-like)
     run as rows, with the same scores."""
     calls = []
-    real = harness.shared_context.score_groups
-    monkeypatch.setattr(harness.shared_context, "score_groups",
+    real = shared_context.score_groups
+    monkeypatch.setattr(shared_context, "score_groups",
                         lambda model, params, groups, *a: calls.append(len(groups)) or
                         real(model, params, groups, *a))
     model, params = tiny
