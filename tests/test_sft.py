@@ -260,6 +260,9 @@ def test_sft_continues_a_pretraining_run_of_ours(tmp_path):
     assert summary["step"] == 2 and np.isfinite(summary["loss"])
     reader = reader_lib.load_reader(str(tmp_path / "sft"))  # decodes with the run's ChatML
     assert reader.tokenizer.fingerprint == setup.tokenizer.fingerprint
+    with pytest.raises(ConfigError, match="folder without config.json"):
+        sft.build_setup(load_config(spec.replace(str(tmp_path / "lm"), str(tmp_path / "chats"))),
+                        tmp_path / "other")
     with pytest.raises(ConfigError, match="learned positions"):
         sft.build_setup(load_config(f"{spec},seq_len={old_cfg.max_len + 1}"), tmp_path / "long")
 

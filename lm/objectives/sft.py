@@ -145,6 +145,9 @@ def load_model(config, section=None, workdir=None, conversations=None):
     spec = section.model
     if spec and (pathlib.Path(spec) / "config.json").is_file():
         return _from_run(config, spec, section.get("seed", 0))
+    if spec and pathlib.Path(spec).is_dir():
+        raise ConfigError(f"sft.model {spec} is a folder without config.json, not a run of ours; "
+                          "pass a run's --workdir, a .gguf file or a packaged model name")
     if spec:
         path = pathlib.Path(spec)
         if path.suffix != ".gguf":
