@@ -1,4 +1,5 @@
-"""Parameter trees of the transformer: scanned <-> unrolled layers, parameter and FLOP counts.
+"""Parameter trees of the transformer: scanned <-> unrolled layers, a grown vocabulary, parameter
+and FLOP counts.
 
 What trainers, weights import and export, evaluation and benchmarks do with a transformer's
 parameters, kept apart from its definition (lm/models/transformer.py) so that one stays the model.
@@ -12,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm.models.transformer import Transformer, TransformerConfig
 
@@ -38,6 +40,23 @@ def unstack_layers(params: dict) -> dict:
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
     for i in range(num_layers):
         params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+    return params
+
+
+def grow_vocab(params: dict, vocab_size: int, seed: int = 0) -> dict:
+    """The parameters with token_embed (V, E) and an untied unembed (D, V) grown to vocab_size.
+    New rows start at the mean row plus a little noise of its spread, so that the new tokens
+    begin as an average token rather than as outliers the softmax favours or never picks."""
+    params, rng = dict(params), np.random.default_rng(seed)
+    for name, axis in (("token_embed", 0), ("unembed", 1)):
+        if name not in params or params[name].shape[axis] >= vocab_size:
+            continue
+        table = np.asarray(params[name])
+        mean = table.mean(axis=axis, keepdims=True)
+        shape = list(table.shape)
+        shape[axis] = vocab_size - table.shape[axis]
+        noise = rng.normal(0.0, 1.0, shape) * table.std(axis=axis, keepdims=True) * 0.1
+        params[name] = np.concatenate([table, (mean + noise).astype(table.dtype)], axis=axis)
     return params
 
 

@@ -155,9 +155,7 @@ def load_model(config, section=None, workdir=None, conversations=None):
         elif not path.is_file():
             raise ConfigError(f"model {spec}: no such GGUF file")
         gguf = GGUFFile(path)
-        runtime = {k: config.model[k] for k in RUNTIME_FIELDS if "model" in config and k in
-                   config.model}
-        cfg = import_gguf.config_from_gguf(gguf.metadata, gguf.tensors, **runtime)
+        cfg = import_gguf.config_from_gguf(gguf.metadata, gguf.tensors, **_runtime_fields(config))
         tokenizer = ByteLevelBPE.from_gguf_metadata(gguf.metadata)
         if not tokenizer.chat_template:
             raise ConfigError(f"model {spec} has no chat template in its metadata")
@@ -166,6 +164,12 @@ def load_model(config, section=None, workdir=None, conversations=None):
     tokenizer = chat.ChatTokenizer(_scratch_tokenizer(config.data, workdir, conversations))
     cfg = model_lib.config_from(config, model_lib.padded_vocab(tokenizer.vocab_size))
     return cfg, None, tokenizer, chat.ChatTemplate()
+
+
+def _runtime_fields(config) -> dict:
+    """config.model's RUNTIME_FIELDS: how an imported or continued model computes."""
+    model = config.get("model", {})
+    return {k: model[k] for k in RUNTIME_FIELDS if k in model}
 
 
 def _from_run(config, workdir: str, seed: int):
@@ -177,8 +181,7 @@ def _from_run(config, workdir: str, seed: int):
         raise ConfigError(f"sft.model {workdir} is a {run.config.get('task')!r} run; start a chat "
                           "model from a causal LM run (task lm or sft)")
     tokenizer = chat.ChatTokenizer(run.tokenizer)
-    fields = dict(run.config.model)
-    fields.update({k: config.model[k] for k in RUNTIME_FIELDS if k in config.get("model", {})})
+    fields = {**run.config.model, **_runtime_fields(config)}
     fields["vocab_size"] = max(run.task.model_cfg.vocab_size,
                                model_lib.padded_vocab(tokenizer.vocab_size))
     if fields["pos_emb"] != "learned":  # no table of positions: max_len is only a bound
@@ -188,30 +191,15 @@ def _from_run(config, workdir: str, seed: int):
         raise ConfigError(f"data.seq_len {config.data.seq_len} is longer than the {cfg.max_len} "
                           f"learned positions of sft.model {workdir}; set data.seq_len <= "
                           f"{cfg.max_len} or start from a run with rotary positions")
-    params = param_tree.unstack_layers(run.params) if "layers" in run.params else dict(run.params)
-    if cfg.scan_layers:
+    params = run.params
+    if cfg.scan_layers and "layers" not in params:
         params = param_tree.stack_layers(params, cfg.num_layers)
-    params = with_vocab(params, cfg.vocab_size, seed)
+    elif not cfg.scan_layers and "layers" in params:
+        params = param_tree.unstack_layers(params)
+    params = param_tree.grow_vocab(params, cfg.vocab_size, seed)
     log.info("sft: %s (step %d) as the starting model, vocabulary %d -> %d", workdir, run.step,
              run.task.model_cfg.vocab_size, cfg.vocab_size)
     return cfg, jax.device_get(params), tokenizer, chat.ChatTemplate()
-
-
-def with_vocab(params: dict, vocab_size: int, seed: int = 0) -> dict:
-    """The parameters with token_embed (V, E) and an untied unembed (D, V) grown to vocab_size.
-    New rows start at the mean row plus a little noise of its spread, so that the new tokens
-    begin as an average token rather than as outliers the softmax favours or never picks."""
-    params, rng = dict(params), np.random.default_rng(seed)
-    for name, axis in (("token_embed", 0), ("unembed", 1)):
-        if name not in params or params[name].shape[axis] >= vocab_size:
-            continue
-        table = np.asarray(params[name])
-        mean = table.mean(axis=axis, keepdims=True)
-        shape = list(table.shape)
-        shape[axis] = vocab_size - table.shape[axis]
-        noise = rng.normal(0.0, 1.0, shape) * table.std(axis=axis, keepdims=True) * 0.1
-        params[name] = np.concatenate([table, (mean + noise).astype(table.dtype)], axis=axis)
-    return params
 
 
 def _scratch_tokenizer(data_cfg, workdir, conversations) -> Tokenizer:
