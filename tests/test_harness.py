@@ -7,7 +7,7 @@ import pytest
 
 from lm.eval import harness, shared_context
 from lm.weights import import_gguf
-from lm.models import transformer as model_lib
+from lm.models import lora, transformer as model_lib
 from lm.data.bpe_tokenizer import ByteLevelBPE
 from lm.weights.gguf import GGUFFile
 from lm.eval import requests as eval_requests
@@ -50,17 +50,20 @@ def test_scores_equal_a_direct_forward_pass(tokenizer, preset, scan, share_conte
                 eval_requests.Request(2, 1, "Sarah was a better surgeon than Maria so Maria", " won", 0),
                 eval_requests.Request(3, 0, "Q: " + "word " * 40, " yes", 0),
                 eval_requests.Request(3, 1, "Q: " + "word " * 40, " no", 0),
-                # more shared contexts than a batch holds: batches of different context and
-                # choice lengths, doc 0's three choices over two calls
+                # more documents than a batch holds: batches of different row lengths
                 eval_requests.Request(4, 0, "It rained, so we", " stayed in", 1),
                 eval_requests.Request(4, 1, "It rained, so we", " went out", 1),
                 eval_requests.Request(5, 0, "Two and two make", " four", 0),
                 eval_requests.Request(5, 1, "Two and two make", " five", 0)]
     scores = harness.score_requests(model, params, tokenizer, requests, batch_size=2, max_len=32,
                                     share_contexts=share_contexts)
+    _check_against_direct_passes(model, params, tokenizer, requests, scores, 32)
+
+
+def _check_against_direct_passes(model, params, tokenizer, requests, scores, max_len):
     for request, (logp, greedy, n) in zip(requests, scores):
         ctx, cont = harness.encode_pair(tokenizer, request.context, request.continuation)
-        ids = (ctx + cont)[-33:]  # the end of an over-long pair is kept
+        ids = (ctx + cont)[-(max_len + 1):]  # the end of an over-long pair is kept
         logits = model.apply({"params": params}, np.array([ids[:-1]]))[0]
         logp_all = np.asarray(jax.nn.log_softmax(logits))
         positions = range(len(ids) - 1 - len(cont), len(ids) - 1)
@@ -69,26 +72,30 @@ def test_scores_equal_a_direct_forward_pass(tokenizer, preset, scan, share_conte
         assert greedy == all(logp_all[p].argmax() == ids[p + 1] for p in positions)
 
 
-def test_contexts_are_shared_where_that_saves_enough_tokens(tokenizer, tiny, monkeypatch):
-    """Long contexts with short answers (ARC-like) share; short ones with long answers (PIQA-like)
-    run as rows, with the same scores."""
-    calls = []
-    real = shared_context.score_groups
-    monkeypatch.setattr(shared_context, "score_groups",
-                        lambda model, params, groups, *a: calls.append(len(groups)) or
-                        real(model, params, groups, *a))
+def test_a_batch_of_shared_rows_fits_its_document_with_the_most_scored_tokens(tokenizer, tiny):
+    """The longest row comes first in a batch, but a shorter one may score more tokens."""
     model, params = tiny
-    long_context = [eval_requests.Request(d, c, "Question: " + "why " * 20 + f"{d}?", f" {c}", 0)
-                    for d in range(3) for c in range(4)]
-    short_context = [eval_requests.Request(d, c, f"Goal {d}:", " do " * 20 + f"{c}", 0)
-                     for d in range(3) for c in range(2)]
-    for requests, shares in ((long_context, True), (short_context, False)):
-        calls.clear()
-        auto = harness.score_requests(model, params, tokenizer, requests, 4, max_len=64)
-        assert (calls[0] > 0) == shares
-        forced = harness.score_requests(model, params, tokenizer, requests, 4, max_len=64,
-                                        share_contexts=not shares)
-        np.testing.assert_allclose([s[0] for s in auto], [s[0] for s in forced], atol=1e-4)
+    long_few = [eval_requests.Request(0, c, "word " * 36, f" {c}", 0) for c in "ab"]
+    short_many = [eval_requests.Request(1, c, "Go", " one two three four five six seven eight"
+                                        f" nine ten {c}", 0) for c in "ab"]
+    requests = long_few + short_many
+    scores = harness.score_requests(model, params, tokenizer, requests, batch_size=2, max_len=64)
+    _check_against_direct_passes(model, params, tokenizer, requests, scores, 64)
+
+
+def test_a_shared_row_shows_each_choice_the_context_and_itself_only():
+    from lm.models.attention import SHARED_SEGMENT, attention_mask
+    segments = np.array([[SHARED_SEGMENT] * 2 + [1, 1, 2, 2, 0]])
+    mask = np.asarray(attention_mask(segments, 7))[0]
+    assert mask[3].tolist() == [True, True, True, True, False, False, False]
+    assert mask[5].tolist() == [True, True, False, False, True, True, False]
+    assert mask[1].tolist() == [True, True] + [False] * 5  # the context stays causal
+    # the cuDNN kernel reads runs of segments, not this mask: the scorer uses XLA's attention
+    cfg = model_lib.preset("llama", vocab_size=128, num_layers=1, d_model=32, num_heads=4,
+                           attention_impl="cudnn")
+    assert shared_context.with_mask_attention(model_lib.Transformer(cfg)).cfg.attention_impl == "xla"
+    wrapped = shared_context.with_mask_attention(lora.LoraModel(model_lib.Transformer(cfg)))
+    assert isinstance(wrapped, lora.LoraModel) and wrapped.cfg.attention_impl == "xla"
 
 
 def test_acc_and_acc_norm_follow_their_definitions():

@@ -110,13 +110,13 @@ def score_rows(model, params, rows: Sequence[tuple[Sequence[int], int]], batch_s
 def score_requests(model, params, tokenizer, requests: Sequence[Request], batch_size: int = 16,
                    max_len: int = 0, prefix_ids: Sequence[int] = (),
                    progress: Callable[[int], None] | None = None,
-                   share_contexts: bool | None = None) -> list[tuple[float, bool, int]]:
+                   share_contexts: bool = True) -> list[tuple[float, bool, int]]:
     """(log-likelihood, greedy, number of continuation tokens) per request, in order.
 
-    Choices of one document with the same context are scored with the context run once
-    (lm/eval/shared_context.py); the rest row by row, a pair longer than max_len keeping the end of
-    its context. share_contexts None shares where that saves enough tokens (sharing_pays). The
-    model runs with its layers scanned (param_tree.with_scanned_layers)."""
+    Choices of one document with the same context are scored in one row, the context run once
+    (lm/eval/shared_context.py; share_contexts=False, or a long-sequence attention pattern,
+    scores each as its own row); the rest row by row, a pair longer than max_len keeping the end
+    of its context. The model runs with its layers scanned (param_tree.with_scanned_layers)."""
     model, params = param_tree.with_scanned_layers(model, params)
     max_len = max_len or model.cfg.max_len
     encoded = []
@@ -131,11 +131,11 @@ def score_requests(model, params, tokenizer, requests: Sequence[Request], batch_
     groups: dict[tuple, list[int]] = collections.defaultdict(list)
     for index, (r, (context, _)) in enumerate(zip(requests, encoded)):
         groups[(r.doc_id, tuple(context))].append(index)
-    if share_contexts is None:
-        share_contexts = sharing_pays(groups, encoded)
+    share_contexts = share_contexts and shared_context.can_share(model.cfg)
+    # a shared row holds the context and every choice: no longer than a row scored alone may be
     shared = [members for (_, context), members in groups.items() if share_contexts and
               len(members) > 1 and context and
-              len(context) + max(len(encoded[i][1]) for i in members) <= max_len]
+              len(context) + sum(len(encoded[i][1]) for i in members) <= max_len]
     alone = sorted(set(range(len(requests))) - {i for members in shared for i in members})
     scores: list[tuple[float, bool]] = [None] * len(requests)  # type: ignore[list-item]
     by_group = shared_context.score_groups(
@@ -148,18 +148,6 @@ def score_requests(model, params, tokenizer, requests: Sequence[Request], batch_
     for index, score in zip(alone, score_rows(model, params, rows, batch_size, max_len, progress)):
         scores[index] = score
     return [(logp, greedy, len(cont)) for (logp, greedy), (_, cont) in zip(scores, encoded)]
-
-
-# Sharing contexts saves their tokens but costs a KV cache and more compiled shapes. Measured
-# with SmolLM2 on CPU (docs/performance.md): HellaSwag saves 47% of its tokens and scores 1.39x
-# faster shared; PIQA saves 18.5% and scores no faster warm while compiling twice as long.
-SHARE_MIN_SAVING = 0.25
-
-
-def sharing_pays(groups: dict[tuple, list[int]], encoded: Sequence[tuple[list, list]]) -> bool:
-    """Whether running each shared context once saves SHARE_MIN_SAVING of the task's tokens."""
-    saved = sum((len(members) - 1) * len(context) for (_, context), members in groups.items())
-    return saved >= SHARE_MIN_SAVING * sum(len(c) + len(k) for c, k in encoded)
 
 
 def rolling_windows(ids: Sequence[int], max_len: int, stride: int) -> list[tuple[list[int], int]]:

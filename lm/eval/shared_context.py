@@ -1,14 +1,17 @@
-"""Scoring several continuations of one context with the context run through the model once.
+"""Scoring several continuations of one context in one row, the context computed once.
 
 A multiple-choice document asks for log p(choice | context) for 2-5 choices of one context. Run
-separately, the context is recomputed per choice (and padded with it). Here each context goes
-through the model once (prefill into the KV cache of lm/decode/decoding.py), its cache rows are copied
-to one row per choice, and only the choices' tokens are run on top: the same numbers as the full
-forward pass (tests/test_harness.py checks), for a fraction of the work when contexts are long
-(few-shot prompts) or choices many.
+separately, the context is recomputed per choice (and padded with it). Here a document is one
+row: its context, then every choice after it. The context's tokens carry attention's SHARED
+segment, which every later token of the row sees; each choice has a segment of its own, so it
+sees the context and itself but no other choice, and its positions continue the context's as if
+it were alone. One forward pass gives every choice's log-likelihood: the same numbers as separate
+passes (tests/test_harness.py checks), with no KV cache, no copies of it and one program per
+shape. Shared prefixes of this kind are what "tree attention" decoders use for beams.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -18,116 +21,114 @@ import numpy as np
 
 from core import mesh
 from core.batches import padded_length, round_up
-from lm.decode import decoding
-
-
-CONTINUATION_GRANULE = 8  # continuations padded to multiples of 8 tokens (or 25%)
-
-
-def _padded_continuation(n: int) -> int:
-    return padded_length(n, CONTINUATION_GRANULE)
+from lm.models import lora
+from lm.models.attention import SHARED_SEGMENT
 
 
 def summed_logp_and_greedy(logits_BKV, targets_BK, scored_BK) -> tuple[jax.Array, jax.Array]:
     """(summed log-prob [B], all greedy [B]) of the scored targets under float32 logits."""
-    logits_BKV = logits_BKV.astype(jnp.float32)
-    target_logit_BK = jnp.take_along_axis(logits_BKV, targets_BK[..., None], axis=-1)[..., 0]
-    logp_BK = target_logit_BK - jax.nn.logsumexp(logits_BKV, axis=-1)
-    greedy_BK = jnp.argmax(logits_BKV, axis=-1) == targets_BK
+    logp_BK, greedy_BK = _logp_and_greedy(logits_BKV, targets_BK)
     return (jnp.sum(jnp.where(scored_BK, logp_BK, 0.0), axis=1),
             jnp.all(greedy_BK | ~scored_BK, axis=1))
 
 
-def _prefill_contexts(model, params, contexts_BP, context_lengths_B, cache_length: int):
-    """(logits after each context's last token [B, V], KV cache of the contexts)."""
-    B, P = contexts_BP.shape
-    segments_BP = (jnp.arange(P)[None] < context_lengths_B[:, None]).astype(jnp.int32)
-    positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    return decoding.prefill(model, params, (contexts_BP, segments_BP, positions_BP,
-                                            context_lengths_B), cache_length)
+def _logp_and_greedy(logits_BKV, targets_BK) -> tuple[jax.Array, jax.Array]:
+    logits_BKV = logits_BKV.astype(jnp.float32)
+    target_logit_BK = jnp.take_along_axis(logits_BKV, targets_BK[..., None], axis=-1)[..., 0]
+    return (target_logit_BK - jax.nn.logsumexp(logits_BKV, axis=-1),
+            jnp.argmax(logits_BKV, axis=-1) == targets_BK)
 
 
-def _score_continuations(model, params, cache, last_logits_BV, context_lengths_B, rows_R,
-                         continuations_RC, continuation_lengths_R):
-    """(summed log-prob [R], all greedy [R]) of each row's continuation after context rows_R."""
-    C = continuations_RC.shape[1]
-    cache = decoding.take_cache_rows(model, cache, rows_R)
-    real_RC = jnp.arange(C)[None] < continuation_lengths_R[:, None]
-    positions_RC = context_lengths_B[rows_R][:, None] + jnp.arange(C, dtype=jnp.int32)[None]
-    # Continuation token j is predicted by the context's last token (j = 0) or by token j - 1,
-    # so the last continuation token needs no logits.
-    block_logits_RCV, _ = decoding.forward_with_cache(
-        model, params, cache, continuations_RC, positions_RC, real_RC.astype(jnp.int32),
-        logits_at_BK=jnp.broadcast_to(jnp.arange(C - 1), (len(rows_R), C - 1)))
-    logits_RCV = jnp.concatenate([last_logits_BV[rows_R][:, None], block_logits_RCV], axis=1)
-    return summed_logp_and_greedy(logits_RCV, continuations_RC, real_RC)
+def _score_rows_of_choices(model, params, tokens_BT, segments_BT, positions_BT, predict_at_BK,
+                           targets_BK, choice_BK, num_choices: int):
+    """(summed log-prob [B, M], all greedy [B, M]) of each row's M choices. Scored token k is
+    targets[k], predicted at row index predict_at[k], and belongs to choice choice[k] (-1: none)."""
+    logits_BKV = model.apply({"params": params}, tokens_BT, positions_BT, segments_BT,
+                             logits_at_BK=predict_at_BK)
+    logp_BK, greedy_BK = _logp_and_greedy(logits_BKV, targets_BK)
+    member_BKM = choice_BK[..., None] == jnp.arange(num_choices)
+    return (jnp.sum(jnp.where(member_BKM, logp_BK[..., None], 0.0), axis=1),
+            jnp.all(greedy_BK[..., None] | ~member_BKM, axis=1))
 
 
-_prefill_jit = jax.jit(_prefill_contexts, static_argnums=(0, 4))
-_score_continuations_jit = jax.jit(_score_continuations, static_argnums=0)
+_score_jit = jax.jit(_score_rows_of_choices, static_argnums=(0, 8))
+
+
+def can_share(cfg) -> bool:
+    """Whether the model's attention can read the shared rows' mask: long-sequence patterns
+    cannot (harness.score_requests scores their choices as separate rows)."""
+    return cfg.attention == "full"
+
+
+def with_mask_attention(model):
+    """The model with attention that reads the mask: the cuDNN kernel takes runs of segments,
+    which cannot say "the context is shared", so it gives way to XLA's (LoRA wrappers kept)."""
+    if model.cfg.attention_impl != "cudnn":
+        return model
+    if isinstance(model, lora.LoraModel):
+        return dataclasses.replace(model, model=with_mask_attention(model.model))
+    return model.clone(cfg=dataclasses.replace(model.cfg, attention_impl="xla"))
 
 
 def score_groups(model, params, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
                  batch_size: int, logits_budget: int,
                  progress: Callable[[int], None] | None = None) -> list[list[tuple[float, bool]]]:
     """For each (context ids, [continuation ids ...]): (summed log-prob, all greedy) per
-    continuation. Contexts must be non-empty and context + continuation fit the model.
+    continuation. Contexts must be non-empty and context + each continuation fit the model.
 
-    Up to batch_size contexts are prefilled together, longest first and, among contexts of one
-    padded length, those with the longest continuations first, so that a batch's continuations
-    are alike. Its continuations then run in calls of up to batch_size rows sorted by length, so
-    each call pads only to its own longest continuation (in steps of CONTINUATION_GRANULE: answers
-    are often a few tokens) and holds at most logits_budget bytes of logits. Each batch's KV cache
-    fits its own continuations: one sized for the task's longest compiles fewer shapes but made
-    PIQA slower (docs/performance.md)."""
+    Rows are batched longest first (among rows of one padded length, those with the most scored
+    tokens first), right-padded to core.batches.padded_length; a batch holds at most batch_size
+    documents and at most logits_budget bytes of logits."""
+    if not groups:
+        return []
+    if not can_share(model.cfg):
+        raise ValueError(f"shared contexts need full attention, not {model.cfg.attention!r}")
+    model = with_mask_attention(model)
     vocab = model.cfg.vocab_size
     rows_sharding, replicated = mesh.data_parallel()
     params = jax.device_put(params, replicated)
     multiple = math.lcm(8, jax.device_count())  # few distinct shapes; rows split over devices
-    put = lambda *arrays: [jax.device_put(a, rows_sharding) for a in arrays]
-    longest = [max(map(len, continuations)) for _, continuations in groups]
-    order = sorted(range(len(groups)), key=lambda i: (-padded_length(len(groups[i][0])),
-                                                      -longest[i]))
+    num_choices = max(len(continuations) for _, continuations in groups)
+    length = [len(c) + sum(map(len, ks)) for c, ks in groups]
+    scored = [sum(map(len, ks)) for _, ks in groups]
+    order = sorted(range(len(groups)), key=lambda i: (-padded_length(length[i]), -scored[i]))
     results: list[list[tuple[float, bool]]] = [[] for _ in groups]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        P = padded_length(max(len(groups[index][0]) for index in chunk))
+    start = 0
+    while start < len(order):
+        T = padded_length(length[order[start]])  # the longest: rows are sorted
+        K = padded_length(max(scored[i] for i in order[start:start + batch_size]))
+        chunk = order[start:start + max(1, min(batch_size, logits_budget // (K * vocab * 4)))]
         B = round_up(len(chunk), multiple)
-        contexts_BP = np.zeros((B, P), np.int32)
-        context_lengths_B = np.ones((B,), np.int32)
+        arrays = _layout(groups, chunk, B, T, K)
+        logp_BM, greedy_BM = jax.device_get(_score_jit(
+            model, params, *(jax.device_put(a, rows_sharding) for a in arrays), num_choices))
         for b, index in enumerate(chunk):
-            contexts_BP[b, :len(groups[index][0])] = groups[index][0]
-            context_lengths_B[b] = len(groups[index][0])
-        rows = sorted(((b, k) for b, index in enumerate(chunk)
-                       for k in range(len(groups[index][1]))),
-                      key=lambda bk: -len(groups[chunk[bk[0]]][1][bk[1]]))
-        continuation = lambda bk: groups[chunk[bk[0]]][1][bk[1]]
-        cache_length = P + _padded_continuation(len(continuation(rows[0])))
-        context_lengths_B, = put(context_lengths_B)
-        last_logits_BV, cache = _prefill_jit(model, params, *put(contexts_BP), context_lengths_B,
-                                             cache_length)
-        scores = {}
-        at = 0
-        while at < len(rows):
-            C = _padded_continuation(len(continuation(rows[at])))
-            fits = max(1, logits_budget // (C * vocab * 4))
-            call = rows[at:at + min(batch_size, fits)]
-            R = round_up(len(call), multiple)
-            rows_R = np.zeros((R,), np.int32)
-            continuations_RC = np.zeros((R, C), np.int32)
-            continuation_lengths_R = np.zeros((R,), np.int32)
-            for r, bk in enumerate(call):
-                rows_R[r] = bk[0]
-                continuations_RC[r, :len(continuation(bk))] = continuation(bk)
-                continuation_lengths_R[r] = len(continuation(bk))
-            logp_R, greedy_R = jax.device_get(_score_continuations_jit(
-                model, params, cache, last_logits_BV, context_lengths_B,
-                *put(rows_R, continuations_RC, continuation_lengths_R)))
-            for r, bk in enumerate(call):
-                scores[bk] = (float(logp_R[r]), bool(greedy_R[r]))
-            if progress is not None:
-                progress(len(call))
-            at += len(call)
-        for b, index in enumerate(chunk):
-            results[index] = [scores[b, k] for k in range(len(groups[index][1]))]
+            results[index] = [(float(logp_BM[b, m]), bool(greedy_BM[b, m]))
+                              for m in range(len(groups[index][1]))]
+        if progress is not None:
+            progress(sum(len(groups[index][1]) for index in chunk))
+        start += len(chunk)
     return results
+
+
+def _layout(groups, chunk: Sequence[int], B: int, T: int, K: int) -> tuple[np.ndarray, ...]:
+    """The rows of `chunk`'s documents: tokens, segments, positions [B, T] and, per scored
+    token, where it is predicted, what it is and its choice [B, K]."""
+    tokens, segments, positions = (np.zeros((B, T), np.int32) for _ in range(3))
+    predict_at, targets = np.zeros((B, K), np.int32), np.zeros((B, K), np.int32)
+    choice = np.full((B, K), -1, np.int32)
+    for b, index in enumerate(chunk):
+        context, continuations = groups[index]
+        n = len(context)
+        tokens[b, :n], segments[b, :n], positions[b, :n] = context, SHARED_SEGMENT, np.arange(n)
+        at, k = n, 0
+        for m, continuation in enumerate(continuations):
+            c = len(continuation)
+            tokens[b, at:at + c] = continuation
+            segments[b, at:at + c] = m + 1
+            positions[b, at:at + c] = n + np.arange(c)
+            # The first token is predicted by the context's last, token j by token j - 1.
+            predict_at[b, k:k + c] = [n - 1] + list(range(at, at + c - 1))
+            targets[b, k:k + c], choice[b, k:k + c] = continuation, m
+            at, k = at + c, k + c
+    return tokens, segments, positions, predict_at, targets, choice

@@ -20,8 +20,14 @@ Array = jax.Array
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
+# A segment id every later token of its row sees, whatever its own: the shared context of several
+# continuations scored in one row (lm/eval/shared_context.py). Packed documents use ids > 0.
+SHARED_SEGMENT = -1
+
+
 def attention_mask(segment_ids_BT: Array | None, T: int, causal: bool = True) -> Array:
-    """Boolean mask (B or 1, T, S): query i sees key j iff j <= i (if causal) and seg[i] == seg[j].
+    """Boolean mask (B or 1, T, S): query i sees key j iff j <= i (if causal) and seg[i] == seg[j]
+    or seg[j] is SHARED_SEGMENT.
 
     Padding (segment 0) follows the same rule, so it attends to earlier padding; its outputs are
     finite and meant to be ignored by the loss. The diagonal is always allowed, so no row is empty.
@@ -31,8 +37,14 @@ def attention_mask(segment_ids_BT: Array | None, T: int, causal: bool = True) ->
         causal_TS = jnp.ones_like(causal_TS)
     if segment_ids_BT is None:
         return causal_TS[None]
-    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return causal_TS[None] & same_BTS
+    return causal_TS[None] & segments_see(segment_ids_BT, segment_ids_BT)
+
+
+def segments_see(query_segment_ids_BT: Array, key_segment_ids_BS: Array) -> Array:
+    """(B, T, S): whether each query's segment lets it see each key's (the same segment, or a
+    SHARED_SEGMENT key), order aside."""
+    return ((query_segment_ids_BT[:, :, None] == key_segment_ids_BS[:, None, :]) |
+            (key_segment_ids_BS[:, None, :] == SHARED_SEGMENT))
 
 
 def cross_attention_mask(segment_ids_BT: Array | None, memory_segment_ids_BS: Array | None,

@@ -29,7 +29,7 @@ import numpy as np
 
 from lm.models import efficient_attention as efficient, lora
 from lm.models.attention import (attention_mask, causal_block_attention, cross_attention_mask,
-                                 cudnn_attention, dot_product_attention)
+                                 cudnn_attention, dot_product_attention, segments_see)
 
 Array = jax.Array
 
@@ -315,8 +315,8 @@ class Attention(nn.Module):
         index.value = start + T
         S = segments.value.shape[1]
         causal_TS = jnp.arange(S)[None, :] <= (start + jnp.arange(T))[:, None]
-        same_BTS = segment_ids_BT[:, :, None] == segments.value[:, None, :]
-        return (key.value, value.value, causal_TS[None] & same_BTS,
+        return (key.value, value.value,
+                causal_TS[None] & segments_see(segment_ids_BT, segments.value),
                 positions.value if relative else None)
 
 
