@@ -229,6 +229,26 @@ def test_every_question_set_reads_with_its_answers(name, count):
         assert any(len(q.answers) > 1 for q in questions)
 
 
+def test_reading_questions_are_answered_in_their_own_passage():
+    passages = {d.id: d.text for d in qa_sets.corpus()}
+    for name in qa_sets.READING_SETS:
+        questions = qa_sets.reading_questions(name)
+        assert len(questions) > 250 and len({q.id for q in questions}) == len(questions)
+        for q in questions:
+            answer = metrics.normalize_answer(q.answers[0])
+            assert answer not in ("yes", "no") and len(q.answers[0].split()) <= 6
+            assert f" {answer} " in f" {metrics.normalize_answer(passages[q.gold_doc])} "
+    with pytest.raises(DataError, match="unknown reading set"):
+        qa_sets.reading_questions("squad")
+
+
+def test_question_first_asks_before_and_after_the_passages():
+    plain = reader_lib.user_turn("Who?", ["Ann went.", "Bo came."])
+    first = reader_lib.user_turn("Who?", ["Ann went.", "Bo came."], question_first=True)
+    assert first == "Question: Who?\n\n" + plain and plain.endswith("Question: Who?")
+    assert reader_lib.user_turn("Who?", [], question_first=True) == "Question: Who?"
+
+
 def test_squad_exact_match_and_f1():
     assert metrics.normalize_answer("The  Cat, sat!") == "cat sat"
     assert metrics.exact_match("the Denver Broncos.", ["Denver Broncos", "x"]) == 1.0

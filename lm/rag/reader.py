@@ -97,24 +97,30 @@ def _sentence_with(passage: str, answer: str) -> str:
     return passage[start:None if end < 0 else end + 1]
 
 
-def user_turn(question: str, passages: Sequence[str]) -> str:
+def user_turn(question: str, passages: Sequence[str], question_first: bool = False) -> str:
+    """The passages, numbered, then the question; `question_first` also puts the question
+    before them, so that a small causal model reads the passages knowing what is asked (its
+    passage tokens can attend to the question's): the trick of Liu et al. 2023, "Lost in the
+    Middle", for decoder-only readers."""
     if not passages:
         return f"Question: {question}"
     numbered = "\n".join(f"[{i}] {p.strip()}" for i, p in enumerate(passages, 1))
-    return f"Passages:\n{numbered}\n\nQuestion: {question}"
+    before = f"Question: {question}\n\n" if question_first else ""
+    return f"{before}Passages:\n{numbered}\n\nQuestion: {question}"
 
 
 def messages(question: str, passages: Sequence[str], kind: str,
-             shots: Sequence[tuple[str, str, str]] = ()) -> list[dict]:
+             shots: Sequence[tuple[str, str, str]] = (),
+             question_first: bool = False) -> list[dict]:
     """The conversation whose next assistant turn is the answer. kind: span | closed | yesno."""
     if kind not in SYSTEM:
         raise ValueError(f"unknown answer kind {kind!r}; known: {sorted(SYSTEM)}")
     out = [{"role": "system", "content": SYSTEM[kind]}]
     for passage, shot_question, answer in shots:  # each passage cut short: short prompts
         shown = [] if kind == "closed" else [_sentence_with(passage, answer)]
-        out += [{"role": "user", "content": user_turn(shot_question, shown)},
+        out += [{"role": "user", "content": user_turn(shot_question, shown, question_first)},
                 {"role": "assistant", "content": answer}]
-    return out + [{"role": "user", "content": user_turn(question, passages)}]
+    return out + [{"role": "user", "content": user_turn(question, passages, question_first)}]
 
 
 def clean(reply: str) -> str:
