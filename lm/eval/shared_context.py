@@ -7,7 +7,7 @@ segment, which every later token of the row sees; each choice has a segment of i
 sees the context and itself but no other choice, and its positions continue the context's as if
 it were alone. One forward pass gives every choice's log-likelihood: the same numbers as separate
 passes (tests/test_harness.py checks), with no KV cache, no copies of it and one program per
-shape. Shared prefixes of this kind are what "tree attention" decoders use for beams.
+shape.
 """
 from __future__ import annotations
 
