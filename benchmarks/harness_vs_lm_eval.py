@@ -145,7 +145,9 @@ def run_lm_eval(python, model_dir, include_dir, names, out_dir, batch_size) -> t
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(out_dir / "datasets_cache"), "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
-    subprocess.run(command, check=True, env=env, stdout=sys.stderr)  # our stdout: the JSON only
+    # lm-eval's output to our standard error's descriptor (2, not sys.stderr, which a test's
+    # capture replaces by an object without one): our stdout carries the JSON only
+    subprocess.run(command, check=True, env=env, stdout=2)
     return command, time.perf_counter() - start
 
 

@@ -225,3 +225,22 @@ def test_an_empty_context_conditions_on_end_of_text(tiny, tokenizer):
     logp_all = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, np.array([ids]))[0]))
     assert n == len(ids) - 1
     assert logp == pytest.approx(float(sum(logp_all[p, ids[p + 1]] for p in range(n))), abs=1e-4)
+
+
+def test_task_slices_pick_lm_evals_choice_on_every_document(tmp_path, capsys):
+    """The first documents of ARC-Easy and PIQA, scored by us and by
+    lm-evaluation-harness itself (its `lm_eval run` on the same weights exported to safetensors,
+    benchmarks/harness_vs_lm_eval.py): every request's log-likelihood agrees to float32
+    round-off, and every document picks the same choice for acc and for acc_norm."""
+    import sys
+    from benchmarks import harness_vs_lm_eval
+    result = harness_vs_lm_eval.main(["--tasks", "arc_easy,piqa", "--limit", "12",
+                                      "--lm-eval-python", sys.executable,
+                                      "--workdir", str(tmp_path)])
+    capsys.readouterr()
+    for task, row in result["tasks"].items():
+        assert row["docs"] == row["lm_eval_docs"] == 12, task
+        assert row["requests_matched"] == row["requests"] and row["requests_not_ours"] == 0, task
+        assert row["docs_choice_differs"] == {"acc": 0, "acc_norm": 0}, (task, row)
+        assert row["acc"]["diff_points"] == row["acc_norm"]["diff_points"] == 0.0, (task, row)
+        assert row["max_abs_loglik_diff"] < 1e-2, (task, row)
