@@ -15,6 +15,7 @@ articles with their retrieved passages as conversations for the sft objective (a
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import pathlib
@@ -159,6 +160,14 @@ def _train_data(args) -> None:
           f"{replaced} with a source passage put in) to {args.out}")
 
 
+def _reading_sets(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    unknown = [n for n in names if n not in qa_sets.READING_SETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; known {list(qa_sets.READING_SETS)}")
+    return names
+
+
 def _common(parser, reading: bool) -> None:
     parser.add_argument("--index", required=True, help="the index folder")
     parser.add_argument("--encoder", default=embed.DEFAULT_MODEL,
@@ -229,14 +238,11 @@ def main(argv: Sequence[str] | None = None):
     p.add_argument("--cloze", type=int, default=0,
                    help="also this many synthetic questions (lm/rag/cloze.py) from the passages "
                         "of every document but the held-out SQuAD articles")
-    p.add_argument("--reading", default="", type=lambda s: [x for x in s.split(",") if x],
+    p.add_argument("--reading", default="", type=_reading_sets,
                    help="also the short-answer questions of these sets, each with its passage: "
                         f"{','.join(qa_sets.READING_SETS)} (about 5,900 in all)")
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    unknown_reading = [s for s in getattr(args, "reading", []) if s not in qa_sets.READING_SETS]
-    if unknown_reading:
-        parser.error(f"unknown --reading {unknown_reading}: known {list(qa_sets.READING_SETS)}")
     if args.command == "evaluate":
         unknown = [s for s in args.sets if s not in evaluate.ANSWER_SETS]
         bad = [s for s in args.settings if s not in ("closed", "gold")

@@ -19,6 +19,12 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def answer_in(answer: str, passage: str) -> bool:
+    """Whether the passage holds the answer as whole words, both normalised (a non-empty one)."""
+    wanted = normalize_answer(answer)
+    return bool(wanted) and f" {wanted} " in f" {normalize_answer(passage)} "
+
+
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
     return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
 

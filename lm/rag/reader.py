@@ -25,7 +25,7 @@ from lm.data import chat
 from lm.decode import decoding
 from lm.models import lora, transformer as model_lib
 from lm.objectives import registry, sft
-from lm.rag.metrics import normalize_answer
+from lm.rag.metrics import answer_in
 from lm.weights import import_gguf, peft_adapter
 
 SYSTEM = {
@@ -131,10 +131,7 @@ def clean(reply: str) -> str:
 
 def cited(answer: str, passages: Sequence[str], ids: Sequence[int]) -> list[int]:
     """The ids of the passages whose normalised text holds the normalised answer."""
-    wanted = normalize_answer(answer)
-    if not wanted:
-        return []
-    return [i for i, p in zip(ids, passages) if f" {wanted} " in f" {normalize_answer(p)} "]
+    return [i for i, p in zip(ids, passages) if answer_in(answer, p)]
 
 
 def generate(reader: Reader, conversations: Sequence[list[dict]], max_new_tokens: int = 24,
