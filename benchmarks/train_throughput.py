@@ -8,7 +8,8 @@ rate of this machine on CPU, or the datasheet bf16 number on a GPU.
 
     python -m benchmarks.train_throughput                       # CPU, the issue's 6x384 model
     python -m benchmarks.train_throughput --size gpt2_124m --dtype bfloat16 --seq 1024 --batch 16
-Prints one JSON object.
+    python -m benchmarks.train_throughput --size llama_1b --dtype bfloat16 --seq 2048 --batch 8
+Prints one JSON object. The process starts with core/xla_flags.py's defaults, as every command.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ import time
 
 # Both frameworks share one GPU: JAX must not grab 75% of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+from core import xla_flags  # noqa: E402
+
+xla_flags.apply()  # before any backend starts, as core.cli does for every command
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -33,17 +38,19 @@ from lm.models import param_tree
 from lm.models import transformer as model_lib
 from lm.objectives.causal_lm import CausalLMTask
 
-SIZES = {  # layers, width, heads
-    "bench": (6, 384, 6),
-    "gpt2_124m": (12, 768, 12),
+SIZES = {  # preset, then the fields it changes
+    "bench": ("gpt2", dict(num_layers=6, d_model=384, num_heads=6)),
+    "gpt2_124m": ("gpt2", dict(num_layers=12, d_model=768, num_heads=12)),
+    # TinyLlama-1.1B's shape (Zhang et al. 2024): 22 x 2048, 32 query heads over 4 kv heads
+    "llama_1b": ("llama", dict(num_layers=22, d_model=2048, num_heads=32, num_kv_heads=4,
+                               d_ff=5632)),
 }
 
 
 def model_config(args) -> model_lib.TransformerConfig:
-    layers, width, heads = SIZES[args.size]
-    return model_lib.preset("gpt2", vocab_size=args.vocab, num_layers=layers, d_model=width,
-                            num_heads=heads, max_len=args.seq, dtype=args.dtype,
-                            scan_layers=args.scan, remat=args.remat,
+    style, shape = SIZES[args.size]
+    return model_lib.preset(style, **shape, vocab_size=args.vocab, max_len=args.seq,
+                            dtype=args.dtype, scan_layers=args.scan, remat=args.remat,
                             attention_impl=args.attention, loss_chunk=args.loss_chunk)
 
 
