@@ -98,14 +98,15 @@ LAYOUT_OPS = {"parameter", "constant", "bitcast", "copy", "transpose", "reshape"
               "slice", "concatenate"}
 
 
-def layout_copies(hlo_text: str) -> dict[str, tuple[int, str]]:
+def layout_copies(hlo_text: str, computation: str = "") -> dict[str, tuple[int, str]]:
     """The compiled step's operations that only move data (a copy or transpose, or a fusion of
     nothing but layout operations): name -> (bytes written, op_name). What XLA adds to lay
-    operands out for its matmuls; PyTorch passes strided views instead."""
+    operands out for its matmuls; PyTorch passes strided views instead. Those of the entry
+    computation, or of the one named (a while loop's body: while_bodies)."""
     lines, bodies = hlo_instructions(hlo_text), fused_bodies(hlo_text)
-    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    scope = bodies[computation] if computation else hlo_text[hlo_text.index("\nENTRY"):]
     out = {}
-    for name in re.findall(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", entry, re.M):
+    for name in re.findall(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", scope, re.M):
         line = lines[name]
         shape, _, rest = line.partition(" ")
         op = rest.split("(", 1)[0].strip()
@@ -115,6 +116,11 @@ def layout_copies(hlo_text: str) -> dict[str, tuple[int, str]]:
             op_name = re.search(r'op_name="([^"]*)"', line)
             out[name] = (shape_bytes(shape), op_name.group(1) if op_name else "")
     return out
+
+
+def while_bodies(hlo_text: str) -> list[str]:
+    """Names of the computations that while loops run as their bodies."""
+    return re.findall(r"\bwhile\(.*?\bbody=%?([\w.\-]+)", hlo_text)
 
 
 def shape_bytes(shape: str) -> int:

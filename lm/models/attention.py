@@ -81,6 +81,21 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS:
     return out_BTKGH.reshape(B, T, N, H)
 
 
+def single_query_attention(q_B1NH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1S: Array) -> Array:
+    """dot_product_attention for one query per row (a decode step), as multiplies and sums that
+    read the cache where it lies: as matmuls, XLA first copied each layer's whole key and value
+    cache into the layouts its matmuls want, on every step."""
+    B, _, N, H = q_B1NH.shape
+    K = k_BSKH.shape[2]
+    q_BKGH = (q_B1NH[:, 0] * jnp.asarray(1 / math.sqrt(H), q_B1NH.dtype)).reshape(B, K, N // K, H)
+    scores_BSKG = jnp.sum(q_BKGH[:, None].astype(jnp.float32)
+                          * k_BSKH[:, :, :, None].astype(jnp.float32), axis=-1)
+    scores_BSKG = jnp.where(mask_B1S[:, 0, :, None, None], scores_BSKG, MASK_VALUE)
+    probs_BSKG = jax.nn.softmax(scores_BSKG, axis=1).astype(v_BSKH.dtype)
+    out_BKGH = jnp.sum(probs_BSKG[..., None] * v_BSKH[:, :, :, None], axis=1)
+    return out_BKGH.reshape(B, 1, N, H)
+
+
 # Query rows per block of causal_block_attention, and the most blocks it unrolls.
 QUERY_BLOCK = 64
 MAX_BLOCKS = 16
