@@ -39,7 +39,7 @@ RUNTIME_EVENTS = ("$", "Thunk", "Slinky", "ThreadPool", "PjRt", "XlaModule", "Ex
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> its line, for the entry computation and every fused computation."""
+    """Instruction name -> its line, for every computation (entry, fusions, loop bodies)."""
     out = {}
     for line in hlo_text.splitlines():
         match = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)", line)
@@ -49,7 +49,8 @@ def hlo_instructions(hlo_text: str) -> dict[str, str]:
 
 
 def fused_bodies(hlo_text: str) -> dict[str, str]:
-    """Fused computation name -> its text."""
+    """Computation name -> its text: fusions' bodies, and every other computation (a while
+    loop's body among them)."""
     bodies, name, lines = {}, None, []
     for line in hlo_text.splitlines():
         start = re.match(r"%?([\w.\-]+)\s.*\{\s*$", line)

@@ -8,8 +8,8 @@ rate of this machine on CPU, or the datasheet bf16 number on a GPU.
 
     python -m benchmarks.train_throughput                       # CPU, the issue's 6x384 model
     python -m benchmarks.train_throughput --size gpt2_124m --dtype bfloat16 --seq 1024 --batch 16
-    python -m benchmarks.train_throughput --size llama_1b --dtype bfloat16 --seq 2048 --batch 8
-Prints one JSON object. The process starts with core/xla_flags.py's defaults, as every command.
+    python -m benchmarks.train_throughput --size llama_1b --dtype bfloat16 --seq 2048 --batch 4
+Prints one JSON object. main() starts with core/xla_flags.py's defaults, as every command.
 """
 from __future__ import annotations
 
@@ -21,16 +21,13 @@ import time
 # Both frameworks share one GPU: JAX must not grab 75% of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from core import xla_flags  # noqa: E402
-
-xla_flags.apply()  # before any backend starts, as core.cli does for every command
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np
 
 from benchmarks.report import emit
 from core import flops as flops_lib
+from core import xla_flags
 from core.optim import build_optimizer, optim_config
 from core.step import make_train_step
 from core.train_state import TrainState
@@ -214,6 +211,7 @@ def argument_parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
+    xla_flags.apply()  # before any backend starts, as core.cli does for every command
     args = arguments(argv)
 
     cfg = model_config(args)

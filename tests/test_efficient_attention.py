@@ -270,6 +270,23 @@ def test_causal_blocks_equal_full_attention(dtype, atol, blocks):
                                    atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("mask_rows", [B, 1], ids=["mask_per_row", "mask_broadcast"])
+def test_single_query_attention_equals_dot_product_attention(dtype, atol, mask_rows):
+    """A decode step's attention by multiplies and sums equals the matmul path: grouped-query
+    heads, cache slots that are empty or padding masked out, a mask of one row broadcast."""
+    q, k, v = (x.astype(dtype) for x in qkv(8))
+    q_B1NH = q[:, :1]
+    seen_BS = np.random.default_rng(9).random((mask_rows, T)) < 0.6
+    seen_BS[:, 0] = True  # every query sees at least one slot (its own, in decoding)
+    mask_B1S = jnp.asarray(seen_BS)[:, None]
+    got = jax.jit(attention.single_query_attention)(q_B1NH, k, v, mask_B1S)
+    want = jax.jit(attention.dot_product_attention)(q_B1NH, k, v, mask_B1S)
+    assert got.shape == want.shape == (B, 1, N, H) and got.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=atol, rtol=atol)
+
+
 def test_causal_blocks_default_and_refusal():
     assert attention.causal_blocks(256) == 4 and attention.causal_blocks(64) == 1
     assert attention.causal_blocks(4096) == attention.MAX_BLOCKS
@@ -372,7 +389,8 @@ def test_cudnn_training_loss_and_gradients_equal_xla_on_a_gpu():
             return sums.loss / sums.weight
         return jax.jit(jax.value_and_grad(mean_loss))(params)
 
-    (loss_xla, grads_xla), (loss_cudnn, grads_cudnn) = loss_and_grads("xla"), loss_and_grads("cudnn")
+    loss_xla, grads_xla = loss_and_grads("xla")
+    loss_cudnn, grads_cudnn = loss_and_grads("cudnn")
     np.testing.assert_allclose(float(loss_cudnn), float(loss_xla), rtol=1e-2)
     for (path, g_cudnn), g_xla in zip(jax.tree_util.tree_leaves_with_path(grads_cudnn),
                                       jax.tree_util.tree_leaves(grads_xla)):
