@@ -2,9 +2,9 @@
 
 A command compiles the same programs every time it runs: the next checkpoint's evaluation, a
 resumed run, a sweep's next trial, the demo again. From the cache they load instead
-(docs/performance.md times whole evaluation tasks both ways). An entry's key holds the program, the jax and jaxlib
-versions, the backend and the XLA flags, so a stale entry is never used, and an unreadable one
-is recompiled with a warning. The tests keep their own (tests/conftest.py).
+(docs/performance.md times whole evaluation tasks both ways). An entry's key holds the program,
+the jax and jaxlib versions, the backend and the XLA flags, so a stale entry is never used, and
+an unreadable one is recompiled with a warning. The tests keep their own (tests/conftest.py).
 """
 from __future__ import annotations
 

@@ -12,9 +12,9 @@ from lm.models import transformer as model_lib
 V = 96  # divides over the 2x2x2 mesh
 
 
-def tiny_model(style: str, scan: bool = False):
-    cfg = model_lib.preset(style, vocab_size=V, num_layers=2, d_model=32, num_heads=4, max_len=64,
-                           scan_layers=scan)
+def tiny_model(style: str, scan: bool = False, d_model: int = 32):
+    cfg = model_lib.preset(style, vocab_size=V, num_layers=2, d_model=d_model, num_heads=4,
+                           max_len=64, scan_layers=scan)
     model = model_lib.Transformer(cfg)
     params = model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
     return model, nn.meta.unbox(params)
@@ -216,10 +216,8 @@ def test_the_decode_loop_copies_no_weight_and_no_cache_per_token():
     (30 copies per token for SmolLM2-135M, 15% of a batch-1 step on CPU), and with the step's
     attention as matmuls it copied every layer's key and value cache."""
     from benchmarks import cpu_profile
-    cfg = model_lib.preset("llama", vocab_size=V, num_layers=2, d_model=128, num_heads=4,
-                           max_len=64, scan_layers=False)
-    model = model_lib.Transformer(cfg)
-    params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    model, params = tiny_model("llama", d_model=128)
+    cfg = model.cfg
     sampling = decoding.SamplingConfig(max_new_tokens=8, stop_ids=())
     prompts = tuple(jnp.asarray(a) for a in decoding.pad_prompts(
         random_tokens(2, 16).tolist(), sampling.pad_id, sampling.padding, sampling.bucket))

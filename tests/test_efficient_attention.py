@@ -25,11 +25,17 @@ SLIDING = jax.jit(ea.sliding_window_attention, static_argnames=("causal", "windo
 LSH = jax.jit(ea.lsh_attention, static_argnames=("causal", "n_hashes", "n_buckets", "chunk"))
 
 
-def qkv(seed=0, t=T):
+def qkv(seed=0, t=T, h=H):
     """Random q, k, v (numpy's generator: eager jax.random would compile per shape)."""
     rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.standard_normal((B, t, heads, H)), jnp.float32)
+    return tuple(jnp.asarray(rng.standard_normal((B, t, heads, h)), jnp.float32)
                  for heads in (N, K, K))
+
+
+def outputs_and_grads(fn, q, k, v, cotangent):
+    """(fn(q, k, v), and its gradients in q, k and v for the given output cotangent)."""
+    out, pullback = jax.vjp(fn, q, k, v)
+    return (out, *pullback(cotangent))
 
 
 def longformer_mask(window, causal, global_BT):
@@ -258,13 +264,12 @@ def test_causal_blocks_equal_full_attention(dtype, atol, blocks):
     q, k, v = (x.astype(dtype) for x in qkv(5, t))
     cotangent = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape), dtype)
 
-    def value_and_grads(fn):
-        out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, mask_BTT), q, k, v)
-        return (out, *pullback(cotangent))
-
-    blocked = jax.jit(lambda: value_and_grads(functools.partial(
-        attention.causal_block_attention, blocks=blocks)))()
-    full = jax.jit(lambda: value_and_grads(attention.dot_product_attention))()
+    blocked = jax.jit(lambda: outputs_and_grads(
+        lambda q, k, v: attention.causal_block_attention(q, k, v, mask_BTT, blocks=blocks),
+        q, k, v, cotangent))()
+    full = jax.jit(lambda: outputs_and_grads(
+        lambda q, k, v: attention.dot_product_attention(q, k, v, mask_BTT),
+        q, k, v, cotangent))()
     for got, want in zip(blocked, full):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                    atol=atol, rtol=atol)
@@ -281,7 +286,10 @@ def test_single_query_attention_equals_dot_product_attention(dtype, atol, mask_r
     seen_BS[:, 0] = True  # every query sees at least one slot (its own, in decoding)
     mask_B1S = jnp.asarray(seen_BS)[:, None]
     got = jax.jit(attention.single_query_attention)(q_B1NH, k, v, mask_B1S)
-    want = jax.jit(attention.dot_product_attention)(q_B1NH, k, v, mask_B1S)
+    # the matmul path: dot_product_attention sends a single query to single_query_attention,
+    # so the query is asked twice and the first answer kept
+    want = jax.jit(attention.dot_product_attention)(
+        jnp.concatenate([q_B1NH] * 2, axis=1), k, v, jnp.concatenate([mask_B1S] * 2, axis=1))[:, :1]
     assert got.shape == want.shape == (B, 1, N, H) and got.dtype == want.dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                atol=atol, rtol=atol)
@@ -343,23 +351,20 @@ def test_cudnn_equals_the_xla_path_on_a_gpu(packed):
     """Outputs and gradients of cuDNN's kernel on bfloat16 inputs equal XLA's attention in
     float32 on the same inputs within 2e-2 (absolute or relative), grouped-query heads; packed:
     two documents and padding in one row, reaching the kernel as segments."""
-    b, t, h = 2, 256, 64
-    rng = np.random.default_rng(7)
-    q, k, v = (jnp.asarray(rng.standard_normal((b, t, heads, h)), jnp.bfloat16)
-               for heads in (N, K, K))
-    cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
+    t = 256
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(7, t, h=64))
+    cotangent = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape), jnp.bfloat16)
     segments_BT = (jnp.array([[1] * 100 + [2] * 140 + [0] * 16, [1] * t], jnp.int32)
                    if packed else None)
     mask_BTT = attention.attention_mask(segments_BT, t, True)
 
-    def value_and_grads(fn, dtype):
-        out, pullback = jax.vjp(fn, *(x.astype(dtype) for x in (q, k, v)))
-        return (out, *pullback(cotangent.astype(dtype)))
-
-    want = jax.jit(lambda: value_and_grads(
-        lambda q, k, v: attention.dot_product_attention(q, k, v, mask_BTT), jnp.float32))()
-    got = jax.jit(lambda: value_and_grads(
-        lambda q, k, v: attention.cudnn_attention(q, k, v, segments_BT, True), jnp.bfloat16))()
+    f32 = lambda x: x.astype(jnp.float32)
+    want = jax.jit(lambda: outputs_and_grads(
+        lambda q, k, v: attention.dot_product_attention(q, k, v, mask_BTT),
+        f32(q), f32(k), f32(v), f32(cotangent)))()
+    got = jax.jit(lambda: outputs_and_grads(
+        lambda q, k, v: attention.cudnn_attention(q, k, v, segments_BT, True),
+        q, k, v, cotangent))()
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                    atol=2e-2, rtol=2e-2, err_msg=name)

@@ -73,9 +73,12 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS:
     """Plain grouped-query attention with float32 scores and softmax; bias (e.g. T5's relative
     positions) is added to the scaled scores.
 
-    Query head n uses kv head n // G (the grouping of Hugging Face's repeat_kv).
+    Query head n uses kv head n // G (the grouping of Hugging Face's repeat_kv). One query per
+    row (a decode step) goes to single_query_attention.
     """
     B, T, N, H = q_BTNH.shape
+    if T == 1 and bias_BNTS is None:
+        return single_query_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
     K = k_BSKH.shape[2]
     q_BTKGH = grouped_queries(q_BTNH, K)
     scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
@@ -89,7 +92,7 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS:
 
 
 def single_query_attention(q_B1NH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1S: Array) -> Array:
-    """dot_product_attention for one query per row (a decode step), as multiplies and sums in
+    """Attention for one query per row (a decode step), as multiplies and sums in
     float32 that read the cache where it lies: as matmuls, XLA first copied each layer's whole
     key and value cache into the layouts its matmuls want, on every step."""
     B, _, N, H = q_B1NH.shape

@@ -29,8 +29,7 @@ import numpy as np
 
 from lm.models import efficient_attention as efficient, lora
 from lm.models.attention import (attention_mask, causal_block_attention, cross_attention_mask,
-                                 cudnn_attention, dot_product_attention, segments_see,
-                                 single_query_attention)
+                                 cudnn_attention, dot_product_attention, segments_see)
 
 Array = jax.Array
 
@@ -225,11 +224,8 @@ class Attention(nn.Module):
                                  "has causal=False (an encoder)")
             k_BSKH, v_BSKH, mask_BTS, k_positions_BS = self._cached(k_BSKH, v_BSKH, positions_BT,
                                                                     segment_ids_BT)
-            if T == 1 and rel_table_RN is None:  # a decode step
-                out_BTNH = single_query_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-            else:
-                out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS,
-                                                 bias(k_positions_BS))
+            out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS,
+                                             bias(k_positions_BS))
         elif cfg.attention_impl == "cudnn" and rel_table_RN is None:
             out_BTNH = cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg.causal)
         else:
