@@ -152,6 +152,26 @@ def test_build_setup_trains_every_assistant_token_once(tiny_chat, tmp_path):
         instructions.load("sharegtp")
 
 
+def test_the_validation_split_follows_the_conversations_not_the_files_path(tmp_path):
+    """The same chats in two folders, one with a duplicate appended: the same held-out set,
+    and the duplicate on its original's side."""
+    lines = [json.dumps({"messages": list(c.messages)})
+             for c in instructions.load("cot", 60, seed=4)]
+    splits = []
+    for folder, extra in (("a", []), ("elsewhere/b", lines[:1])):
+        path = tmp_path / folder / "chats.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(line + "\n" for line in lines + extra))
+        config = load_config(f"experiments/configs/lm/sft.py:model=,size=tiny,dataset=files:{path}",
+                             ["sft.val_fraction=0.3"])
+        splits.append([[json.dumps({"messages": list(c.messages)}) for c in side]
+                       for side in sft.split(config, instructions.load(f"files:{path}"))])
+    (train_a, val_a), (train_b, val_b) = splits
+    assert 0 < len(val_a) < len(lines)
+    assert val_b == val_a + [lines[0]] * (lines[0] in val_a)
+    assert train_b == train_a + [lines[0]] * (lines[0] in train_a)
+
+
 def test_from_scratch_without_a_tokenizer_trains_one_on_the_chats_and_keeps_it(tmp_path):
     conversations = instructions.load("cot", 40, seed=3)
     path = tmp_path / "chats.jsonl"

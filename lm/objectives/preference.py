@@ -13,12 +13,12 @@ through the model as one batch of 2B rows.
 The pairs are feedback.pairs (a JSONL file), or, when that is empty, sampled from the starting
 policy: feedback.pair_samples replies to each training prompt of feedback.tasks, the best
 against the worst by the task's reward (ties dropped), written once to <workdir>/pairs.jsonl
-and read from there when the run resumes. A hash of each pair's place holds out
+and read from there when the run resumes. A hash of each pair's content holds out
 feedback.val_fraction of them for evaluation.
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import pathlib
 
@@ -31,7 +31,7 @@ from core.batches import ArrayRows, BatchIterator, sum_batches
 from core.config import ConfigError, DataError, check_choice
 from core.step import host_eval
 from core.task import BatchField, LossSums
-from lm.data import chat, preferences, rewards
+from lm.data import chat, documents, preferences, rewards
 from lm.objectives import feedback, policy_losses, policy_model, registry
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,9 @@ def build_setup(config, workdir=None, need_train: bool = True) -> feedback.Feedb
     pairs = load_pairs(config, workdir, policy, sampler) if workdir else []
     if not pairs:
         raise ConfigError("the preference objectives need --workdir (their pairs are kept there)")
-    held = [int.from_bytes(hashlib.sha256(f"{f.seed}:{p.where}:{k}".encode()).digest()[:8], "big")
-            < f.val_fraction * 2.0 ** 64 for k, p in enumerate(pairs)]
+    held = [documents.is_validation(  # by content, not by the file's path: the same pairs anywhere
+        f.seed, "pairs", json.dumps([p.prompt, p.chosen, p.rejected], sort_keys=True),
+        f.val_fraction) for p in pairs]
     train = [p for p, h in zip(pairs, held) if not h]
     validation = [p for p, h in zip(pairs, held) if h] or train[:1]
     with_gap = config.task == "reward"

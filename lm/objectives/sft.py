@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
+import json
 import logging
 import pathlib
 
@@ -42,7 +42,7 @@ from core.batches import ArrayRows, BatchIterator, sum_batches
 from core.config import ConfigError, DataError
 from core.step import host_eval
 from core.task import BatchField, LossSums
-from lm.data import chat, instructions, windows
+from lm.data import chat, documents, instructions, windows
 from lm.data.bpe_tokenizer import ByteLevelBPE
 from lm.data.tokenizer import Tokenizer
 from lm.decode import decoding
@@ -242,7 +242,8 @@ def encode_all(conversations, template, tokenizer, seq_len: int,
 
 def split(config, conversations):
     """(train, validation): generated tasks get a validation set of their own seed (seed + 1);
-    other sources are split by a hash of each record's place."""
+    other sources are split by a hash of each conversation's content, not of its file's path, so
+    that the same data gives the same split wherever it lies (and duplicates stay together)."""
     s = config.sft
     if s.dataset in instructions.TASKS or s.dataset == "cot":
         seen = {c.messages[0]["content"] for c in conversations}
@@ -250,8 +251,8 @@ def split(config, conversations):
                                               config.data.cache_dir)
                  if c.messages[0]["content"] not in seen]
         return conversations, fresh[:s.eval_examples * (2 if s.dataset == "cot" else 1)]
-    is_val = [int.from_bytes(hashlib.sha256(f"{s.seed}:{c.where}".encode()).digest()[:8], "big")
-              < s.val_fraction * 2.0 ** 64 for c in conversations]
+    is_val = [documents.is_validation(s.seed, "sft", json.dumps(c.messages, sort_keys=True),
+                                      s.val_fraction) for c in conversations]
     train = [c for c, v in zip(conversations, is_val) if not v]
     validation = [c for c, v in zip(conversations, is_val) if v]
     if not train or not validation:
