@@ -71,6 +71,7 @@ variant() {
   fi
   bench "$@" --no-torch
 }
+variant gpu_gpt2_124m_bf16_b128 120 --size gpt2_124m --seq 1024 --batch 128 --vocab 50304
 variant gpu_gpt2_124m_bf16_b64_full_logits 120 --size gpt2_124m --seq 1024 --batch 64 \
   --vocab 50304 --loss-chunk 0
 variant gpu_gpt2_124m_bf16_b64_dpa_attention 120 --size gpt2_124m --seq 1024 --batch 64 \
