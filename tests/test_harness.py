@@ -83,19 +83,37 @@ def test_a_batch_of_shared_rows_fits_its_document_with_the_most_scored_tokens(to
     _check_against_direct_passes(model, params, tokenizer, requests, scores, 64)
 
 
-def test_a_shared_row_shows_each_choice_the_context_and_itself_only():
-    from lm.models.attention import SHARED_SEGMENT, attention_mask
-    segments = np.array([[SHARED_SEGMENT] * 2 + [1, 1, 2, 2, 0]])
-    mask = np.asarray(attention_mask(segments, 7))[0]
-    assert mask[3].tolist() == [True, True, True, True, False, False, False]
-    assert mask[5].tolist() == [True, True, False, False, True, True, False]
-    assert mask[1].tolist() == [True, True] + [False] * 5  # the context stays causal
+def test_a_shared_row_shows_each_choice_its_context_and_itself_only():
+    from lm.models.attention import attention_mask, continuation_segment, shared_segment
+    # two documents in one row: a context and two choices, a context and one choice; padding
+    segments = np.array([[shared_segment(1)] * 2 + [continuation_segment(1, 1)] * 2
+                         + [continuation_segment(1, 2)] * 2 + [shared_segment(2)]
+                         + [continuation_segment(2, 1)] * 2 + [0]])
+    mask = np.asarray(attention_mask(segments, 10))[0].astype(int)
+    assert mask[3].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert mask[5].tolist() == [1, 1, 0, 0, 1, 1, 0, 0, 0, 0]
+    assert mask[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]  # the context stays causal
+    assert mask[6].tolist() == [0, 0, 0, 0, 0, 0, 1, 0, 0, 0]  # nothing of document 1
+    assert mask[8].tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 0]
+    assert mask[9].tolist() == [0] * 9 + [1]
     # the cuDNN kernel reads runs of segments, not this mask: the scorer uses XLA's attention
     cfg = model_lib.preset("llama", vocab_size=128, num_layers=1, d_model=32, num_heads=4,
                            attention_impl="cudnn")
     assert shared_context.with_mask_attention(model_lib.Transformer(cfg)).cfg.attention_impl == "xla"
     wrapped = shared_context.with_mask_attention(lora.LoraModel(model_lib.Transformer(cfg)))
     assert isinstance(wrapped, lora.LoraModel) and wrapped.cfg.attention_impl == "xla"
+
+
+def test_short_documents_share_rows_within_the_row_length():
+    from core.batches import padded_length
+    lengths = [100, 60, 50, 30, 20, 10, 10, 3]
+    rows = shared_context.pack_rows(lengths, 64)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    for row in rows:  # each row led by its longest, within that one's padded length (or 64)
+        assert lengths[row[0]] == max(lengths[i] for i in row)
+        assert sum(lengths[i] for i in row) <= padded_length(max(lengths[row[0]], 64))
+    # 100 (of 112) takes a 10, 60 (of 64) the 3, 50 the other 10, 30 the 20
+    assert rows == [[0, 6], [1, 7], [2, 5], [3, 4]]
 
 
 def test_acc_and_acc_norm_follow_their_definitions():

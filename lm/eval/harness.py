@@ -140,7 +140,7 @@ def score_requests(model, params, tokenizer, requests: Sequence[Request], batch_
     scores: list[tuple[float, bool]] = [None] * len(requests)  # type: ignore[list-item]
     by_group = shared_context.score_groups(
         model, params, [(encoded[m[0]][0], [encoded[i][1] for i in m]) for m in shared],
-        batch_size, LOGITS_BUDGET, progress)
+        batch_size, LOGITS_BUDGET, min(shared_context.ROW_TOKENS, max_len), progress)
     for members, group_scores in zip(shared, by_group):
         for index, score in zip(members, group_scores):
             scores[index] = score

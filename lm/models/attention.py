@@ -20,14 +20,24 @@ Array = jax.Array
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
-# A segment id every later token of its row sees, whatever its own: the shared context of several
-# continuations scored in one row (lm/eval/shared_context.py). Packed documents use ids > 0.
-SHARED_SEGMENT = -1
+# Shared contexts (lm/eval/shared_context.py), several documents to a row: document d's context
+# carries segment -d (shared_segment) and its continuations d * CHOICES_PER_CONTEXT + m for
+# 0 < m < CHOICES_PER_CONTEXT (continuation_segment); a continuation sees itself and its own
+# document's context. Packed documents use ids > 0, padding 0.
+CHOICES_PER_CONTEXT = 64
+
+
+def shared_segment(document: int) -> int:
+    return -document
+
+
+def continuation_segment(document: int, choice: int) -> int:
+    return document * CHOICES_PER_CONTEXT + choice
 
 
 def attention_mask(segment_ids_BT: Array | None, T: int, causal: bool = True) -> Array:
     """Boolean mask (B or 1, T, S): query i sees key j iff j <= i (if causal) and seg[i] == seg[j]
-    or seg[j] is SHARED_SEGMENT.
+    or seg[j] is the shared context of seg[i]'s document.
 
     Padding (segment 0) follows the same rule, so it attends to earlier padding; its outputs are
     finite and meant to be ignored by the loss. The diagonal is always allowed, so no row is empty.
@@ -41,10 +51,10 @@ def attention_mask(segment_ids_BT: Array | None, T: int, causal: bool = True) ->
 
 
 def segments_see(query_segment_ids_BT: Array, key_segment_ids_BS: Array) -> Array:
-    """(B, T, S): whether each query's segment lets it see each key's (the same segment, or a
-    SHARED_SEGMENT key), order aside."""
-    return ((query_segment_ids_BT[:, :, None] == key_segment_ids_BS[:, None, :]) |
-            (key_segment_ids_BS[:, None, :] == SHARED_SEGMENT))
+    """(B, T, S): whether each query's segment lets it see each key's (the same segment, or the
+    shared context of the query's document), order aside."""
+    query_BT1, key_B1S = query_segment_ids_BT[:, :, None], key_segment_ids_BS[:, None, :]
+    return (query_BT1 == key_B1S) | ((key_B1S < 0) & (query_BT1 // CHOICES_PER_CONTEXT == -key_B1S))
 
 
 def cross_attention_mask(segment_ids_BT: Array | None, memory_segment_ids_BS: Array | None,

@@ -3,7 +3,7 @@ projection (Linformer) and hashing into buckets (Reformer), beside plain full at
 
 Every function is pure, has the call style of `attention.dot_product_attention` (self-attention, so
 T == S) and takes `segment_ids_BT` (None or int ids, 0 = padding; a token attends only within its
-own segment: attention.SHARED_SEGMENT means nothing here) and `causal`. Integer arguments (window, hashes, chunk)
+own segment: attention's shared contexts mean nothing here) and `causal`. Integer arguments (window, hashes, chunk)
 decide shapes: mark them static under jax.jit (functools.partial or static_argnames).
 
 Shape suffixes follow lm/models/layers.py (B batch, T query length, S key length, N query heads, K kv
