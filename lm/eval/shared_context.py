@@ -114,11 +114,12 @@ def score_groups(model, params, groups: Sequence[tuple[Sequence[int], Sequence[S
     rows_sharding, replicated = mesh.data_parallel()
     params = jax.device_put(params, replicated)
     multiple = math.lcm(8, jax.device_count())  # few distinct shapes; rows split over devices
-    scored_of = [sum(map(len, ks)) for _, ks in groups]
-    rows = pack_rows([len(c) + n for (c, _), n in zip(groups, scored_of)], row_tokens)
+    doc_scored = [sum(map(len, ks)) for _, ks in groups]
+    doc_length = [len(c) + n for (c, _), n in zip(groups, doc_scored)]
+    rows = pack_rows(doc_length, row_tokens)
     num_choices = round_up(max(sum(len(groups[i][1]) for i in row) for row in rows), 8)
-    length = [sum(len(groups[i][0]) + scored_of[i] for i in row) for row in rows]
-    scored = [sum(scored_of[i] for i in row) for row in rows]
+    length = [sum(doc_length[i] for i in row) for row in rows]
+    scored = [sum(doc_scored[i] for i in row) for row in rows]
     order = sorted(range(len(rows)), key=lambda r: (-padded_length(length[r]), -scored[r]))
     results: list[list[tuple[float, bool]]] = [[] for _ in groups]
     start = 0
@@ -132,6 +133,7 @@ def score_groups(model, params, groups: Sequence[tuple[Sequence[int], Sequence[S
         arrays = _layout(groups, chunk, B, T, K)
         logp_BM, greedy_BM = jax.device_get(_score_jit(
             model, params, *(jax.device_put(a, rows_sharding) for a in arrays), num_choices))
+        done = 0
         for b, row in enumerate(chunk):
             slot = 0
             for index in row:
@@ -139,8 +141,9 @@ def score_groups(model, params, groups: Sequence[tuple[Sequence[int], Sequence[S
                 results[index] = [(float(logp_BM[b, m]), bool(greedy_BM[b, m]))
                                   for m in range(slot, slot + count)]
                 slot += count
-            if progress is not None:
-                progress(slot)
+            done += slot
+        if progress is not None:
+            progress(done)
         start += len(chunk)
     return results
 
