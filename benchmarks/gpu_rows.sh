@@ -9,6 +9,7 @@
 # Wheels in $GPU_ROWS_WHEELS (default .whl), if any, are installed first into /tmp/site: the
 # lent machines' image has jax and torch but not our pinned flax, optax and ml-collections.
 # GPU_ROWS_BUDGET (seconds, default 400): no optional variant starts past it.
+# GPU_ROWS_ONLY (names, space-separated): run only these steps, to spend a short lease on them.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -26,8 +27,11 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     --target /tmp/site "$WHEELS"/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 
+ONLY=${GPU_ROWS_ONLY:-}
+
 step() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   local left=$((DEADLINE - SECONDS))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 30 ]; then
@@ -44,6 +48,7 @@ step() {  # name, limit in seconds, command...
 
 bench() {  # name, limit, train_throughput arguments...
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   rm -f "$OUT/$name.json"  # never mistake an earlier run's result for this one's
   step "$name" "$limit" python3 -m benchmarks.train_throughput --dtype bfloat16 \
     --attention cudnn --loss-chunk 8192 --out "$OUT/$name.json" "$@" || return
@@ -61,17 +66,22 @@ python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, jax.de
 step cudnn_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider \
   tests/test_efficient_attention.py -k on_a_gpu -rs
 bench gpu_gpt2_124m_bf16_b64 240 --size gpt2_124m --seq 1024 --batch 64 --vocab 50304
+bench gpu_gpt2_124m_bf16_b128 240 --size gpt2_124m --seq 1024 --batch 128 --vocab 50304
 # B4: three 1.1B models with AdamW and two allocators that keep what they took share the GPU
 bench gpu_llama_1b_bf16_b4 240 --size llama_1b --seq 2048 --batch 4 --vocab 32000
 
 # Optional variants, JAX alone, while time is left: what each preset choice buys.
 variant() {
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $1 "* ]]; then return 0; fi
   if [ "$SECONDS" -ge "$BUDGET" ]; then
     echo "=== $1 skipped: past ${BUDGET}s" | tee -a "$LOG"; return
   fi
   bench "$@" --no-torch
 }
-variant gpu_gpt2_124m_bf16_b128 120 --size gpt2_124m --seq 1024 --batch 128 --vocab 50304
+variant gpu_gpt2_124m_bf16_b128_chunk16384 120 --size gpt2_124m --seq 1024 --batch 128 \
+  --vocab 50304 --loss-chunk 16384
+XLA_FLAGS=--xla_gpu_enable_triton_gemm=true variant gpu_gpt2_124m_bf16_b128_triton_gemm 120 \
+  --size gpt2_124m --seq 1024 --batch 128 --vocab 50304
 variant gpu_gpt2_124m_bf16_b64_full_logits 120 --size gpt2_124m --seq 1024 --batch 64 \
   --vocab 50304 --loss-chunk 0
 variant gpu_gpt2_124m_bf16_b64_dpa_attention 120 --size gpt2_124m --seq 1024 --batch 64 \
