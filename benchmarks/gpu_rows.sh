@@ -70,7 +70,7 @@ bench gpu_gpt2_124m_bf16_b64 240 --size gpt2_124m --seq 1024 --batch 64 --vocab 
 bench gpu_llama_1b_bf16_b4 240 --size llama_1b --seq 2048 --batch 4 --vocab 32000
 
 # Optional variants, JAX alone, while time is left: what each preset choice buys. GPT-2 at B128
-# runs without the PyTorch arms: beside JAX's 50 GiB, eager's float32 logits (25 GiB at once)
+# runs without the PyTorch arms: beside JAX's 60-70 GiB pool, eager's float32 logits (25 GiB at once)
 # do not fit in 140 GiB.
 variant() {
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $1 "* ]]; then return 0; fi
