@@ -28,10 +28,11 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
 fi
 
 ONLY=${GPU_ROWS_ONLY:-}
+wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }  # name
 
 step() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
-  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  wanted "$name" || return 0
   local left=$((DEADLINE - SECONDS))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 30 ]; then
@@ -48,7 +49,7 @@ step() {  # name, limit in seconds, command...
 
 bench() {  # name, limit, train_throughput arguments...
   local name=$1 limit=$2; shift 2
-  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  wanted "$name" || return 0
   rm -f "$OUT/$name.json"  # never mistake an earlier run's result for this one's
   step "$name" "$limit" python3 -m benchmarks.train_throughput --dtype bfloat16 \
     --attention cudnn --loss-chunk 8192 --out "$OUT/$name.json" "$@" || return
@@ -73,7 +74,7 @@ bench gpu_llama_1b_bf16_b4 240 --size llama_1b --seq 2048 --batch 4 --vocab 3200
 # runs without the PyTorch arms: beside JAX's 60-70 GiB pool, eager's float32 logits (25 GiB at once)
 # do not fit in 140 GiB.
 variant() {
-  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $1 "* ]]; then return 0; fi
+  wanted "$1" || return 0
   if [ "$SECONDS" -ge "$BUDGET" ]; then
     echo "=== $1 skipped: past ${BUDGET}s" | tee -a "$LOG"; return
   fi
